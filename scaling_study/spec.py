@@ -1,0 +1,552 @@
+"""The study spec: one YAML file declares a factorial scaling study.
+
+    from scaling_study.spec import load_spec
+    study = load_spec("experiments/smoke.yaml")     # raises SpecErrors (exit code 2 in the CLI)
+    study.spec.pretrain.steps, study.volumes, study.tasks["bc5cdr_ner"].type
+
+The YAML mirrors the dataclasses below field for field; each field is documented where it is
+declared. Validation happens here, before anything runs: unknown keys, wrong types, empty or
+duplicate levels, unknown presets or tasks, non-increasing steps, fractions outside (0, 1],
+conflicting options. Every problem is one line naming the file, line, field path, the value and
+what is allowed. `load_spec` writes nothing.
+
+Factors and their levels: `model_sizes` x `data_volumes` x `pretrain.steps` x `finetune.epochs`
+x `tasks.include` x `finetune.seeds` (plus `external_models`, evaluated like the pretrained ones).
+Sizes, volumes, tasks, seeds and external models are sets: their order in the file does not
+matter. Steps and epochs are points along one training run, so they are written in increasing
+order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import re
+from dataclasses import field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BeforeValidator, ConfigDict
+from pydantic.dataclasses import dataclass
+
+from scaling_study.errors import SpecError, SpecErrors
+from scaling_study.yamlio import format_path, line_of, read_yaml, validate
+
+_CONFIG = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME_ALLOWED = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+
+
+def _name(value: str) -> str:
+    if not _NAME.match(value) or ".." in value:
+        raise ValueError(f"not a valid name; allowed: {_NAME_ALLOWED}")
+    return value
+
+
+def _levels(value: list, *, increasing: bool = False) -> list:
+    if not value:
+        raise ValueError("empty list of levels; allowed: at least one level")
+    seen = set()
+    for item in value:
+        if item in seen:
+            raise ValueError(f"duplicate level {item!r}; allowed: each level once")
+        seen.add(item)
+    if increasing and any(b <= a for a, b in zip(value, value[1:])):
+        raise ValueError("levels must be strictly increasing; allowed: e.g. [1000, 10000, 100000]")
+    return value
+
+
+def _positive(value: float) -> float:
+    if not value > 0 or math.isinf(value):
+        raise ValueError("must be positive; allowed: a number > 0")
+    return value
+
+
+def _non_negative(value: float) -> float:
+    if not value >= 0 or math.isinf(value):
+        raise ValueError("must not be negative; allowed: a number >= 0")
+    return value
+
+
+def _fraction(value: float, *, open_low: bool = False, open_high: bool = False, what: str = "") -> float:
+    low_ok = value > 0 if open_low else value >= 0
+    high_ok = value < 1 if open_high else value <= 1
+    if not (low_ok and high_ok):
+        interval = f"{'(' if open_low else '['}0, 1{')' if open_high else ']'}"
+        raise ValueError(f"out of range; allowed: {what or 'a fraction'} in {interval}")
+    return value
+
+
+Name = Annotated[str, AfterValidator(_name)]
+PosInt = Annotated[int, AfterValidator(_positive)]
+NonNegInt = Annotated[int, AfterValidator(_non_negative)]
+PosFloat = Annotated[float, AfterValidator(_positive)]
+NonNegFloat = Annotated[float, AfterValidator(_non_negative)]
+Fraction01 = Annotated[float, AfterValidator(_fraction)]  # [0, 1]
+
+
+# ----------------------------------------------------------------------------------- data volumes
+
+_SUFFIX = {"k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_VOLUME_ALLOWED = ("a fraction in (0, 1] (0.01), a percentage ('1%'), or a token count "
+                   "(an integer > 1, or '2.2B', '500M', '100k')")
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class DataVolume:
+    """One data-volume level: a fraction of the corpus's documents, or a number of tokens."""
+
+    fraction: float | None = None
+    tokens: int | None = None
+
+    @property
+    def label(self) -> str:
+        if self.fraction is not None:
+            return f"{self.fraction * 100:g}%"
+        for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+            if self.tokens >= scale:
+                return f"{self.tokens / scale:g}{suffix} tokens"
+        return f"{self.tokens} tokens"
+
+    def key(self) -> dict:
+        """What the corpus-build id hashes."""
+        return {"fraction": self.fraction} if self.fraction is not None else {"tokens": self.tokens}
+
+
+def parse_volume(value: Any) -> DataVolume:
+    """`0.1`, `'10%'` -> fraction 0.1; `2_200_000_000`, `'2.2B'`, `2.2e9` -> tokens."""
+    if isinstance(value, DataVolume):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError(f"not a data volume; allowed: {_VOLUME_ALLOWED}")
+    if isinstance(value, str):
+        text = value.strip().lower().replace("_", "").replace(",", "").removesuffix("tokens").strip()
+        try:
+            if text.endswith("%"):
+                number = float(text[:-1]) / 100
+                if not 0 < number <= 1:
+                    raise ValueError
+                return DataVolume(fraction=round(number, 12))
+            if text and text[-1] in _SUFFIX:
+                value = float(text[:-1]) * _SUFFIX[text[-1]]
+            else:
+                value = float(text)
+        except ValueError:
+            raise ValueError(f"not a data volume; allowed: {_VOLUME_ALLOWED}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"fraction outside (0, 1]; allowed: {_VOLUME_ALLOWED}")
+    if value <= 1:
+        return DataVolume(fraction=float(value))
+    if value != int(value):
+        raise ValueError(f"fraction outside (0, 1] and not a whole token count; allowed: {_VOLUME_ALLOWED}")
+    return DataVolume(tokens=int(value))
+
+
+Volume = Annotated[Any, BeforeValidator(parse_volume)]
+
+
+# ----------------------------------------------------------------------------------- spec tree
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class CorpusSpec:
+    """The pretraining corpus: plain text, one document per line."""
+
+    name: Name
+    """Short name of the corpus. With `version` and the sources it identifies the corpus in every id."""
+    paths: list[str] = field(default_factory=list)
+    """Local text files or folders (folders contribute their `*.txt` files, sorted by name). Relative
+    paths resolve against the spec's folder. `${VAR}` and `${VAR:-default}` expand from the environment."""
+    urls: list[str] = field(default_factory=list)
+    """Public URLs of text files, downloaded once into `<storage.root>/cache` (needs a network)."""
+    version: str = "1"
+    """Bump it when the files change: the corpus is identified by name, version and sources, not content."""
+    total_tokens: PosFloat | None = None
+    """Tokens in the whole corpus, if known (ScholarBERT's: 221e9). `plan` uses it to size fractional
+    volumes; when null, `plan` estimates it from the files' sizes."""
+    vocab_size: PosInt = 30522
+    """WordPiece vocabulary size; one tokenizer is trained per data volume (ScholarBERT: 50,000)."""
+    cased: bool = True
+    """Keep letter case in the tokenizer (ScholarBERT is cased)."""
+    min_frequency: PosInt = 2
+    """Minimum count for a WordPiece merge to enter the vocabulary."""
+    seed: NonNegInt = 0
+    """Seed of the document shuffle that draws the nested subsets (the 1% inside the 10%)."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class PresetSpec:
+    """A user-defined model size (BERT encoder shape); the packaged ones are in presets/model_sizes.yaml."""
+
+    num_layers: PosInt
+    """Transformer layers."""
+    hidden_size: PosInt
+    """Hidden width; a multiple of `num_heads`."""
+    num_heads: PosInt
+    """Attention heads."""
+    ffn_size: PosInt
+    """Width of the feed-forward block (4 x hidden in BERT)."""
+    max_position_embeddings: PosInt = 512
+    """Longest sequence the model can take."""
+    description: str = ""
+    """One line for `plan` and the MLflow tags."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class PretrainSpec:
+    """MLM pretraining: the steps axis and everything that shapes one run."""
+
+    steps: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
+    """Step levels (optimizer steps), strictly increasing. Each level yields a checkpoint."""
+    protocol: Literal["trajectory", "independent"] = "trajectory"
+    """`trajectory`: one run per size x volume, scheduled over the largest level, with a checkpoint at
+    each level. `independent`: one run per level, each with its own full schedule."""
+    batch_size: PosInt = 256
+    """Global batch in sequences per optimizer step (across workers and accumulation)."""
+    seq_len: PosInt = 128
+    """Tokens per packed sequence; also the packing length of the corpus builds."""
+    lr: PosFloat = 5e-4
+    """Peak learning rate."""
+    schedule: Literal["linear", "cosine", "wsd", "constant"] = "linear"
+    """Decay after warmup: linear or cosine to `min_lr_ratio`, `wsd` (warmup-stable-decay: flat, then
+    linear decay over the last `decay_fraction`), or constant."""
+    warmup_fraction: Fraction01 = 0.06
+    """Share of the run's steps spent in linear warmup."""
+    decay_fraction: Fraction01 = 0.2
+    """`wsd` only: share of the run's steps spent decaying at the end."""
+    min_lr_ratio: Fraction01 = 0.0
+    """Final LR as a fraction of `lr`."""
+    weight_decay: NonNegFloat = 0.01
+    """AdamW/LAMB weight decay (not applied to biases and LayerNorm)."""
+    mask_rate: Annotated[float, AfterValidator(lambda v: _fraction(v, open_low=True, open_high=True))] = 0.15
+    """Share of tokens selected for prediction (then 80% [MASK], 10% random, 10% unchanged)."""
+    optimizer: Literal["adamw", "lamb"] = "adamw"
+    """AdamW (fused where available) or LAMB (large-batch BERT training)."""
+    betas: Annotated[list[Fraction01], AfterValidator(lambda v: _pair(v, "betas"))] = field(
+        default_factory=lambda: [0.9, 0.98])
+    """Adam betas (beta1, beta2)."""
+    eps: PosFloat = 1e-6
+    """Adam epsilon."""
+    grad_clip: PosFloat | None = 1.0
+    """Clip the global gradient norm to this value; null turns clipping off."""
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16 autocast (with TF32 matmuls on GPU) or plain fp32. Part of every pretraining id."""
+    seed: NonNegInt = 0
+    """Seed of initialisation, masking and data order."""
+    grad_accum: PosInt = 1
+    """Micro-batches accumulated per optimizer step (batch_size = workers x micro-batch x grad_accum)."""
+    num_workers: PosInt = 1
+    """Ray Train workers (one process each; DDP or FSDP across them)."""
+    gpus_per_worker: NonNegFloat = 0
+    """GPUs per worker; 0 trains on CPU."""
+    cpus_per_worker: PosInt = 1
+    """CPU cores reserved per worker."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallel (DDP) or sharded (FSDP2 `fully_shard`, for large models)."""
+    checkpoint_every: PosInt | None = None
+    """Extra resume-only checkpoints every N steps (besides the step levels); null: only the levels."""
+    log_every: PosInt = 50
+    """Steps between metric logs (to MLflow, rank 0) and Ray reports."""
+
+
+def _pair(value: list, name: str) -> list:
+    if len(value) != 2:
+        raise ValueError(f"{name} needs exactly two numbers; allowed: [beta1, beta2], e.g. [0.9, 0.98]")
+    return value
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class FinetuneSpec:
+    """Finetuning on the downstream tasks: the finetune-time axis and seeds."""
+
+    epochs: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
+    """Epoch levels, strictly increasing. With `trajectory` one run per (model, task, seed) is
+    evaluated after each level; with `independent` each level is its own run."""
+    protocol: Literal["trajectory", "independent"] = "trajectory"
+    """Same choice as for pretraining steps (`trajectory` schedules over the largest level)."""
+    seeds: Annotated[list[NonNegInt], AfterValidator(_levels)] = field(default_factory=lambda: [0])
+    """Seeds; each fixes head initialisation, data order and dropout, so a seed repeats its score."""
+    lr: PosFloat = 2e-5
+    """Peak learning rate."""
+    batch_size: PosInt = 32
+    """Examples per optimizer step."""
+    max_seq_len: PosInt = 128
+    """Sub-word tokens per example (longer inputs are truncated)."""
+    warmup_fraction: Fraction01 = 0.1
+    """Share of the run's steps spent in linear warmup; then linear decay to 0."""
+    weight_decay: NonNegFloat = 0.01
+    """AdamW weight decay."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast or fp32."""
+    gpus_per_job: NonNegFloat = 0
+    """GPUs per finetune job (Ray Tune trial); 0 runs on CPU."""
+    cpus_per_job: PosInt = 1
+    """CPU cores per finetune job."""
+    max_concurrent: PosInt | None = None
+    """At most this many finetune jobs at once; null: as many as resources allow."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class TaskCaps:
+    """Per-task caps on examples (a quick study subsamples; the full study does not)."""
+
+    max_train_examples: PosInt | None = None
+    """Use at most this many training examples (a seeded sample); null: all."""
+    max_dev_examples: PosInt | None = None
+    """At most this many dev examples; null: all."""
+    max_test_examples: PosInt | None = None
+    """At most this many test examples; null: all (the full study must use all)."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class TasksSpec(TaskCaps):
+    """Downstream tasks: which, where their data is, and optional caps (which apply to every task)."""
+
+    include: Annotated[list[str], AfterValidator(_levels)]
+    """Task ids or suite names (`paper12`, `ner`, `re`, `cls`, `all`, ...); see `scaling-study tasks list`."""
+    per_task: dict[str, TaskCaps] = field(default_factory=dict)
+    """Caps for single tasks, overriding the defaults above field by field."""
+    registry_paths: list[str] = field(default_factory=list)
+    """Extra folders holding task folders (`<id>/task.yaml`); relative to the spec's folder."""
+    data_dir: str | None = None
+    """Local mirror of the task data (`<data_dir>/<task id>/<file>`), relative to the spec's folder;
+    `$SCALING_STUDY_DATA_DIR` overrides it. Null: download from each task's source into the cache."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class ExternalModel:
+    """A published checkpoint evaluated with the same finetuning protocol as the pretrained ones."""
+
+    name: Name
+    """Short name used in tables and MLflow tags."""
+    source: str
+    """A Hugging Face model id (`allenai/scibert_scivocab_cased`) or a local folder."""
+    revision: str | None = None
+    """Hub revision (commit, tag or branch) to pin; part of the id."""
+    num_parameters: PosInt | None = None
+    """Parameter count, for `plan` and the scaling fits (the model is not downloaded to plan)."""
+    description: str = ""
+    """One line: what the model is."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class TrackingSpec:
+    """Where results are logged."""
+
+    uri: str | None = None
+    """MLflow tracking URI. Null: a local MLflow server (sqlite) that the tool starts on 127.0.0.1."""
+    experiment: str | None = None
+    """MLflow experiment name; null: the study's name."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class StorageSpec:
+    """Where corpus builds, checkpoints and caches go."""
+
+    root: str = "studies"
+    """Storage root: a local folder (relative to the working directory) or a URI (`s3://bucket/path`)
+    on clusters. A study writes under `<root>/<study name>/`."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class StudySpec:
+    """One factorial scaling study."""
+
+    name: Name
+    """Study name: the MLflow experiment and the folder under the storage root."""
+    description: str = ""
+    """What the study asks."""
+    corpus: CorpusSpec | None = None
+    """The pretraining corpus (required when `model_sizes` is set)."""
+    model_sizes: Annotated[list[str], AfterValidator(_levels)] | None = None
+    """Model-size levels: preset names (`debug`, `tiny`, `mini`, `small`, `medium`, `base`, `large`,
+    `xl`, or one of `model_presets`)."""
+    model_presets: dict[str, PresetSpec] = field(default_factory=dict)
+    """Extra model sizes defined in this spec, by name."""
+    data_volumes: Annotated[list[Volume], AfterValidator(_levels)] | None = None
+    """Data-volume levels: fractions of the corpus (0.01, '10%') or token counts ('2.2B'); all of one
+    kind. Nested: each smaller subset lies inside each larger one."""
+    pretrain: PretrainSpec | None = None
+    """Pretraining settings (required when `model_sizes` is set)."""
+    finetune: FinetuneSpec
+    """Finetuning settings."""
+    tasks: TasksSpec
+    """Downstream tasks."""
+    external_models: list[ExternalModel] = field(default_factory=list)
+    """Published models evaluated like the pretrained ones (the paper's baselines)."""
+    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    """MLflow tracking."""
+    storage: StorageSpec = field(default_factory=StorageSpec)
+    """Storage root."""
+
+
+# ----------------------------------------------------------------------------------- resolution
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A validated spec plus what it refers to, resolved: the input of `grid.expand`."""
+
+    spec: StudySpec
+    file: str
+    """The spec file as given (for messages); relative paths in the spec resolve against its folder."""
+    presets: dict  # name -> models.ModelPreset, the sizes this study uses
+    volumes: tuple[DataVolume, ...]
+    """Data volumes, smallest first."""
+    tasks: dict  # id -> tasks.registry.TaskInfo, sorted by id
+    caps: dict  # id -> TaskCaps with defaults applied
+
+    @property
+    def base_dir(self) -> Path:
+        return Path(self.file).resolve().parent
+
+    def resolve_path(self, path: str) -> Path:
+        return resolve_path(path, self.base_dir)
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """`${VAR}` and `${VAR:-default}` from the environment (a missing VAR without default stays)."""
+    return _ENV.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
+
+
+def resolve_path(path: str, base_dir: Path) -> Path:
+    p = Path(expand_env(path)).expanduser()
+    return p if p.is_absolute() else (base_dir / p)
+
+
+def load_spec(file: str | Path, text: str | None = None) -> Study:
+    """Read, validate and resolve a study spec; raises `SpecErrors` listing every problem found."""
+    data, lines = read_yaml(file, text)
+    return spec_from_data(data, str(file), lines)
+
+
+def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -> Study:
+    """Validate plain data (as parsed from YAML) into a `Study`."""
+    from scaling_study.models import ModelPreset, load_presets
+    from scaling_study.tasks.registry import discover, resolve_names
+
+    lines = lines or {}
+    spec: StudySpec = validate(StudySpec, data, file, lines)
+    errors: list[SpecError] = []
+
+    def err(path: tuple, value: Any = SpecError._MISSING, allowed: str = "", problem: str = "") -> None:
+        errors.append(SpecError(file, format_path(path), value, allowed, problem=problem, line=line_of(lines, path)))
+
+    base_dir = Path(file).resolve().parent
+    pretraining = spec.model_sizes is not None
+    presets: dict[str, ModelPreset] = {}
+    volumes: tuple[DataVolume, ...] = ()
+
+    if pretraining:
+        for key in ("corpus", "data_volumes", "pretrain"):
+            if getattr(spec, key) is None:
+                err((key,), problem="required when model_sizes is set",
+                    allowed="a corpus, data_volumes and pretrain section, or no model_sizes (external models only)")
+    else:
+        for key in ("corpus", "data_volumes", "pretrain"):
+            if getattr(spec, key) is not None:
+                err((key,), problem="set without model_sizes",
+                    allowed="model_sizes with it, or remove it for a study of external models only")
+        if not spec.external_models:
+            err(("model_sizes",), problem="nothing to evaluate",
+                allowed="model_sizes (pretrain models) and/or external_models")
+        if spec.model_presets:
+            err(("model_presets",), problem="set without model_sizes", allowed="model_sizes that use them")
+
+    try:
+        available = load_presets({k: dataclasses.asdict(v) for k, v in spec.model_presets.items()})
+    except ValueError as exc:
+        err(("model_presets",), problem=str(exc), allowed="num_layers, hidden_size a multiple of num_heads, ...")
+        available = load_presets()
+    for i, size in enumerate(spec.model_sizes or []):
+        if size not in available:
+            err(("model_sizes", i), size, f"a preset name: {', '.join(available)} (or define it in model_presets)",
+                problem="unknown model size")
+        else:
+            presets[size] = available[size]
+    if pretraining and spec.pretrain:
+        for name, preset in presets.items():
+            if spec.pretrain.seq_len > preset.max_position_embeddings:
+                err(("pretrain", "seq_len"), spec.pretrain.seq_len,
+                    f"<= {preset.max_position_embeddings} (max_position_embeddings of '{name}')",
+                    problem="longer than the model takes")
+
+    if spec.data_volumes is not None:
+        kinds = {v.fraction is None for v in spec.data_volumes}
+        if len(kinds) > 1:
+            err(("data_volumes",), [v.label for v in spec.data_volumes],
+                "all fractions/percentages, or all token counts", problem="mixes fractions and token counts")
+        else:
+            volumes = tuple(sorted(spec.data_volumes, key=lambda v: v.fraction or v.tokens))
+        total = spec.corpus.total_tokens if spec.corpus else None
+        for i, v in enumerate(spec.data_volumes):
+            if v.tokens is not None and total is not None and v.tokens > total:
+                err(("data_volumes", i), v.label, f"<= corpus.total_tokens ({total:.3g})",
+                    problem="more tokens than the corpus has")
+
+    if spec.corpus is not None and not spec.corpus.paths and not spec.corpus.urls:
+        err(("corpus",), problem="no sources", allowed="corpus.paths (local files/folders) and/or corpus.urls")
+
+    if spec.pretrain is not None:
+        p = spec.pretrain
+        if p.batch_size % (p.num_workers * p.grad_accum):
+            err(("pretrain", "batch_size"), p.batch_size,
+                f"a multiple of num_workers x grad_accum = {p.num_workers * p.grad_accum}",
+                problem="does not split evenly over workers and accumulation steps")
+        if p.schedule == "wsd" and p.warmup_fraction + p.decay_fraction > 1:
+            err(("pretrain", "decay_fraction"), p.decay_fraction, f"<= 1 - warmup_fraction = {1 - p.warmup_fraction:g}",
+                problem="warmup and decay overlap")
+        if p.strategy == "fsdp" and p.num_workers < 2:
+            err(("pretrain", "strategy"), p.strategy, "ddp with one worker, or num_workers >= 2",
+                problem="fsdp shards across workers")
+
+    seen_names: dict[str, int] = {}
+    seen_sources: dict[tuple, int] = {}
+    for i, model in enumerate(spec.external_models):
+        if model.name in seen_names or model.name in presets:
+            err(("external_models", i, "name"), model.name, "a name not used by another model or model size",
+                problem="duplicate model name")
+        if (model.source, model.revision) in seen_sources:
+            err(("external_models", i, "source"), model.source, "each source (and revision) once",
+                problem=f"same model as external_models[{seen_sources[(model.source, model.revision)]}]")
+        seen_names.setdefault(model.name, i)
+        seen_sources.setdefault((model.source, model.revision), i)
+
+    registry_dirs = [resolve_path(p, base_dir) for p in spec.tasks.registry_paths]
+    for i, d in enumerate(registry_dirs):
+        if not d.is_dir():
+            err(("tasks", "registry_paths", i), spec.tasks.registry_paths[i], "an existing folder of task folders",
+                problem="not a folder")
+    registry = discover([d for d in registry_dirs if d.is_dir()])
+    task_ids, unknown = resolve_names(spec.tasks.include, registry)
+    for name in unknown:
+        i = spec.tasks.include.index(name)
+        err(("tasks", "include", i), name, f"a task id or suite: {registry.describe_names()}",
+            problem="unknown task or suite")
+    tasks = {tid: registry.tasks[tid] for tid in sorted(task_ids)}
+    for tid in spec.tasks.per_task:
+        if tid not in tasks:
+            err(("tasks", "per_task", tid), tid, f"one of the included tasks: {', '.join(tasks) or '(none)'}",
+                problem="caps for a task the study does not include")
+    caps = {}
+    for tid in tasks:
+        own = spec.tasks.per_task.get(tid, TaskCaps())
+        caps[tid] = TaskCaps(**{f.name: getattr(own, f.name) if getattr(own, f.name) is not None
+                                else getattr(spec.tasks, f.name) for f in dataclasses.fields(TaskCaps)})
+
+    if errors:
+        raise SpecErrors(errors)
+    return Study(spec=spec, file=file, presets=presets, volumes=volumes, tasks=tasks, caps=caps)
+
+
+def spec_fields(cls: type = StudySpec) -> dict[str, str]:
+    """Field path -> documentation, for the docs and `scaling-study spec-fields`."""
+    out = {}
+    for f in dataclasses.fields(cls):
+        info = cls.__pydantic_fields__.get(f.name)
+        out[f.name] = (info.description or "") if info else ""
+    return out

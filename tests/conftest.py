@@ -1,0 +1,30 @@
+"""Shared test setup: offline, no telemetry, and a valid study spec to mutate."""
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+BASE_SPEC = {
+    "name": "unit",
+    "corpus": {"name": "toy", "paths": ["corpus.txt"], "vocab_size": 1000},
+    "model_sizes": ["debug", "tiny"],
+    "data_volumes": [0.5, 1.0],
+    "pretrain": {"steps": [10, 20], "batch_size": 8, "seq_len": 64, "precision": "fp32"},
+    "finetune": {"epochs": [1, 2], "seeds": [0]},
+    "tasks": {"include": ["bc5cdr_ner", "scierc_re", "paper_field_cls"], "max_train_examples": 50},
+}
+
+
+@pytest.fixture
+def base_spec() -> dict:
+    return copy.deepcopy(BASE_SPEC)
