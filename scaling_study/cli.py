@@ -21,12 +21,15 @@ from scaling_study.errors import UserError
 
 
 def _si(value: float | None, unit: str = "") -> str:
+    """3 significant digits with a suffix: counts use B for billions, rates (FLOP/s) use SI's G and P."""
     if value is None:
         return "?"
-    for suffix, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    scales = ((("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)) if unit
+              else (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)))
+    for suffix, scale in scales:
         if abs(value) >= scale:
-            return f"{value / scale:.3g}{suffix}{unit}"
-    return f"{value:.3g}{unit}"
+            return f"{value / scale:.3g} {suffix}{unit}" if unit else f"{value / scale:.3g}{suffix}"
+    return f"{value:.3g} {unit}".rstrip()
 
 
 def _bytes(value: float) -> str:
@@ -90,9 +93,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for col in ("task", "type", "train ex.", "test ex.", "runs", "jobs", "train FLOPs", f"{dev['name']}-hours"):
         table.add_column(col, justify="left" if col in ("task", "type") else "right")
     for r in report["finetune_by_task"]:
-        unknown = " (+?)" if r["flops_unknown"] else ""
+        if r["flops_unknown"] == r["runs"]:
+            flops = hours = "?"
+        else:
+            unknown = " (+?)" if r["flops_unknown"] else ""
+            flops, hours = f"{r['flops']:.3g}{unknown}", _hours(r["device_hours"]) + unknown
         table.add_row(r["task"], r["type"], _si(r["train_examples"]), _si(r["test_examples"]), str(r["runs"]),
-                      str(r["jobs"]), f"{r['flops']:.3g}{unknown}", _hours(r["device_hours"]) + unknown)
+                      str(r["jobs"]), flops, hours)
     console.print(table)
 
     t, s = report["totals"], report["storage"]

@@ -64,7 +64,7 @@ class Node:
     seed), for tags, tables and grouping; not hashed."""
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "parents": list(self.parents)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -468,12 +468,12 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
                 problem="unknown model size")
         else:
             presets[size] = available[size]
-    if pretraining and spec.pretrain:
-        for name, preset in presets.items():
-            if spec.pretrain.seq_len > preset.max_position_embeddings:
-                err(("pretrain", "seq_len"), spec.pretrain.seq_len,
-                    f"<= {preset.max_position_embeddings} (max_position_embeddings of '{name}')",
-                    problem="longer than the model takes")
+    if pretraining and spec.pretrain and presets:
+        limit = min(p.max_position_embeddings for p in presets.values())
+        if spec.pretrain.seq_len > limit:
+            names = ", ".join(n for n, p in presets.items() if p.max_position_embeddings == limit)
+            err(("pretrain", "seq_len"), spec.pretrain.seq_len, f"<= {limit} (max_position_embeddings of {names})",
+                problem="longer than the model takes")
 
     if spec.data_volumes is not None:
         kinds = {v.fraction is None for v in spec.data_volumes}

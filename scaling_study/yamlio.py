@@ -12,6 +12,8 @@ dataclass over the data and turns each pydantic error into a `SpecError` line.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import re
 import types
 import typing
@@ -136,6 +138,11 @@ def field_names(tp: type) -> list[str]:
     return [f.name for f in dataclasses.fields(tp) if f.init]
 
 
+# pydantic's JSON-mode words, in YAML's
+_YAML_WORDS = {"a valid array": "a list", "a valid dictionary": "a mapping", "an object": "a mapping",
+               "a valid dictionary or instance": "a mapping"}
+
+
 def _clean_loc(loc: tuple) -> Path_:
     # pydantic puts union-arm and function names ("function-after[...]", "int") into loc
     out = []
@@ -157,9 +164,9 @@ def validate(cls: type, data: Any, file: str, lines: dict[Path_, int], prefix: P
         raise SpecError(file, format_path(prefix), data, f"a mapping with keys {', '.join(field_names(cls))}",
                         line=line_of(lines, prefix), problem="expected a mapping")
     try:
-        return cls(**data)
-    except TypeError as err:  # non-string keys never reach pydantic
-        raise SpecError(file, format_path(prefix), problem=str(err), line=line_of(lines, prefix)) from None
+        # JSON mode: strict about scalars (no "32" for an int) yet takes mappings for nested
+        # dataclasses, which strict Python mode refuses. YAML dates and the like become strings.
+        return _adapter(cls).validate_json(json.dumps(data, default=str))
     except pydantic.ValidationError as err:
         errors, seen = [], set()
         for item in err.errors(include_url=False):
@@ -175,7 +182,7 @@ def validate(cls: type, data: Any, file: str, lines: dict[Path_, int], prefix: P
                 one = SpecError(file, format_path(path), problem="required field is missing",
                                 line=line_of(lines, path), allowed="see the field's documentation")
             elif msg.startswith("Input should be "):
-                allowed = msg[len("Input should be "):]
+                allowed = _YAML_WORDS.get(msg[len("Input should be "):], msg[len("Input should be "):])
                 if kind == "dataclass_type":
                     owner = _type_at(cls, path[len(prefix):])
                     allowed = f"a mapping with keys {', '.join(field_names(owner))}" if owner else allowed
@@ -188,6 +195,11 @@ def validate(cls: type, data: Any, file: str, lines: dict[Path_, int], prefix: P
                 seen.add(str(one))
                 errors.append(one)
         raise SpecErrors(errors) from None
+
+
+@functools.lru_cache(maxsize=None)
+def _adapter(cls: type) -> pydantic.TypeAdapter:
+    return pydantic.TypeAdapter(cls)
 
 
 def load_typed(cls: type, file: str | Path, text: str | None = None) -> Any:

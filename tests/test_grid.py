@@ -1,0 +1,218 @@
+"""Grid expansion: counts, id determinism, uniqueness, stability and exact downstream invalidation."""
+
+import copy
+import json
+import random
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from scaling_study.grid import expand
+from scaling_study.spec import load_spec, spec_from_data
+
+SIZES = ["debug", "tiny", "mini", "small"]
+VOLUMES = ["1%", "5%", "10%", "50%", "100%"]
+TASKS = ["bc5cdr_ner", "scierc_re", "paper_field_cls", "matsci_ner", "jnlpba_ner"]
+EXTERNAL = [{"name": "bert", "source": "bert-base-cased"}, {"name": "scibert", "source": "allenai/scibert_scivocab_cased"},
+            {"name": "local", "source": "./my_model", "revision": None}]
+
+
+@st.composite
+def specs(draw):
+    steps = sorted(draw(st.sets(st.integers(1, 10_000), min_size=1, max_size=3)))
+    epochs = sorted(draw(st.sets(st.integers(1, 20), min_size=1, max_size=3)))
+    spec = {
+        "name": "prop",
+        "finetune": {"epochs": epochs, "seeds": sorted(draw(st.sets(st.integers(0, 99), min_size=1, max_size=3))),
+                     "protocol": draw(st.sampled_from(["trajectory", "independent"])),
+                     "lr": draw(st.sampled_from([1e-5, 2e-5, 5e-5]))},
+        "tasks": {"include": draw(st.lists(st.sampled_from(TASKS), min_size=1, max_size=3, unique=True))},
+    }
+    externals = draw(st.lists(st.sampled_from(EXTERNAL), max_size=2, unique_by=lambda m: m["name"]))
+    if externals:
+        spec["external_models"] = copy.deepcopy(externals)
+    if draw(st.booleans()) or not externals:
+        spec.update({
+            "corpus": {"name": "c", "paths": ["corpus"], "vocab_size": draw(st.sampled_from([1000, 8000]))},
+            "model_sizes": draw(st.lists(st.sampled_from(SIZES), min_size=1, max_size=3, unique=True)),
+            "data_volumes": draw(st.lists(st.sampled_from(VOLUMES), min_size=1, max_size=3, unique=True)),
+            "pretrain": {"steps": steps, "protocol": draw(st.sampled_from(["trajectory", "independent"])),
+                         "batch_size": 8, "seq_len": 64, "lr": draw(st.sampled_from([1e-4, 5e-4]))},
+        })
+    return spec
+
+
+def plan_of(data):
+    return expand(spec_from_data(copy.deepcopy(data)))
+
+
+def _expected_counts(spec):
+    sizes, volumes = len(spec.get("model_sizes", [])), len(spec.get("data_volumes", []))
+    steps = spec["pretrain"]["steps"] if "pretrain" in spec else []
+    checkpoints = sizes * volumes * len(steps)
+    runs = sizes * volumes * (1 if spec.get("pretrain", {}).get("protocol") == "trajectory" else len(steps))
+    models = checkpoints + len(spec.get("external_models", []))
+    tasks, seeds, epochs = len(spec["tasks"]["include"]), len(spec["finetune"]["seeds"]), len(spec["finetune"]["epochs"])
+    ft_runs = models * tasks * seeds * (1 if spec["finetune"]["protocol"] == "trajectory" else epochs)
+    return {"corpus": volumes, "pretrain": runs, "checkpoint": checkpoints,
+            "external": len(spec.get("external_models", [])), "finetune_run": ft_runs,
+            "finetune": models * tasks * epochs * seeds}
+
+
+PROPS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@PROPS
+@given(specs())
+def test_counts_are_products_of_levels(spec):
+    plan = plan_of(spec)
+    expected = _expected_counts(spec)
+    for kind, count in expected.items():
+        assert len(plan.of_kind(kind)) == count, kind
+    # ids are unique: a collision would have merged two nodes and broken the counts above
+    assert len(plan.nodes) == sum(expected.values())
+
+
+@PROPS
+@given(specs())
+def test_ids_deterministic_and_dag_ordered(spec):
+    a, b = plan_of(spec), plan_of(spec)
+    assert list(a.nodes) == list(b.nodes)
+    seen = set()
+    for node in a.nodes.values():
+        assert all(p in seen for p in node.parents), "a node before its parent"
+        seen.add(node.id)
+    assert json.loads(json.dumps(a.to_dict())) == a.to_dict()
+
+
+def _shuffled(value, rng):
+    """Reorder every mapping's keys and every unordered level list."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        rng.shuffle(items)
+        return {k: _shuffled(v, rng) if k not in ("steps", "epochs", "betas") else v for k, v in items}
+    if isinstance(value, list):
+        out = [_shuffled(v, rng) for v in value]
+        rng.shuffle(out)
+        return out
+    return value
+
+
+@PROPS
+@given(specs(), st.integers(0, 2**32))
+def test_ids_stable_under_reordering(spec, seed):
+    shuffled = _shuffled(spec, random.Random(seed))
+    assert set(plan_of(shuffled).nodes) == set(plan_of(spec).nodes)
+
+
+def test_reordered_yaml_file_same_ids(tmp_path, base_spec):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump(base_spec, sort_keys=False))
+    b.write_text(yaml.safe_dump(_shuffled(base_spec, random.Random(3)), sort_keys=True))
+    assert a.read_text() != b.read_text()
+    assert set(expand(load_spec(a)).nodes) == set(expand(load_spec(b)).nodes)
+
+
+def _address(node):
+    return (node.kind, json.dumps(node.factors, sort_keys=True), json.dumps(node.inputs.get("step")),
+            json.dumps(node.inputs.get("epochs")))
+
+
+class View:
+    """What a CHANGES predicate sees of a node: its kind and factors, and which task and external
+    model the edit touched (the first listed)."""
+
+    def __init__(self, node, spec):
+        self.kind, self.factors = node.kind, node.factors
+        self.first_task = spec["tasks"]["include"][0]
+        self.first_external = spec["external_models"][0]["name"] if spec.get("external_models") else None
+
+
+# (edit, which nodes' own inputs the edit changes); everything downstream of those must change too
+CHANGES = [
+    (lambda s: s["finetune"].__setitem__("lr", 3e-5), lambda n: n.kind == "finetune_run"),
+    (lambda s: s["finetune"].__setitem__("max_seq_len", 256), lambda n: n.kind == "finetune_run"),
+    (lambda s: s["tasks"].__setitem__("max_train_examples", 11), lambda n: n.kind == "finetune_run"),
+    (lambda s: s["tasks"].setdefault("per_task", {}).__setitem__(s["tasks"]["include"][0], {"max_test_examples": 3}),
+     lambda n: n.kind == "finetune_run" and n.factors["task"] == n.first_task),
+    (lambda s: "pretrain" in s and s["pretrain"].__setitem__("lr", 7e-4), lambda n: n.kind == "pretrain"),
+    (lambda s: "pretrain" in s and s["pretrain"].__setitem__("mask_rate", 0.2), lambda n: n.kind == "pretrain"),
+    (lambda s: "corpus" in s and s["corpus"].__setitem__("vocab_size", 3333),
+     lambda n: n.kind in ("corpus", "pretrain")),
+    (lambda s: "corpus" in s and s["corpus"].__setitem__("seed", 5), lambda n: n.kind == "corpus"),
+    (lambda s: "pretrain" in s and s["pretrain"].__setitem__("seq_len", 32),
+     lambda n: n.kind in ("corpus", "pretrain")),
+    (lambda s: "external_models" in s and s["external_models"][0].__setitem__("revision", "v2"),
+     lambda n: n.kind == "external" and n.factors["model"] == n.first_external),
+    # not factors: resources, tracking, storage, descriptions change no id
+    (lambda s: "pretrain" in s and s["pretrain"].__setitem__("num_workers", 2), lambda n: False),
+    (lambda s: s["finetune"].__setitem__("gpus_per_job", 1), lambda n: False),
+    (lambda s: s.__setitem__("tracking", {"uri": "http://127.0.0.1:5000"}), lambda n: False),
+    (lambda s: s.__setitem__("storage", {"root": "/elsewhere"}), lambda n: False),
+    (lambda s: s.__setitem__("description", "changed"), lambda n: False),
+]
+
+
+@PROPS
+@given(specs(), st.sampled_from(range(len(CHANGES))))
+def test_change_invalidates_exactly_downstream(spec, which):
+    edit, directly = CHANGES[which]
+    before = plan_of(spec)
+    changed_spec = copy.deepcopy(spec)
+    edit(changed_spec)
+    after = plan_of(changed_spec)
+    # match nodes across the two plans by their place in the grid, not by id
+    after_by_address = {_address(n): n for n in after.nodes.values()}
+    assert len(after_by_address) == len(after.nodes) == len(before.nodes)
+    direct = {n.id for n in before.nodes.values() if directly(View(n, spec))}
+    expected = set(direct)
+    for nid in direct:
+        expected |= before.downstream(nid)
+    changed = {n.id for n in before.nodes.values() if after_by_address[_address(n)].id != n.id}
+    assert changed == expected
+
+
+def test_finetune_lr_keeps_pretraining_ids(base_spec):
+    before = plan_of(base_spec)
+    base_spec["finetune"]["lr"] = 1e-3
+    after = plan_of(base_spec)
+    for kind in ("corpus", "pretrain", "checkpoint"):
+        assert {n.id for n in before.of_kind(kind)} == {n.id for n in after.of_kind(kind)}
+    assert not {n.id for n in before.of_kind("finetune")} & {n.id for n in after.of_kind("finetune")}
+
+
+def test_adding_levels_keeps_existing_ids(base_spec):
+    before = set(plan_of(base_spec).nodes)
+    grown = copy.deepcopy(base_spec)
+    grown["finetune"]["seeds"] = [0, 1]
+    grown["model_sizes"] = ["debug", "tiny", "mini"]
+    grown["tasks"]["include"].append("matsci_ner")
+    assert before < set(plan_of(grown).nodes)
+
+
+def test_intermediate_step_level_adds_a_checkpoint_only(base_spec):
+    before = plan_of(base_spec)
+    base_spec["pretrain"]["steps"] = [10, 15, 20]
+    after = plan_of(base_spec)
+    assert {n.id for n in before.of_kind("pretrain")} == {n.id for n in after.of_kind("pretrain")}
+    assert {n.id for n in before.of_kind("checkpoint")} < {n.id for n in after.of_kind("checkpoint")}
+
+
+def test_trajectory_schedule_length_is_an_input(base_spec):
+    before = plan_of(base_spec)
+    base_spec["pretrain"]["steps"] = [10, 20, 40]
+    after = plan_of(base_spec)
+    assert not {n.id for n in before.of_kind("pretrain")} & {n.id for n in after.of_kind("pretrain")}
+
+
+@pytest.mark.parametrize("protocol", ["trajectory", "independent"])
+def test_checkpoint_factors(base_spec, protocol):
+    base_spec["pretrain"]["protocol"] = protocol
+    plan = plan_of(base_spec)
+    for ck in plan.of_kind("checkpoint"):
+        run = plan.nodes[ck.parents[0]]
+        assert ck.factors["steps"] <= run.inputs["total_steps"]
+        if protocol == "independent":
+            assert ck.factors["steps"] == run.inputs["total_steps"]
