@@ -64,7 +64,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         sys.stdout.write("\n")
         return 0
 
-    console = Console(width=max(Console().width, 120))
+    console = Console(width=max(Console().width, 120), soft_wrap=True)  # prose unwrapped; tables fit the width
     dev = report["device"]
     c = report["counts"]
     console.print(f"[bold]Study {study.spec.name}[/bold]  ({args.spec})")

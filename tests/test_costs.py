@@ -1,0 +1,72 @@
+"""Plan costs: exact parameters, hand-counted FLOPs, device-hours from the stated assumptions."""
+
+import copy
+
+import pytest
+
+from scaling_study.costs import estimate
+from scaling_study.grid import expand
+from scaling_study.models import count_parameters, load_devices, load_presets
+from scaling_study.spec import spec_from_data
+
+from conftest import BASE_SPEC
+
+LARGE = {
+    "name": "large-run",
+    "corpus": {"name": "c", "paths": ["x"], "total_tokens": 221e9, "vocab_size": 50000},
+    "model_sizes": ["large"], "data_volumes": ["1%"],
+    "pretrain": {"steps": [1000], "batch_size": 256, "seq_len": 128, "mask_rate": 0.15},
+    "finetune": {"epochs": [1]}, "tasks": {"include": ["scierc_re"]},
+}
+
+
+def test_bert_large_flops_match_hand_count():
+    study = spec_from_data(copy.deepcopy(LARGE))
+    run = estimate(study, expand(study), "h100")["pretrain_runs"][0]
+    # By hand, BERT-large (24 layers, h 1024, FFN 4096), vocab 50,000, seq 128, 15% masked:
+    #   encoder forward per token: 24 * (2 * (4 * 1024^2 + 2 * 1024 * 4096) + 4 * 128 * 1024)
+    #                            = 24 * (2 * (4,194,304 + 8,388,608) + 524,288) = 24 * 25,690,112 = 616,562,688
+    #   head forward per masked position: 2 * 1024^2 + 2 * 1024 * 50,000 = 2,097,152 + 102,400,000 = 104,497,152
+    #   per token, fwd + bwd: 3 * (616,562,688 + 0.15 * 104,497,152) = 3 * 632,237,260.8 = 1,896,711,782.4
+    #   tokens: 1,000 steps * 256 sequences * 128 = 32,768,000
+    hand = 1_896_711_782.4 * 32_768_000  # = 6.2152e16
+    assert run["flops"] == pytest.approx(hand, rel=0.02)
+    assert run["tokens"] == 32_768_000
+    assert run["parameters"] == 355_139_408
+    assert run["volume_tokens"] == pytest.approx(2.21e9)
+    h100 = load_devices()["h100"]
+    assert run["device_hours"] == pytest.approx(hand / (h100.peak_flops * h100.assumed_mfu) / 3600, rel=0.02)
+
+
+def test_mfu_override_scales_hours():
+    study = spec_from_data(copy.deepcopy(LARGE))
+    plan = expand(study)
+    a = estimate(study, plan, "h100", mfu=0.2)["totals"]["device_hours"]
+    b = estimate(study, plan, "h100", mfu=0.4)["totals"]["device_hours"]
+    assert a == pytest.approx(2 * b)
+
+
+def test_storage_and_counts(tmp_path):
+    (tmp_path / "corpus.txt").write_text("word " * 4600)  # 23,000 bytes -> 5,000 estimated tokens
+    data = copy.deepcopy(BASE_SPEC)
+    data["corpus"]["paths"] = [str(tmp_path / "corpus.txt")]
+    study = spec_from_data(data)
+    report = estimate(study, expand(study), "cpu")
+    assert report["corpus"]["tokens"] == pytest.approx(5000)
+    presets = load_presets()
+    params = sum(count_parameters(presets[s], 1000) for s in ("debug", "tiny"))
+    checkpoints_per_run = 2
+    volumes = 2
+    assert report["storage"]["checkpoint_weights_bytes"] == params * checkpoints_per_run * volumes * 4
+    assert report["counts"]["finetune"] == 2 * 2 * 2 * 2 * 3
+    assert all(r["flops"] > 0 for r in report["finetune_by_task"])
+    # capped: 50 training examples per task
+    assert {r["train_examples"] for r in report["finetune_by_task"]} == {50}
+
+
+def test_estimate_is_pure(tmp_path):
+    study = spec_from_data(copy.deepcopy(LARGE))
+    plan = expand(study)
+    before = plan.to_dict()
+    estimate(study, plan, "a100")
+    assert plan.to_dict() == before
