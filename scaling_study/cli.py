@@ -5,6 +5,7 @@
     scaling-study validate experiments/*.yaml                   # check specs, write nothing
     scaling-study tasks list | scaling-study tasks show scierc_re
     scaling-study presets                                       # model sizes and devices
+    scaling-study spec-reference > docs/spec.md                 # every spec field, documented
 
 Bad input (a spec, a task folder) prints one line per problem, `FILE:LINE: FIELD: ...`, and exits
 with code 2; nothing is written.
@@ -170,6 +171,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_spec_reference(args: argparse.Namespace) -> int:
+    from scaling_study.spec import spec_reference_markdown
+
+    sys.stdout.write(spec_reference_markdown())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from scaling_study import __version__
 
@@ -194,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ids", nargs="*", help="task ids (show)")
     p.add_argument("--registry-path", action="append", default=[], help="extra folder of task folders")
     p.set_defaults(func=cmd_tasks)
+
+    p = sub.add_parser("spec-reference", help="every spec field with its type, default and meaning (Markdown)")
+    p.set_defaults(func=cmd_spec_reference)
 
     p = sub.add_parser("presets", help="model-size presets and devices")
     p.add_argument("--vocab-size", type=int, default=30522)

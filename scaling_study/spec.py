@@ -31,7 +31,7 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict
 from pydantic.dataclasses import dataclass
 
 from scaling_study.errors import SpecError, SpecErrors
-from scaling_study.yamlio import format_path, line_of, read_yaml, validate
+from scaling_study.yamlio import format_path, line_of, read_yaml, unwrap_type, validate
 
 _CONFIG = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -308,9 +308,9 @@ class TasksSpec(TaskCaps):
     per_task: dict[str, TaskCaps] = field(default_factory=dict)
     """Caps for single tasks, overriding the defaults above field by field."""
     registry_paths: list[str] = field(default_factory=list)
-    """Extra folders holding task folders (`<id>/task.yaml`); relative to the spec's folder."""
+    """Extra folders holding task folders (`<id>/task.yaml`); relative to the spec's folder; `${VAR}` expands."""
     data_dir: str | None = None
-    """Local mirror of the task data (`<data_dir>/<task id>/<file>`), relative to the spec's folder;
+    """Local mirror of the task data (`<data_dir>/<task id>/<file>`), relative to the spec's folder (`${VAR}` expands);
     `$SCALING_STUDY_DATA_DIR` overrides it. Null: download from each task's source into the cache."""
 
 
@@ -335,7 +335,7 @@ class TrackingSpec:
     """Where results are logged."""
 
     uri: str | None = None
-    """MLflow tracking URI. Null: a local MLflow server (sqlite) that the tool starts on 127.0.0.1."""
+    """MLflow tracking URI (`${VAR}` expands). Null: a local MLflow server (sqlite) that the tool starts on 127.0.0.1."""
     experiment: str | None = None
     """MLflow experiment name; null: the study's name."""
 
@@ -346,7 +346,7 @@ class StorageSpec:
 
     root: str = "studies"
     """Storage root: a local folder (relative to the working directory) or a URI (`s3://bucket/path`)
-    on clusters. A study writes under `<root>/<study name>/`."""
+    on clusters; `${VAR}` expands. A study writes under `<root>/<study name>/`."""
 
 
 @dataclass(config=_CONFIG, kw_only=True)
@@ -543,10 +543,74 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
     return Study(spec=spec, file=file, presets=presets, volumes=volumes, tasks=tasks, caps=caps)
 
 
-def spec_fields(cls: type = StudySpec) -> dict[str, str]:
-    """Field path -> documentation, for the docs and `scaling-study spec-fields`."""
-    out = {}
+def _doc(cls: type, name: str) -> str:
+    for klass in cls.__mro__:  # an inherited field keeps its docstring on the base class only
+        info = getattr(klass, "__pydantic_fields__", {}).get(name)
+        if info is not None and info.description:
+            return " ".join(info.description.split())
+    return ""
+
+
+def _type_name(tp: Any) -> str:
+    import typing
+
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Annotated:
+        return "volume" if args[0] is Any else _type_name(args[0])
+    if origin is Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    if args:  # a union
+        return " | ".join(_type_name(a) for a in args)
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _nested_dataclass(tp: Any) -> tuple[type | None, str]:
+    """The spec dataclass a field holds (directly, optionally, or as list items / dict values)."""
+    import typing
+
+    for t in unwrap_type(tp):
+        if isinstance(t, type) and dataclasses.is_dataclass(t):
+            return t, ""
+        origin = typing.get_origin(t)
+        if origin in (list, dict):
+            for inner in unwrap_type(typing.get_args(t)[-1]):
+                if isinstance(inner, type) and dataclasses.is_dataclass(inner):
+                    return inner, "[]" if origin is list else ".<name>"
+    return None, ""
+
+
+def spec_reference(cls: type = StudySpec, prefix: str = "") -> list[dict]:
+    """Every spec field, depth first: path, type, default and its documentation (for docs/spec.md)."""
+    import typing
+
+    rows = []
+    hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
-        info = cls.__pydantic_fields__.get(f.name)
-        out[f.name] = (info.description or "") if info else ""
-    return out
+        if not f.init:
+            continue
+        path = f"{prefix}{f.name}"
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:
+            made = f.default_factory()
+            default = repr(made) if not dataclasses.is_dataclass(made) else "(defaults)"
+        else:
+            default = "required"
+        rows.append({"field": path, "type": _type_name(hints[f.name]), "default": default, "doc": _doc(cls, f.name)})
+        sub, suffix = _nested_dataclass(hints[f.name])
+        if sub is not None:
+            rows += spec_reference(sub, path + suffix + ".")
+    return rows
+
+
+def spec_reference_markdown() -> str:
+    lines = ["# Study spec reference", "",
+             "Generated from the dataclasses in `scaling_study/spec.py` by `scaling-study spec-reference`;",
+             "a test keeps it current. Each field's documentation is its docstring there.", "",
+             "| field | type | default | meaning |", "|---|---|---|---|"]
+    for row in spec_reference():
+        cells = [f"`{row['field']}`", f"`{row['type']}`", f"`{row['default']}`", row["doc"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -107,12 +107,13 @@ def line_of(lines: dict[Path_, int], path: Path_) -> int | None:
     return None
 
 
-def _unwrap(tp: Any) -> list[Any]:
+def unwrap_type(tp: Any) -> list[Any]:
+    """The types a hint admits, with Annotated and unions flattened."""
     origin = typing.get_origin(tp)
     if origin is typing.Annotated:
-        return _unwrap(typing.get_args(tp)[0])
+        return unwrap_type(typing.get_args(tp)[0])
     if origin in (typing.Union, types.UnionType):
-        return [t for arg in typing.get_args(tp) for t in _unwrap(arg)]
+        return [t for arg in typing.get_args(tp) for t in unwrap_type(arg)]
     return [tp]
 
 
@@ -125,11 +126,11 @@ def _type_at(root: type, path: Path_) -> Any:
             if dataclasses.is_dataclass(tp) and isinstance(part, str):
                 hints = typing.get_type_hints(tp, include_extras=True)
                 if part in hints:
-                    nxt += _unwrap(hints[part])
+                    nxt += unwrap_type(hints[part])
             elif typing.get_origin(tp) in (list, tuple) and isinstance(part, int):
-                nxt += _unwrap(typing.get_args(tp)[0])
+                nxt += unwrap_type(typing.get_args(tp)[0])
             elif typing.get_origin(tp) is dict:
-                nxt += _unwrap(typing.get_args(tp)[1])
+                nxt += unwrap_type(typing.get_args(tp)[1])
         current = nxt
     return next((t for t in current if dataclasses.is_dataclass(t)), None)
 

@@ -218,3 +218,15 @@ def test_errors_are_spec_errors():
     with pytest.raises(SpecErrors) as info:
         spec_from_data({"name": "x"})
     assert "finetune: required field is missing" in str(info.value)
+
+
+def test_every_field_documented_and_reference_current():
+    from scaling_study.spec import spec_reference, spec_reference_markdown
+
+    from conftest import REPO
+
+    rows = spec_reference()
+    assert len(rows) > 60
+    assert [r["field"] for r in rows if not r["doc"]] == []
+    assert (REPO / "docs" / "spec.md").read_text() == spec_reference_markdown(), \
+        "docs/spec.md is stale: run `scaling-study spec-reference > docs/spec.md`"
