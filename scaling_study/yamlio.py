@@ -80,8 +80,9 @@ def read_yaml(file: str | Path, text: str | None = None) -> tuple[Any, dict[Path
             text = raw.decode("utf-8")
         except UnicodeDecodeError as err:
             raise SpecError(name, "", problem=f"not UTF-8 text (byte {err.start})", allowed="a UTF-8 YAML file") from None
-    loader = _Loader(text)
+    loader = None
     try:
+        loader = _Loader(text)
         node = loader.get_single_node()
         lines: dict[Path_, int] = {}
         if node is not None:
@@ -92,10 +93,15 @@ def read_yaml(file: str | Path, text: str | None = None) -> tuple[Any, dict[Path
         problem = " ".join(str(err.problem or err.context or "invalid YAML").split())
         raise SpecError(name, "", problem=f"YAML syntax error: {problem}", line=mark.line + 1 if mark else None,
                         allowed="valid YAML (check indentation, colons and quotes)") from None
+    except yaml.reader.ReaderError as err:
+        line = text.count("\n", 0, err.position) + 1 if isinstance(err.position, int) else None
+        raise SpecError(name, "", problem=f"character #x{err.character:04x} is not allowed in YAML", line=line,
+                        allowed="printable Unicode text") from None
     except yaml.YAMLError as err:
         raise SpecError(name, "", problem=f"YAML error: {' '.join(str(err).split())}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     return data, lines
 
 
