@@ -1,0 +1,199 @@
+"""MLflow tracking for studies: a local server, one MLflow run per plan node, paginated reads.
+
+    from scaling_study.tracking import LocalMlflowServer, Tracker
+    with LocalMlflowServer("studies/mlflow") as server:          # sqlite + local artifacts, on 127.0.0.1
+        tracker = Tracker(server.uri, "smoke")
+        run_id = tracker.run_for(node, parent_run_id=study_run)   # found again on re-run, never duplicated
+        tracker.client.log_metric(run_id, "f1", 71.2)
+        runs = tracker.search()                                   # every run, all pages
+
+Each run carries its node id and factor levels as tags (`node_id`, `node_kind`, `model_size`,
+`data_volume`, `steps`, `task`, `epochs`, `seed`, ...) and the factor levels as params too, so the
+MLflow UI can filter, group and chart by any factor. Runs are nested with MLflow's
+`mlflow.parentRunId` tag: study, then pretraining run, then finetune job. Only one process (the
+study driver) should create runs; workers log into a run id they are given, which is what keeps
+"one run per node" true under Ray retries.
+
+`MlflowClient.search_runs` returns at most one page (1,000 runs by default) and says nothing about
+the rest; `Tracker.search` follows the page tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from scaling_study._env import QUIET_ENV
+from scaling_study.errors import UserError
+
+NODE_TAG = "node_id"
+KIND_TAG = "node_kind"
+STUDY_TAG = "study"
+PARENT_TAG = "mlflow.parentRunId"
+PAGE = 1000
+
+
+class TrackingError(UserError):
+    """The tracking server cannot be reached or used."""
+
+
+_SECRET_QUERY = re.compile(r"((?:token|password|secret|key|sig|signature)=)[^&]+", re.IGNORECASE)
+
+
+def redact_uri(uri: str) -> str:
+    """The URI with any password in it and any token-like query value replaced by ***."""
+    uri = re.sub(r"(://[^/:@]+:)[^/@]+@", r"\1***@", uri)
+    return _SECRET_QUERY.sub(r"\1***", uri)
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Raise TrackingError (one line) unless an MLflow server answers at an http(s) `uri`."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+            if resp.status == 200:
+                return
+            problem = f"HTTP {resp.status}"
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        problem = str(getattr(exc, "reason", exc))
+    raise TrackingError(f"MLflow tracking server at {redact_uri(uri)} is not reachable ({problem}); "
+                        "start it, fix tracking.uri, or leave tracking.uri empty for a local server")
+
+
+class LocalMlflowServer:
+    """An MLflow server this process starts and stops: sqlite backend, artifacts in `root`, bound to 127.0.0.1.
+
+    `scaling-study ui` uses the same layout to serve the UI over a finished study.
+    """
+
+    def __init__(self, root: str | Path, *, host: str = "127.0.0.1", port: int | None = None,
+                 startup_timeout: float = 90.0):
+        self.root = Path(root).resolve()
+        self.host, self.port, self.startup_timeout = host, port, startup_timeout
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def backend_uri(self) -> str:
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    def start(self) -> LocalMlflowServer:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = self.port or _free_port(self.host)
+        log = open(self.root / "server.log", "ab")
+        cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
+               "--default-artifact-root", str(self.root / "artifacts"), "--host", self.host,
+               "--port", str(self.port), "--workers", "1"]
+        # own session: stop() can end the server and the workers it forks, and nothing else
+        self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                        env={**os.environ, **QUIET_ENV}, cwd=self.root)
+        log.close()
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                tail = (self.root / "server.log").read_text(errors="replace").strip().splitlines()[-1:]
+                raise TrackingError(f"local MLflow server exited with code {self.process.returncode}: "
+                                    f"{tail[0] if tail else 'no output'} (log: {self.root / 'server.log'})")
+            try:
+                check_server(self.uri, timeout=2)
+                return self
+            except TrackingError:
+                time.sleep(0.3)
+        self.stop()
+        raise TrackingError(f"local MLflow server did not answer within {self.startup_timeout:.0f} s "
+                            f"(log: {self.root / 'server.log'})")
+
+    def stop(self) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> LocalMlflowServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _tag_value(value: object) -> str:
+    return str(value)[:5000]
+
+
+class Tracker:
+    """One MLflow experiment (a study) and its runs, one per plan node."""
+
+    def __init__(self, uri: str, experiment: str, *, tags: dict | None = None):
+        from mlflow.tracking import MlflowClient
+
+        check_server(uri)
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found is not None and found.lifecycle_stage == "deleted":
+            self.client.restore_experiment(found.experiment_id)
+        self.experiment_id = found.experiment_id if found else self.client.create_experiment(
+            experiment, tags={k: _tag_value(v) for k, v in (tags or {}).items()})
+        self.experiment = experiment
+
+    def search(self, filter_string: str = "", *, max_results: int | None = None) -> list:
+        """Every run of the experiment matching `filter_string`, following page tokens."""
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
+                                           max_results=PAGE, page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token or (max_results and len(runs) >= max_results):
+                return runs[:max_results] if max_results else runs
+
+    def find_run(self, node_id: str):
+        """The run of a node, or None. More than one means something bypassed `run_for`: an error."""
+        runs = self.search(f"tags.{NODE_TAG} = '{node_id}'")
+        if len(runs) > 1:
+            raise TrackingError(f"{len(runs)} MLflow runs carry node id {node_id} in experiment "
+                                f"{self.experiment!r}; expected one")
+        return runs[0] if runs else None
+
+    def run_for(self, node_id: str, *, kind: str, name: str, factors: dict | None = None,
+                parent_run_id: str | None = None, tags: dict | None = None) -> str:
+        """The id of the node's run: the existing one, or a new one tagged with the node and its factors."""
+        existing = self.find_run(node_id)
+        if existing is not None:
+            return existing.info.run_id
+        all_tags = {NODE_TAG: node_id, KIND_TAG: kind, STUDY_TAG: self.experiment, **(tags or {}),
+                    **{k: v for k, v in (factors or {}).items() if v is not None}}
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        run = self.client.create_run(self.experiment_id, run_name=name,
+                                     tags={k: _tag_value(v) for k, v in all_tags.items()})
+        if factors:
+            from mlflow.entities import Param
+
+            self.client.log_batch(run.info.run_id, params=[Param(k, _tag_value(v)) for k, v in factors.items()
+                                                           if v is not None])
+        return run.info.run_id
