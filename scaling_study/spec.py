@@ -172,7 +172,7 @@ class CorpusSpec:
     min_frequency: PosInt = 2
     """Minimum count for a WordPiece merge to enter the vocabulary."""
     seed: NonNegInt = 0
-    """Seed of the document shuffle that draws the nested subsets (the 1% inside the 10%)."""
+    """Seed of the per-document hash keys that draw the nested subsets (the 1% inside the 10%)."""
 
 
 @dataclass(config=_CONFIG, kw_only=True)

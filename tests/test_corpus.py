@@ -1,0 +1,427 @@
+"""Corpus builds: nested seeded subsets, tokenizer, exact packing, atomic and idempotent builds, errors."""
+
+import functools
+import http.server
+import json
+import random
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from scaling_study import corpus as corpus_mod
+from scaling_study.corpus import (build_corpus, corpus_files, document_key, load_tokenizer, read_manifest,
+                                  shard_paths)
+from scaling_study.errors import UserError
+from scaling_study.grid import expand
+from scaling_study.spec import spec_from_data
+
+SEQ_LEN = 32
+N_DOCS = 1000
+
+
+def _words() -> list[str]:
+    rng = random.Random(0)
+    stems = ["protein", "gene", "cell", "model", "neural", "glass", "alloy", "kinase", "tumor", "entity",
+             "relation", "corpus", "token", "layer", "graph", "mouse", "dose", "receptor", "oxide", "laser"]
+    made = ["".join(rng.choice("abcdefghiklmnoprstuvw") for _ in range(rng.randint(3, 8))) for _ in range(200)]
+    words = stems + made
+    return words + [w.capitalize() for w in words[:60]] + ["BRCA1", "DNA", "RNA", "BERT", "TiO2"]
+
+
+def synthetic_docs(n: int = N_DOCS, seed: int = 0) -> list[str]:
+    """Documents `dNNNN w w w ...` of 40-70 words: each longer than a sequence, with a unique marker."""
+    rng, words = random.Random(seed), _words()
+    return [" ".join([f"d{i:04d}"] + rng.choices(words, k=rng.randint(40, 70))) for i in range(n)]
+
+
+def make_study(tmp_path: Path, base_spec: dict, volumes: list, *, docs: list[str] | None = None,
+               write: bool = True, **corpus) -> tuple:
+    """A study over `tmp_path/corpus.txt` and its corpus nodes by volume label."""
+    if write:
+        (tmp_path / "corpus.txt").write_text("\n".join(synthetic_docs() if docs is None else docs) + "\n")
+    base_spec["corpus"] = {"name": "toy", "paths": ["corpus.txt"], "vocab_size": 500, **corpus}
+    base_spec["data_volumes"] = volumes
+    base_spec["pretrain"]["seq_len"] = SEQ_LEN
+    study = spec_from_data(base_spec, str(tmp_path / "spec.yaml"))
+    return study, {n.factors["data_volume"]: n for n in expand(study).of_kind("corpus")}
+
+
+def build(study, node, tmp_path: Path, **kwargs):
+    out = tmp_path / "builds" / node.id
+    return build_corpus(study, node, out, progress=False, **kwargs), out
+
+
+def rows(out: Path) -> np.ndarray:
+    tables = [pq.read_table(p) for p in shard_paths(out)]
+    seq_len = tables[0].schema.field("input_ids").type.list_size
+    return np.concatenate([t.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, seq_len)
+                           for t in tables])
+
+
+def segments(out: Path, manifest) -> list[list[int]]:
+    """The packed stream split at [SEP]: whole documents, then the (cut) last one if any."""
+    stream = rows(out)[:, 1:].ravel()
+    cuts = np.flatnonzero(stream == manifest.special_tokens["sep"])
+    parts = np.split(stream, cuts + 1)
+    return [p[p != manifest.special_tokens["sep"]].tolist() for p in parts if len(p)]
+
+
+def markers(out: Path, manifest) -> set[str]:
+    tok = load_tokenizer(out)
+    return {tok.decode(seg).split()[0] for seg in segments(out, manifest)}
+
+
+def expected_markers(seed: int, fraction: float, n: int = N_DOCS) -> set[str]:
+    return {f"d{i:04d}" for i in range(n) if document_key(seed, i) / 2**64 < fraction}
+
+
+# ----------------------------------------------------------------------------------- subsets
+
+
+def test_fraction_subsets_are_nested_and_seeded(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["1%", "10%", "100%"])
+    found = {}
+    for label, fraction in (("1%", 0.01), ("10%", 0.1), ("100%", 1.0)):
+        manifest, out = build(study, nodes[label], tmp_path)
+        found[label] = markers(out, manifest)
+        assert found[label] == expected_markers(0, fraction)  # every selected document is packed
+        assert manifest.documents == manifest.tokenizer_documents == len(found[label])
+        assert manifest.corpus_documents == N_DOCS
+    assert found["1%"] and found["1%"] < found["10%"] < found["100%"]
+    assert len(found["100%"]) == N_DOCS
+
+
+def test_same_seed_same_build_other_seed_other_subset(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["10%"])
+    first, out1 = build(study, nodes["10%"], tmp_path / "a")
+    second, out2 = build(study, nodes["10%"], tmp_path / "b")
+    assert first.tokenizer_hash == second.tokenizer_hash
+    assert first.shards == second.shards
+    for a, b in zip(shard_paths(out1), shard_paths(out2)):
+        assert pq.read_table(a).equals(pq.read_table(b))
+
+    other, nodes7 = make_study(tmp_path, base_spec, ["10%"], write=False, seed=7)
+    assert nodes7["10%"].id != nodes["10%"].id
+    manifest7, out7 = build(other, nodes7["10%"], tmp_path)
+    assert markers(out7, manifest7) == expected_markers(7, 0.1) != markers(out1, first)
+
+
+def test_token_volumes_are_minimal_key_order_prefixes_and_nested(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["3k", "8k"])
+    docs = synthetic_docs()
+    found = {}
+    for label, budget in (("3k tokens", 3000), ("8k tokens", 8000)):
+        manifest, out = build(study, nodes[label], tmp_path)
+        tok = load_tokenizer(out)
+        by_key = sorted(range(N_DOCS), key=lambda i: document_key(0, i))
+        counts = [len(tok(docs[i], add_special_tokens=False)["input_ids"]) + 1 for i in by_key]
+        total = np.cumsum(counts)
+        n = int(np.searchsorted(total, budget)) + 1  # the shortest key-order prefix reaching the budget
+        assert manifest.documents == n and manifest.tokens == total[n - 1] >= budget > total[n - 2]
+        found[label] = markers(out, manifest)
+        assert found[label] == {f"d{i:04d}" for i in by_key[:n]}
+        assert manifest.tokenizer_documents >= manifest.documents  # trained on a pre-token superset
+    assert found["3k tokens"] < found["8k tokens"]
+
+
+# ----------------------------------------------------------------------------------- packing
+
+
+def test_rows_are_exact_and_tokens_add_up(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["100%"])
+    manifest, out = build(study, nodes["100%"], tmp_path)
+    for path in shard_paths(out):
+        column = pq.read_schema(path).field("input_ids").type
+        assert column.list_size == SEQ_LEN and str(column.value_type) == "int32"
+    data = rows(out)
+    assert data.shape == (manifest.sequences, SEQ_LEN) == (sum(s["sequences"] for s in manifest.shards), SEQ_LEN)
+    special = manifest.special_tokens
+    assert special == {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+    assert (data[:, 0] == special["cls"]).all() and (data[:, 1:] != special["cls"]).all()
+    assert not np.isin(data, [special["pad"], special["mask"]]).any()  # no padding, no masks
+
+    # Convention: tokens = WordPiece tokens of the documents + one [SEP] each; [CLS] is extra.
+    assert manifest.tokens == manifest.sequences * (SEQ_LEN - 1) + manifest.dropped_tokens
+    assert 0 <= manifest.dropped_tokens < SEQ_LEN - 1
+    tok = load_tokenizer(out)
+    docs = synthetic_docs()
+    assert manifest.tokens == sum(len(tok(d, add_special_tokens=False)["input_ids"]) + 1 for d in docs)
+    assert manifest.vocab_size == len(tok) <= 500
+
+
+def test_documents_are_separated_by_sep_in_corpus_order(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["100%"])
+    manifest, out = build(study, nodes["100%"], tmp_path)
+    tok, docs = load_tokenizer(out), synthetic_docs()
+    parts = segments(out, manifest)
+    whole = [tok.decode(p) for p in parts[:N_DOCS - 1]]
+    assert whole == docs[:N_DOCS - 1]  # long documents continue across rows, unchanged
+    assert docs[-1].startswith(tok.decode(parts[-1]))  # the last one may lose its dropped tail
+
+
+def test_shard_size_and_min_shards_keep_the_stream(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["100%"])
+    one, out1 = build(study, nodes["100%"], tmp_path / "one", shard_sequences=10**6, min_shards=1)
+    small, out2 = build(study, nodes["100%"], tmp_path / "small", shard_sequences=100, min_shards=1)
+    even, out3 = build(study, nodes["100%"], tmp_path / "even", shard_sequences=10**6, min_shards=7)
+    assert len(one.shards) == 1
+    assert [s["sequences"] for s in small.shards][:-1] == [100] * (len(small.shards) - 1)
+    assert len(small.shards) == -(-one.sequences // 100)
+    sizes = [s["sequences"] for s in even.shards]
+    assert len(sizes) == 7 and max(sizes) - min(sizes) <= 1 and sum(sizes) == one.sequences
+    assert (rows(out1) == rows(out2)).all() and (rows(out1) == rows(out3)).all()
+    assert [p.name for p in shard_paths(out3)] == [f"shard-{i:05d}.parquet" for i in range(7)]
+
+
+def test_blank_lines_bom_and_crlf(tmp_path, base_spec):
+    docs = synthetic_docs(60)
+    raw = b"\xef\xbb\xbf" + b"\r\n\r\n".join(d.encode() for d in docs) + b"\r\n  \n"
+    (tmp_path / "corpus.txt").write_bytes(raw)
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False)
+    manifest, out = build(study, nodes["100%"], tmp_path)
+    assert manifest.corpus_documents == manifest.documents == 60
+    tok = load_tokenizer(out)
+    assert [tok.decode(p) for p in segments(out, manifest)[:59]] == docs[:59]
+
+
+# ----------------------------------------------------------------------------------- tokenizer
+
+
+@pytest.mark.parametrize("cased", [True, False])
+def test_tokenizer_loads_with_auto_tokenizer(tmp_path, base_spec, cased):
+    from transformers import AutoTokenizer
+
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], cased=cased)
+    manifest, out = build(study, nodes["100%"], tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    assert len(tok) == manifest.vocab_size
+    ids = tok("a b")["input_ids"]
+    assert ids[0] == tok.cls_token_id == manifest.special_tokens["cls"]
+    assert ids[-1] == tok.sep_token_id == manifest.special_tokens["sep"]
+    assert (tok.pad_token_id, tok.unk_token_id, tok.mask_token_id) == (0, 1, 4)
+    text = "Protein binds DNA in the Mouse model"
+    if cased:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+        assert tok.convert_tokens_to_ids("Protein") != tok.convert_tokens_to_ids("protein")
+    else:
+        assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text.lower()
+        assert "Protein" not in tok.get_vocab()
+
+
+SHARED = Path("/work/shared/corpus/scitldr_abstracts.txt")
+
+
+@pytest.mark.skipif(not SHARED.is_file(), reason="shared corpus not mirrored here")
+def test_real_text_round_trips_cased(tmp_path, base_spec):
+    with open(SHARED, encoding="utf-8") as f:
+        lines = [next(f).rstrip("\n") for _ in range(300)]
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], docs=lines, vocab_size=4000)
+    manifest, out = build(study, nodes["100%"], tmp_path)
+    tok = load_tokenizer(out)
+    words = [w for w in lines[0].split() if w.isalpha()][:30]
+    assert any(w[0].isupper() for w in words)
+    assert tok.decode(tok(" ".join(words), add_special_tokens=False)["input_ids"]) == " ".join(words)
+    assert manifest.tokens > 20 * manifest.sequences
+
+
+# ----------------------------------------------------------------------------------- atomic builds
+
+
+def test_rebuild_is_a_no_op(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["10%"])
+    manifest, out = build(study, nodes["10%"], tmp_path)
+    stamps = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    again, _ = build(study, nodes["10%"], tmp_path)
+    assert again == manifest == read_manifest(out)
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamps
+    assert json.loads((out / "manifest.json").read_text())["node_id"] == nodes["10%"].id
+
+
+def test_a_killed_build_is_ignored_and_rebuilt(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["100%"])
+    node, out = nodes["100%"], tmp_path / "builds" / nodes["100%"].id
+    script = f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+from scaling_study import corpus
+from scaling_study.grid import expand
+from scaling_study.spec import load_spec
+flush = corpus._ShardWriter._flush
+def die(self):
+    flush(self)
+    os.kill(os.getpid(), signal.SIGKILL)   # killed after writing the first shard
+corpus._ShardWriter._flush = die
+study = load_spec({str(tmp_path / "spec.yaml")!r})
+node = next(n for n in expand(study).of_kind("corpus"))
+corpus.build_corpus(study, node, {str(out)!r}, progress=False, shard_sequences=50)
+"""
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(base_spec))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr
+    partial = list(out.parent.glob(f".{out.name}.partial-*"))
+    assert len(partial) == 1 and list((partial[0] / "shards").glob("*.parquet"))
+    assert not out.exists() and read_manifest(out) is None
+
+    manifest = build_corpus(study, node, out, progress=False)
+    assert read_manifest(out) == manifest and manifest.node_id == node.id
+    assert not list(out.parent.glob(f".{out.name}.partial-*"))  # the dead build's folder is gone
+
+
+def test_leftover_folder_without_manifest_is_replaced(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["10%"])
+    out = tmp_path / "builds" / nodes["10%"].id
+    (out / "shards").mkdir(parents=True)
+    (out / "shards" / "shard-00000.parquet").write_bytes(b"half")
+    assert read_manifest(out) is None
+    manifest, _ = build(study, nodes["10%"], tmp_path)
+    assert read_manifest(out) == manifest and rows(out).shape[0] == manifest.sequences
+
+
+def test_a_folder_of_another_node_is_refused(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["10%", "100%"])
+    manifest, out = build(study, nodes["10%"], tmp_path)
+    with pytest.raises(UserError, match=nodes["10%"].id):
+        build_corpus(study, nodes["100%"], out, progress=False)
+
+
+def test_progress_can_be_switched_off(tmp_path, base_spec, capfd):
+    study, nodes = make_study(tmp_path, base_spec, ["10%"])
+    build_corpus(study, nodes["10%"], tmp_path / "quiet", progress=False)
+    assert capfd.readouterr().err == ""
+    build_corpus(study, nodes["10%"], tmp_path / "loud", progress=True)
+    assert "train tokenizer" in capfd.readouterr().err
+
+
+# ----------------------------------------------------------------------------------- sources
+
+
+def test_folders_env_and_file_urls(tmp_path, base_spec, monkeypatch):
+    docs = synthetic_docs(300)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "b.txt").write_text("\n".join(docs[100:200]) + "\n")
+    (data / "a.txt").write_text("\n".join(docs[:100]) + "\n")
+    (data / "notes.md").write_text("not corpus text\n")
+    (tmp_path / "c.txt").write_text("\n".join(docs[200:]) + "\n")
+    monkeypatch.setenv("TOY_CORPUS", str(data))
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False,
+                              paths=["${TOY_CORPUS:-missing}"], urls=[(tmp_path / "c.txt").as_uri()])
+    cache = tmp_path / "cache"
+    assert corpus_files(study, cache_dir=cache)[:2] == [data / "a.txt", data / "b.txt"]
+    manifest, out = build(study, nodes["100%"], tmp_path, cache_dir=cache)
+    assert manifest.documents == 300 and markers(out, manifest) == {f"d{i:04d}" for i in range(300)}
+    assert [Path(f["path"]).name for f in manifest.input_files][:2] == ["a.txt", "b.txt"]
+    assert manifest.input_files[2]["url"] == (tmp_path / "c.txt").as_uri()
+    assert corpus_files(study, cache_dir=cache)[2] == Path(manifest.input_files[2]["path"])
+
+
+def test_http_url_is_downloaded_once_into_the_cache(tmp_path, base_spec):
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "corpus.txt").write_text("\n".join(synthetic_docs(200)) + "\n")
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/corpus.txt"
+        study, nodes = make_study(tmp_path, base_spec, ["10%", "100%"], write=False, paths=[], urls=[url])
+        for label in ("10%", "100%"):
+            manifest, out = build(study, nodes[label], tmp_path)
+        assert manifest.documents == 200 and requests == ["/corpus.txt"]
+        assert list((out.parent / "cache").glob("*corpus.txt"))
+        bad = url.replace("corpus.txt", "missing.txt")
+        study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False, paths=[], urls=[bad])
+        with pytest.raises(UserError, match=r"corpus\.urls\[0\].*cannot download"):
+            build(study, nodes["100%"], tmp_path)
+    finally:
+        server.shutdown()
+
+
+# ----------------------------------------------------------------------------------- errors
+
+
+def test_missing_path(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False, paths=["nowhere.txt"])
+    with pytest.raises(UserError, match=r"spec\.yaml: corpus\.paths\[0\]: no such file or folder: .*nowhere\.txt"):
+        build(study, nodes["100%"], tmp_path)
+    with pytest.raises(UserError, match="nowhere"):
+        corpus_files(study)
+
+
+def test_folder_without_text_files(tmp_path, base_spec):
+    (tmp_path / "empty").mkdir()
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False, paths=["empty"])
+    with pytest.raises(UserError, match=r"holds no \*\.txt file"):
+        build(study, nodes["100%"], tmp_path)
+
+
+def test_empty_corpus(tmp_path, base_spec):
+    (tmp_path / "corpus.txt").write_text("\n  \n\n")
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False)
+    with pytest.raises(UserError, match=r"corpus\.txt: corpus 'toy' has no documents"):
+        build(study, nodes["100%"], tmp_path)
+
+
+def test_bad_utf8_names_file_and_line(tmp_path, base_spec):
+    docs = synthetic_docs(50)
+    (tmp_path / "corpus.txt").write_bytes("\n".join(docs[:41]).encode() + b"\nbad \xff byte\n" + docs[45].encode())
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False)
+    with pytest.raises(UserError, match=r"corpus\.txt:42: not UTF-8 \(byte 0xff at byte 5"):
+        build(study, nodes["100%"], tmp_path)
+    assert not list((tmp_path / "builds").iterdir())  # nothing left behind
+
+
+def test_empty_subset(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["0.01%"], docs=synthetic_docs(100))
+    assert not expected_markers(0, 0.0001, 100)
+    with pytest.raises(UserError, match=r"data volume 0\.01% selects none of the 100 documents.*allowed"):
+        build(study, nodes["0.01%"], tmp_path)
+
+
+def test_too_few_tokens(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["1M"], docs=synthetic_docs(20))
+    with pytest.raises(UserError, match=r"1M tokens is more than the corpus's [\d,]+ tokens"):
+        build(study, nodes["1M tokens"], tmp_path)
+    study, nodes = make_study(tmp_path, base_spec, ["100%"], docs=["only a few words"])
+    with pytest.raises(UserError, match="less than one sequence"):
+        build(study, nodes["100%"], tmp_path)
+
+
+def test_document_key_is_uniform_and_stable():
+    keys = np.array([document_key(0, i) / 2**64 for i in range(20_000)])
+    assert 0 <= keys.min() and keys.max() < 1 and abs(keys.mean() - 0.5) < 0.01
+    assert document_key(0, 5) == document_key(0, 5) != document_key(1, 5)
+    assert (document_key(0, 0), document_key(3, 12345)) == (0x62D069677E9C6CD5, 0x553EF67EAC5E5111)
+    assert corpus_mod.SPECIAL_TOKENS == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+@pytest.mark.parametrize("budget", [1, 500, 5_000, 50_000, 10**9])
+def test_key_prefix_pruning_matches_a_full_sort(monkeypatch, budget):
+    monkeypatch.setattr(corpus_mod._KeyPrefix, "min_buffer", 64)
+    rng = np.random.default_rng(budget)
+    keys = [document_key(1, i) for i in range(5_000)]
+    counts = rng.integers(1, 20, len(keys)).tolist()
+    prefix = corpus_mod._KeyPrefix(budget)
+    for key, count in zip(keys, counts):
+        if prefix.wants(key):
+            prefix.add(key, count)
+    if budget <= 5_000:
+        assert len(prefix.keys) < 1_000  # it pruned while streaming
+    order = np.argsort(np.array(keys, dtype=np.uint64))
+    total = np.cumsum(np.array(counts)[order])
+    if budget > total[-1]:
+        assert prefix.result() == (None, int(total[-1]))
+    else:
+        n = int(np.searchsorted(total, budget))
+        assert prefix.result() == (keys[order[n]], int(total[n]))
