@@ -12,6 +12,8 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # MLflow prints a "View run at URL" line for every run it ends; a study ends thousands
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 for _key, _value in QUIET_ENV.items():
