@@ -245,14 +245,17 @@ def _finetune_trial(config: dict, study: Study | None = None) -> None:
     torch.set_num_threads(max(1, int(config["cpus"])))
     out = Path(config["out_dir"])
     with _node_log(Path(config["log"])):
+        start = time.perf_counter()
         task = study.tasks[config["task"]]
         data = load_task_data(task, mirror_dirs(None, study), caps=study.caps[task.id])
         results = finetune(config["model_source"], task, data, FinetuneConfig.from_spec(study.spec.finetune),
                            config["levels"], config["seed"], out)
+        seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
         tracker_uri, cells = config["uri"], config["cells"]
         for result in results:
             _log_cell(tracker_uri, cells[str(result["epochs"])], result, out)
-        (out / DONE_FILE).write_text(json.dumps({"cells": cells, "results": results}, indent=1, default=str))
+        (out / DONE_FILE).write_text(json.dumps({"cells": cells, "results": results, "seconds": seconds},
+                                                indent=1, default=str))
         tune.report({"test_f1": float(results[-1]["test"]["f1"])})
 
 

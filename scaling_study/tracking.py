@@ -20,6 +20,7 @@ the rest; `Tracker.search` follows the page tokens.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -95,17 +96,40 @@ class LocalMlflowServer:
     def backend_uri(self) -> str:
         return f"sqlite:///{self.root / 'mlflow.db'}"
 
+    @property
+    def pid_file(self) -> Path:
+        return self.root / "server.pid"
+
+    def _reap_stale(self) -> None:
+        """End a server a previous, killed invocation started over this same database (its pid file says so)."""
+        try:
+            pid = int(self.pid_file.read_text().split()[0])
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError, IndexError):
+            return
+        if self.backend_uri in cmdline and "mlflow" in cmdline:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+                for _ in range(50):
+                    if not Path(f"/proc/{pid}").exists():
+                        break
+                    time.sleep(0.1)
+
     def start(self) -> LocalMlflowServer:
         self.root.mkdir(parents=True, exist_ok=True)
+        self._reap_stale()
         self.port = self.port or _free_port(self.host)
         log = open(self.root / "server.log", "ab")
         cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_uri,
                "--default-artifact-root", str(self.root / "artifacts"), "--host", self.host,
                "--port", str(self.port), "--workers", "1"]
         # own session: stop() can end the server and the workers it forks, and nothing else
+        # MLflow 3's server also starts a job runner with a dozen worker processes; studies use none
+        env = {**os.environ, **QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, **QUIET_ENV}, cwd=self.root)
+                                        env=env, cwd=self.root)
         log.close()
+        self.pid_file.write_text(f"{self.process.pid} {self.backend_uri}\n")
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -132,6 +156,7 @@ class LocalMlflowServer:
             self.process.wait()
         except ProcessLookupError:
             pass
+        self.pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalMlflowServer:
         return self.start()

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ["SCALING_STUDY_OFFLINE"] = "1"  # task data and corpora from local mirrors only: no downloads
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))

@@ -1,0 +1,96 @@
+"""How much a study's wall time exceeds the compute of its nodes: orchestration overhead.
+
+    .venv/bin/python benchmarks/study_overhead.py                 # a small study in a temp folder
+    .venv/bin/python benchmarks/study_overhead.py --spec my.yaml  # any spec (its storage root is used)
+
+Runs the study with `run_study` (local Ray, embedded MLflow server) and prints its wall time over
+the sum of its nodes' own compute times: the corpus builds (`build_seconds` in each manifest), the
+pretraining loops (`train_seconds` of `train_mlm`, measured inside the Ray Train worker) and the
+finetune runs (the whole `finetune()` call, data loading included, measured inside the Tune trial).
+Everything else counts as overhead: starting Ray and the MLflow server, Ray Train worker groups,
+Tune scheduling, MLflow calls, and cores left idle. Since nodes run side by side on the machine's
+cores, the ratio can be below 1; the script also prints the cores used and the ratio per core
+(wall x cores / compute), which is 1.0 for a perfectly packed machine. Target on this 2-core
+machine: wall / compute <= 1.15.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+SMALL = {
+    "name": "overhead",
+    "corpus": {"name": "sci", "paths": [str(REPO.parent / "shared" / "corpus" / "scitldr_abstracts.txt")],
+               "vocab_size": 4000},
+    "model_sizes": ["debug", "tiny"],
+    "data_volumes": ["100%"],
+    "pretrain": {"steps": [300, 600], "batch_size": 32, "seq_len": 128, "precision": "fp32", "lr": 1e-3,
+                 "log_every": 50},
+    "finetune": {"epochs": [1, 2], "seeds": [0], "lr": 5e-4, "batch_size": 32, "max_seq_len": 128,
+                 "max_concurrent": 2},
+    "tasks": {"include": ["bc5cdr_ner", "scierc_re", "paper_field_cls"], "max_train_examples": 600,
+              "max_dev_examples": 200, "max_test_examples": 400,
+              "data_dir": str(REPO.parent / "shared" / "datasets")},
+}
+
+
+def node_seconds(root: Path) -> dict[str, float]:
+    out = {"corpus": 0.0, "pretrain": 0.0, "finetune": 0.0}
+    for manifest in root.glob("corpus/*/manifest.json"):
+        out["corpus"] += json.loads(manifest.read_text())["build_seconds"]
+    for final in root.glob("pretrain/*/final.json"):
+        out["pretrain"] += json.loads(final.read_text())["train_seconds"]
+    for done in root.glob("finetune/*/DONE.json"):
+        out["finetune"] += json.loads(done.read_text())["seconds"]
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--spec", default=None, help="a study spec (default: a small built-in study)")
+    args = parser.parse_args()
+    os.environ.setdefault("SCALING_STUDY_OFFLINE", "1")
+
+    from scaling_study.orchestration import Layout, run_study
+    from scaling_study.spec import load_spec
+
+    with tempfile.TemporaryDirectory(prefix="ss-bench-") as tmp:
+        if args.spec:
+            path = Path(args.spec)
+        else:
+            path = Path(tmp) / "overhead.yaml"
+            path.write_text(yaml.safe_dump({**SMALL, "storage": {"root": str(Path(tmp) / "studies")}}))
+        study = load_spec(path)
+        start = time.perf_counter()
+        summary = run_study(study, progress=False)
+        wall = time.perf_counter() - start
+        if not summary.ok:
+            print("study failed:", *(f"{f.node}: {f.reason}" for f in summary.failures), sep="\n  ")
+            return 1
+        if summary.trained == 0:
+            print("nothing was computed (a finished study): remove its storage folder to measure")
+            return 1
+        parts = node_seconds(Layout.of(study).root)
+    compute = sum(parts.values())
+    cores = os.cpu_count()
+    print(f"study: {study.spec.name}, {summary.trained} nodes computed, {cores} cores")
+    print(f"wall time:          {wall:8.1f} s")
+    print("node compute:       " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + f"; total {compute:.1f} s")
+    print(f"wall / compute:     {wall / compute:8.3f}   (target <= 1.15)")
+    print(f"wall x cores / compute: {wall * cores / compute:6.3f}   (1.0 = every core busy with node compute)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""`scaling-study run` end to end on a real local Ray and a real local MLflow server.
+
+A micro study (debug model, one 200-line corpus file, two tasks capped to a few dozen examples)
+keeps each run to a minute or two; the smoke study itself runs from the README command in CI's
+`test_readme_main_job` (slow).
+"""
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from scaling_study import results
+from scaling_study.grid import expand
+from scaling_study.orchestration import DONE_FILE, Layout, run_study
+from scaling_study.spec import load_spec
+
+from conftest import REPO
+
+SHARED = REPO.parent / "shared"
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")]
+
+
+def micro_spec(folder: Path, name: str = "micro", **changes) -> Path:
+    corpus = folder / "corpus.txt"
+    if not corpus.exists():
+        lines = (SHARED / "corpus" / "matsci_glass_abstracts.txt").read_text().splitlines()[:300]
+        corpus.write_text("\n".join(lines) + "\n")
+    spec = {
+        "name": name,
+        "corpus": {"name": "sci", "paths": ["corpus.txt"], "vocab_size": 1500},
+        "model_sizes": ["debug"],
+        "data_volumes": ["100%"],
+        "pretrain": {"steps": [10, 20], "batch_size": 8, "seq_len": 64, "precision": "fp32", "lr": 1e-3,
+                     "log_every": 5},
+        "finetune": {"epochs": [1, 2], "seeds": [0], "lr": 1e-3, "batch_size": 16, "max_seq_len": 64},
+        "tasks": {"include": ["bc5cdr_ner", "scierc_re"], "max_train_examples": 48, "max_dev_examples": 16,
+                  "max_test_examples": 32, "data_dir": str(SHARED / "datasets")},
+        "storage": {"root": str(folder / "studies")},
+        **changes,
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def mlflow_runs(study) -> list:
+    from mlflow.tracking import MlflowClient
+
+    db = Layout.of(study).mlflow / "mlflow.db"
+    client = MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(study.spec.name)
+    return results.search_all(client, experiment.experiment_id)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("run")
+    study = load_spec(micro_spec(folder))
+    summary = run_study(study, progress=False)
+    return study, summary
+
+
+def test_every_cell_has_a_score(finished):
+    study, summary = finished
+    assert summary.ok, summary.failures
+    plan = expand(study)
+    df = results.load(study.file)
+    cells = plan.of_kind("finetune")
+    assert len(df) == len(cells) == 2 * 2 * 2  # checkpoints x tasks x epochs (x 1 seed)
+    assert set(df["node_id"]) == {c.id for c in cells}
+    assert df["test_f1"].notna().all() and df["dev_f1"].notna().all()
+    assert set(zip(df["steps"], df["task"], df["epochs"])) == {
+        (s, t, e) for s in (10, 20) for t in ("bc5cdr_ner", "scierc_re") for e in (1, 2)}
+
+
+def test_tracking_layout(finished):
+    study, _ = finished
+    runs = mlflow_runs(study)
+    kinds = Counter(r.data.tags["node_kind"] for r in runs)
+    assert kinds == {"study": 1, "corpus": 1, "pretrain": 1, "finetune": 8}
+    by_node = {r.data.tags["node_id"]: r for r in runs}
+    study_run = by_node[f"study-{study.spec.name}"]
+    pretrain = next(r for r in runs if r.data.tags["node_kind"] == "pretrain")
+    assert pretrain.data.tags["mlflow.parentRunId"] == study_run.info.run_id
+    assert "loss" in pretrain.data.metrics and pretrain.data.tags["checkpoint.00000020"].startswith("file://")
+    for run in runs:
+        if run.data.tags["node_kind"] == "finetune":
+            assert run.data.tags["mlflow.parentRunId"] == pretrain.info.run_id
+            assert {"task", "epochs", "seed", "model_size", "data_volume", "steps"} <= set(run.data.params)
+    assert [a.path for a in study_run_artifacts(study, study_run)] == ["spec.yaml"]
+
+
+def study_run_artifacts(study, run):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(f"sqlite:///{Layout.of(study).mlflow / 'mlflow.db'}").list_artifacts(run.info.run_id)
+
+
+def test_rerun_trains_nothing_and_adds_no_runs(finished):
+    study, _ = finished
+    before = sorted(r.info.run_id for r in mlflow_runs(study))
+    layout = Layout.of(study)
+    stamps = {p: p.stat().st_mtime_ns for p in layout.root.rglob(DONE_FILE)}
+    again = run_study(study, progress=False)
+    assert again.ok and again.trained == 0
+    assert sorted(r.info.run_id for r in mlflow_runs(study)) == before
+    assert {p: p.stat().st_mtime_ns for p in layout.root.rglob(DONE_FILE)} == stamps
+
+
+def test_lost_tracking_is_restored_from_storage(finished):
+    """A finished node whose MLflow run is gone (server lost) is logged again, without training."""
+    study, _ = finished
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{Layout.of(study).mlflow / 'mlflow.db'}")
+    victim = next(r for r in mlflow_runs(study) if r.data.tags["node_kind"] == "finetune")
+    client.delete_run(victim.info.run_id)
+    again = run_study(study, progress=False)
+    assert again.trained == 0
+    restored = [r for r in mlflow_runs(study) if r.data.tags["node_id"] == victim.data.tags["node_id"]]
+    assert len(restored) == 1 and restored[0].data.metrics["test_f1"] == victim.data.metrics["test_f1"]
+
+
+def test_failed_node_does_not_stop_others(tmp_path, capsys):
+    """A task whose data is missing fails; the other task's jobs finish; exit 1 names the failure and its log."""
+    from scaling_study.cli import main
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    (mirror / "bc5cdr_ner").symlink_to(SHARED / "datasets" / "bc5cdr_ner")
+    path = micro_spec(tmp_path, name="partial")
+    spec = yaml.safe_load(path.read_text())
+    spec["tasks"]["data_dir"] = str(mirror)
+    spec["pretrain"]["steps"] = [10]
+    spec["finetune"]["epochs"] = [1]
+    path.write_text(yaml.safe_dump(spec))
+    code = main(["run", str(path), "--quiet"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "FAILED finetune_run" in out or "FAILED finetune" in out
+    assert "scierc_re" in out and "log:" in out
+    df = results.load(str(path))
+    assert list(df["task"]) == ["bc5cdr_ner"]
+
+
+def _wait_for(predicate, timeout: float, proc) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, "the driver ended before the kill"
+        time.sleep(0.5)
+    raise AssertionError("timed out waiting for the study to make progress")
+
+
+def test_killed_driver_then_rerun_completes(tmp_path):
+    import psutil
+
+    path = micro_spec(tmp_path, name="killed")
+    study = load_spec(path)
+    layout = Layout.of(study)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "scaling_study.cli", "run", str(path), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    children = []
+    try:
+        _wait_for(lambda: any(layout.root.rglob(DONE_FILE)), 300, proc)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        time.sleep(3)  # Ray notices its driver is gone; what is left of what we started, we end
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+    finished_before = {p: p.stat().st_mtime_ns for p in layout.root.rglob(DONE_FILE)}
+    checkpoints_before = {p: p.stat().st_mtime_ns for p in layout.root.glob("pretrain/*/checkpoints/*/config.json")}
+    assert finished_before and checkpoints_before
+
+    summary = run_study(study, progress=False)
+    assert summary.ok, summary.failures
+    for p, stamp in finished_before.items():
+        assert p.stat().st_mtime_ns == stamp, f"{p} was recomputed"
+    for p, stamp in checkpoints_before.items():
+        assert p.stat().st_mtime_ns == stamp, f"{p} was retrained"
+    runs = mlflow_runs(study)
+    per_node = Counter(r.data.tags["node_id"] for r in runs)
+    assert max(per_node.values()) == 1
+    assert set(per_node) >= {n.id for n in expand(study).nodes.values() if n.kind in ("corpus", "pretrain", "finetune")}
+    assert all(r.info.status == "FINISHED" for r in runs)
+
