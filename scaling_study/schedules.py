@@ -1,0 +1,143 @@
+"""Learning-rate schedules and optimizers for pretraining: pure functions of the step.
+
+    from scaling_study.schedules import Schedule
+    sched = Schedule(total_steps=1000, schedule="cosine", warmup_fraction=0.06, min_lr_ratio=0.1)
+    sched.multiplier(0)      # 1/60: the first optimizer step already moves
+    sched.multiplier(59)     # 1.0: the end of warmup, the peak
+    sched.multiplier(999)    # just above 0.1
+    lr = peak_lr * sched.multiplier(step)
+
+`step` counts optimizer steps already taken, so `multiplier(step)` is the LR of the step that
+takes the run from `step` to `step + 1`. Warmup is linear and ends at the peak on its last step
+(HF's schedules start at LR 0 and waste the first step). After warmup:
+
+- `linear`: straight down from the peak to `min_lr_ratio`, reached at `total_steps`;
+- `cosine`: half a cosine from the peak down to `min_lr_ratio`;
+- `wsd` (warmup-stable-decay): flat at the peak, then linear down to `min_lr_ratio` over the last
+  `decay_fraction` of the run; a trajectory's early checkpoints see no decay at all;
+- `constant`: flat at the peak.
+
+Also here: `build_optimizer` (AdamW or LAMB, no weight decay on biases and LayerNorm) and a small
+`Lamb`, since torch has none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import torch
+
+SCHEDULES = ("linear", "cosine", "wsd", "constant")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Schedule:
+    """LR multiplier (of the peak LR) as a function of the optimizer step."""
+
+    total_steps: int
+    schedule: Literal["linear", "cosine", "wsd", "constant"] = "linear"
+    warmup_fraction: float = 0.06
+    decay_fraction: float = 0.2
+    """`wsd` only: share of the run spent decaying at the end."""
+    min_lr_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule {self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        if self.total_steps < 1:
+            raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return round(self.warmup_fraction * self.total_steps)
+
+    @property
+    def decay_steps(self) -> int:
+        """Steps spent decaying after warmup (for `wsd`, the tail only)."""
+        if self.schedule == "wsd":
+            return min(round(self.decay_fraction * self.total_steps), self.total_steps - self.warmup_steps)
+        return self.total_steps - self.warmup_steps
+
+    def multiplier(self, step: int) -> float:
+        warmup = self.warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.schedule == "constant":
+            return 1.0
+        decay = self.decay_steps
+        decay_start = self.total_steps - decay
+        if step < decay_start or decay <= 0:
+            return 1.0
+        progress = min((step - decay_start) / decay, 1.0)
+        if self.schedule == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        else:  # linear and the tail of wsd
+            shape = 1.0 - progress
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
+# ----------------------------------------------------------------------------------- optimizers
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices (weights, embeddings); not biases and LayerNorm gains (the 1-D tensors)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, *, name: str, lr: float, betas: tuple[float, float], eps: float,
+                    weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
+    groups = param_groups(model, weight_decay)
+    if name == "adamw":
+        # Fused (one kernel for all tensors) on GPU. On CPU, torch's fused AdamW measured about 6x
+        # slower than foreach here (0.51 s vs 0.085 s per step for 11M parameters, 2 threads).
+        fused = device.type == "cuda"
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps, fused=fused,
+                                 foreach=None if fused else True)
+    if name == "lamb":
+        return Lamb(groups, lr=lr, betas=tuple(betas), eps=eps)
+    raise ValueError(f"optimizer {name!r}; allowed: adamw, lamb")
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2020, arXiv:1904.00962): Adam's update scaled per tensor by ||w|| / ||update||.
+
+    Decoupled weight decay goes into the update before the trust ratio, as in the paper; tensors
+    with zero norm (fresh biases) take the plain Adam step (ratio 1). Bias correction is applied,
+    as in NVIDIA's BERT recipe.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.zeros((), dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"].item()
+                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+                m.lerp_(g, 1 - beta1)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
+                if group["weight_decay"]:
+                    update.add_(p, alpha=group["weight_decay"])
+                w_norm, u_norm = p.norm(), update.norm()
+                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
+                p.sub_(update * (trust * group["lr"]))
+        return loss

@@ -1,0 +1,357 @@
+"""MLM pretraining: loss parity with Hugging Face, masking, schedules, resume, tracking, Ray Train."""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from scaling_study.models import bert_config, load_presets
+from scaling_study.pretrain import (
+    STATE_FILE,
+    CorpusInfo,
+    JsonlLogger,
+    MaskedLM,
+    Masker,
+    MemoryLogger,
+    MlflowLogger,
+    PretrainConfig,
+    ShardStream,
+    checkpoint_dir,
+    latest_checkpoint,
+    mlm_loss,
+    train_mlm,
+    write_synthetic_corpus,
+)
+from scaling_study.schedules import Lamb, Schedule
+
+SPECIALS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+CORPUS = Path(os.environ.get("SCALING_STUDY_SHARED", Path(__file__).resolve().parents[2] / "shared")) / "corpus"
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> Path:
+    return write_synthetic_corpus(tmp_path_factory.mktemp("syn") / "corpus", vocab_size=1000, seq_len=32,
+                                  num_sequences=120, num_shards=3)
+
+
+def _config(**overrides) -> PretrainConfig:
+    base = dict(preset=load_presets()["debug"], vocab_size=1000, total_steps=40, checkpoint_steps=(20, 40),
+                seq_len=32, batch_size=8, lr=1e-3, precision="fp32", log_every=1)
+    return PretrainConfig(**{**base, **overrides})
+
+
+# ----------------------------------------------------------------------------------- the loss
+
+
+def test_loss_equals_hugging_face_masked_lm_loss():
+    from transformers import BertForMaskedLM
+
+    torch.manual_seed(0)
+    model = BertForMaskedLM(bert_config(load_presets()["debug"], 1000, attn_implementation="sdpa")).eval()
+    ids = torch.randint(5, 1000, (8, 64))
+    ids[:, 0] = SPECIALS["cls"]
+    inputs, positions, targets = Masker(vocab_size=1000, special_ids=SPECIALS.values(), mask_id=4, rate=0.15)(ids)
+    labels = torch.full(ids.shape, -100).view(-1)
+    labels[positions] = targets
+    with torch.no_grad():
+        hf = model(input_ids=inputs, labels=labels.view_as(ids)).loss
+        ours, logits = mlm_loss(model, inputs, positions, targets)
+        ours_wrapped, _ = mlm_loss(MaskedLM(model), inputs, positions, targets)
+    assert logits.shape == (positions.numel(), 1000)
+    assert abs(ours.item() - hf.item()) < 1e-5
+    assert ours_wrapped.item() == ours.item()
+
+
+def test_masking_statistics_on_a_large_batch():
+    torch.manual_seed(0)
+    vocab, rate = 5000, 0.15
+    ids = torch.randint(5, vocab, (512, 128))
+    ids[:, 0] = SPECIALS["cls"]
+    ids[:, 60::61] = SPECIALS["sep"]
+    ids[:, -3:] = SPECIALS["pad"]
+    masker = Masker(vocab_size=vocab, special_ids=SPECIALS.values(), mask_id=SPECIALS["mask"], rate=rate)
+    inputs, positions, targets = masker(ids, torch.Generator().manual_seed(1))
+
+    special = ids < 5
+    selected = torch.zeros(ids.numel(), dtype=torch.bool)
+    selected[positions] = True
+    assert not selected[special.view(-1)].any(), "a special token was selected"
+    assert torch.equal(targets, ids.view(-1)[positions])
+    n = positions.numel()
+    assert n / (~special).sum().item() == pytest.approx(rate, abs=0.004)  # n is about 8900: sd 0.0013
+
+    new = inputs.view(-1)[positions]
+    masked = (new == SPECIALS["mask"]).float().mean().item()
+    kept = (new == targets).float().mean().item()  # 10%, plus random draws that hit the same id (1/4995)
+    swapped = ((new != targets) & (new != SPECIALS["mask"])).float().mean().item()
+    assert masked == pytest.approx(0.8, abs=0.015)
+    assert kept == pytest.approx(0.1, abs=0.01)
+    assert swapped == pytest.approx(0.1, abs=0.01)
+    assert not (new[new != SPECIALS["mask"]] < 5).any(), "a random replacement is a special token"
+    unselected = ~selected
+    assert torch.equal(inputs.view(-1)[unselected], ids.view(-1)[unselected])
+    # the same generator state masks the same way (what resume relies on)
+    again = masker(ids, torch.Generator().manual_seed(1))
+    assert torch.equal(again[0], inputs) and torch.equal(again[1], positions)
+
+
+# ----------------------------------------------------------------------------------- schedules
+
+
+def test_linear_schedule_values():
+    s = Schedule(total_steps=100, schedule="linear", warmup_fraction=0.1, min_lr_ratio=0.0)
+    assert [s.multiplier(i) for i in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert s.multiplier(10) == pytest.approx(1.0)
+    assert s.multiplier(55) == pytest.approx(0.5)
+    assert s.multiplier(99) == pytest.approx(1 / 90)
+    assert s.multiplier(100) == pytest.approx(0.0)
+
+
+def test_cosine_schedule_values():
+    s = Schedule(total_steps=110, schedule="cosine", warmup_fraction=10 / 110, min_lr_ratio=0.1)
+    assert s.warmup_steps == 10
+    assert s.multiplier(10) == pytest.approx(1.0)
+    assert s.multiplier(60) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the decay
+    assert s.multiplier(35) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert s.multiplier(110) == pytest.approx(0.1)
+
+
+def test_wsd_and_constant_schedule_values():
+    s = Schedule(total_steps=100, schedule="wsd", warmup_fraction=0.1, decay_fraction=0.2, min_lr_ratio=0.0)
+    assert s.multiplier(4) == pytest.approx(0.5)
+    assert s.multiplier(10) == s.multiplier(50) == s.multiplier(79) == 1.0  # stable until the last 20%
+    assert s.multiplier(90) == pytest.approx(0.5)
+    assert s.multiplier(99) == pytest.approx(0.05)
+    c = Schedule(total_steps=100, schedule="constant", warmup_fraction=0.0)
+    assert c.multiplier(0) == c.multiplier(99) == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        Schedule(total_steps=10, schedule="step")
+
+
+def test_lamb_scales_each_update_by_the_trust_ratio():
+    w = torch.nn.Parameter(torch.full((4,), 2.0))
+    w.grad = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=0.0).step()
+    # the first Adam update is sign(g); its norm 2 equals ||w|| = 4 times 1/2, so the trust ratio is 2
+    assert torch.allclose(w.detach(), torch.tensor([1.8, 2.2, 1.8, 2.2]))
+
+
+# ----------------------------------------------------------------------------------- data
+
+
+def test_each_worker_reads_its_own_shards_and_resumes_at_its_position(synthetic):
+    corpus = CorpusInfo.read(synthetic)
+    rows = {tuple(r) for i in range(3) for r in corpus.load_shard(i).tolist()}
+    seen = []
+    for rank in range(2):
+        stream = ShardStream(corpus, rank=rank, world=2, seed=0)
+        assert stream.mine == list(range(rank, 3, 2))
+        epoch = stream.next_batch(sum(corpus.shards[i][1] for i in stream.mine))
+        seen += [tuple(r) for r in epoch.tolist()]
+        assert stream.position == {"epoch": 1, "cursor": 0, "row": 0}
+    assert sorted(seen) == sorted(rows)  # one epoch of both workers = the corpus, once
+
+    a = ShardStream(corpus, rank=0, world=1, seed=3)
+    first = a.next_batch(50)
+    b = ShardStream(corpus, rank=0, world=1, seed=3, position=a.position)
+    assert torch.equal(a.next_batch(100), b.next_batch(100))  # across shard and epoch boundaries
+    assert not torch.equal(first, ShardStream(corpus, rank=0, world=1, seed=4).next_batch(50))
+
+
+# ----------------------------------------------------------------------------------- resume
+
+
+def test_resumed_run_reproduces_the_uninterrupted_loss_curve(synthetic, tmp_path):
+    """40 steps straight vs 20 + resume 20, with dropout, grad accumulation and epoch boundaries.
+
+    Tolerance 1e-6 per step; on CPU the curves agree exactly (max difference 0.0).
+    """
+    config = _config(grad_accum=2, checkpoint_every=20, checkpoint_steps=(40,))
+    straight, resumed = MemoryLogger(), MemoryLogger()
+    final = train_mlm(config, synthetic, tmp_path / "a", logger=straight)
+    train_mlm(config, synthetic, tmp_path / "b", logger=resumed, stop_after=20)
+    assert latest_checkpoint(tmp_path / "b") == checkpoint_dir(tmp_path / "b", 20, kind="resume")
+    # an interrupted write (a temporary folder, a folder without trainer_state.pt) is ignored
+    (tmp_path / "b" / "checkpoints" / ".tmp-step-00000030-1").mkdir(parents=True)
+    checkpoint_dir(tmp_path / "b", 30).mkdir()
+    train_mlm(config, synthetic, tmp_path / "b", logger=resumed)
+    assert not (tmp_path / "b" / "checkpoints" / ".tmp-step-00000030-1").exists()
+
+    a = [row["loss"] for row in straight.history]
+    b = [row["loss"] for row in resumed.history]
+    assert [r["step"] for r in resumed.history] == list(range(1, 41))
+    assert max(abs(x - y) for x, y in zip(a, b)) <= 1e-6
+    assert [r["lr"] for r in straight.history] == [r["lr"] for r in resumed.history]
+    assert final["step"] == 40 and final["tokens_seen"] == 40 * 8 * 32
+    assert not (tmp_path / "b" / "resume" / "step-00000020").exists()  # pruned by the later checkpoint
+
+    # a finished run is a no-op that returns its final metrics
+    again = MemoryLogger()
+    assert train_mlm(config, synthetic, tmp_path / "a", logger=again)["loss"] == final["loss"]
+    assert again.history == []
+
+
+def test_checkpoint_folder_loads_with_auto_classes_and_holds_the_trainer_state(synthetic, tmp_path):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    config = _config(total_steps=6, checkpoint_steps=(3, 6), log_every=3, optimizer="lamb", precision="bf16")
+    train_mlm(config, synthetic, tmp_path)
+    for step in (3, 6):
+        folder = checkpoint_dir(tmp_path, step)
+        assert folder.name == f"step-{step:08d}"
+        model = AutoModelForMaskedLM.from_pretrained(folder)
+        assert model.config.vocab_size == 1000 and model.config.num_hidden_layers == 2
+        assert len(AutoTokenizer.from_pretrained(folder)) == 1000
+        state = torch.load(folder / STATE_FILE, weights_only=True)
+        assert state["step"] == step and state["world_size"] == 1
+        assert set(state) >= {"optimizer", "scheduler", "rng", "data", "config", "metrics", "tokens_seen"}
+        assert set(state["data"][0]) == {"epoch", "cursor", "row"}
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+    with pytest.raises(ValueError, match="different run configuration"):
+        train_mlm(_config(total_steps=6, checkpoint_steps=(6,), lr=1.0), synthetic, tmp_path)
+
+
+# ----------------------------------------------------------------------------------- tracking
+
+
+def test_logged_metrics_and_mfu(synthetic, tmp_path):
+    log = MemoryLogger()
+    train_mlm(_config(total_steps=6, checkpoint_steps=(), log_every=3, peak_flops=1e12), synthetic, tmp_path,
+              logger=log)
+    assert [r["step"] for r in log.history] == [3, 6]
+    row = log.history[-1]
+    assert {"loss", "mlm_accuracy", "lr", "tokens_seen", "tokens_per_s", "mfu", "grad_norm"} <= set(row)
+    assert row["tokens_seen"] == 6 * 8 * 32 and 0 <= row["mlm_accuracy"] <= 1
+    assert 0 < row["mfu"] < 1 and row["tokens_per_s"] > 0
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_mlflow_logger_writes_to_an_existing_run(tmp_path):
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.create_run(client.create_experiment("pretrain"))
+    logger = MlflowLogger(uri, run.info.run_id)
+    logger.log_metrics({"loss": 7.5, "tokens_per_s": 1000.0, "mfu": float("nan")}, step=10)
+    logger.log_metrics({"loss": 7.0, "tokens_per_s": 1100.0}, step=20)
+    history = client.get_metric_history(run.info.run_id, "loss")
+    assert [(m.step, m.value) for m in history] == [(10, 7.5), (20, 7.0)]
+    assert client.get_metric_history(run.info.run_id, "mfu") == []  # non-finite values are skipped
+    import pickle
+
+    assert pickle.loads(pickle.dumps(logger)).run_id == run.info.run_id
+
+
+def test_config_from_a_study(base_spec):
+    from scaling_study.grid import expand
+    from scaling_study.spec import spec_from_data
+
+    base_spec["pretrain"].update(schedule="wsd", optimizer="lamb", betas=[0.9, 0.999], num_workers=2)
+    study = spec_from_data(base_spec)
+    plan = expand(study)
+    run = next(n for n in plan.of_kind("pretrain") if n.factors["model_size"] == "tiny")
+    config = PretrainConfig.from_study(study, plan, run, vocab_size=900)
+    assert config.preset.name == "tiny" and config.vocab_size == 900
+    assert config.total_steps == 20 and config.checkpoint_steps == (10, 20)
+    assert (config.schedule, config.optimizer, config.betas, config.batch_size) == ("wsd", "lamb", (0.9, 0.999), 8)
+    assert config.micro_batch_size(2) == 4
+    base_spec["pretrain"]["protocol"] = "independent"
+    study = spec_from_data(base_spec)
+    plan = expand(study)
+    levels = {PretrainConfig.from_study(study, plan, n, vocab_size=900).checkpoint_steps
+              for n in plan.of_kind("pretrain") if n.factors["model_size"] == "tiny"}
+    assert levels == {(10,), (20,)}
+
+
+# ----------------------------------------------------------------------------------- Ray Train
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=f"/tmp/rs-{os.getpid()}", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not CORPUS.is_dir(), reason=f"no shared corpus at {CORPUS}")
+def test_ray_train_two_workers_on_a_real_corpus_build(base_spec, tmp_path, local_ray):
+    import functools
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from scaling_study.corpus import build_corpus
+    from scaling_study.grid import expand
+    from scaling_study.pretrain import run_pretraining
+    from scaling_study.spec import spec_from_data
+
+    lines: list[str] = []
+    for name in ("matsci_glass_abstracts.txt", "pubmedqa_abstracts.txt"):
+        with open(CORPUS / name, encoding="utf-8") as f:
+            lines += f.readlines()[: 2000 - len(lines)]
+    (tmp_path / "corpus.txt").write_text("".join(lines), encoding="utf-8")
+    spec = copy.deepcopy(base_spec)
+    spec["corpus"] = {"name": "sci2k", "paths": [str(tmp_path / "corpus.txt")], "vocab_size": 4000}
+    spec.update(model_sizes=["tiny"], data_volumes=[1.0])
+    spec["pretrain"] = {"steps": [150, 300], "batch_size": 32, "seq_len": 64, "lr": 2e-3, "precision": "fp32",
+                        "num_workers": 2, "log_every": 50}
+    study = spec_from_data(spec, str(tmp_path / "study.yaml"))
+    plan = expand(study)
+    corpus_dir = tmp_path / "corpus"
+    build_corpus(study, plan.of_kind("corpus")[0], corpus_dir, progress=False)
+    run = plan.of_kind("pretrain")[0]
+
+    log = JsonlLogger(tmp_path / "metrics.jsonl")
+    final = run_pretraining(study, plan, run, corpus_dir, tmp_path / "run",
+                            logger_factory=functools.partial(JsonlLogger, log.path))
+
+    rows = log.read()
+    assert [r["step"] for r in rows] == [50, 100, 150, 200, 250, 300]  # rank 0 only, every log_every
+    vocab = CorpusInfo.read(corpus_dir).vocab_size
+    assert final["step"] == 300
+    # a random init starts at ln(vocab) = 8.3; the run reaches about 6.75 (6.9: unigram level)
+    assert final["loss"] < math.log(vocab) - 1.2 and final["loss"] < rows[0]["loss"] - 0.3
+    assert set(final["checkpoints"]) == {150, 300}
+    for folder in final["checkpoints"].values():
+        assert AutoModelForMaskedLM.from_pretrained(folder).config.vocab_size == vocab
+        assert len(AutoTokenizer.from_pretrained(folder)) == vocab
+        assert len(torch.load(Path(folder) / STATE_FILE, weights_only=True)["data"]) == 2  # one per worker
+
+
+@pytest.mark.slow
+def test_fsdp_matches_ddp_and_resumes(synthetic, tmp_path, local_ray):
+    import functools
+    import shutil
+
+    from transformers import AutoModelForMaskedLM
+
+    from scaling_study.pretrain import train_mlm_ray
+
+    def fit(strategy: str, out: Path) -> list[dict]:
+        config = _config(total_steps=12, checkpoint_steps=(6, 12), strategy=strategy, batch_size=8,
+                         model_overrides={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})
+        log = JsonlLogger(out / "metrics.jsonl")
+        train_mlm_ray(config, synthetic, out, num_workers=2, logger_factory=functools.partial(JsonlLogger, log.path))
+        return log.read()
+
+    ddp = fit("ddp", tmp_path / "ddp")
+    fsdp = fit("fsdp", tmp_path / "fsdp")
+    assert [r["step"] for r in fsdp] == list(range(1, 13))
+    # same data, masks and initial weights; only the order of the gradient reductions differs
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp, fsdp)) < 1e-4
+    full = AutoModelForMaskedLM.from_pretrained(checkpoint_dir(tmp_path / "fsdp", 12))  # gathered from shards
+    assert full.config.hidden_size == 64
+
+    shutil.rmtree(checkpoint_dir(tmp_path / "fsdp", 12))
+    again = fit("fsdp", tmp_path / "fsdp")  # resumes from step 6: optimizer state, RNG, data positions
+    assert [r["step"] for r in again] == list(range(1, 19))[:12] + list(range(7, 13))
+    resumed = again[12:]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(fsdp[6:], resumed)) < 1e-6
