@@ -1,9 +1,13 @@
 """The `scaling-study` command line: thin verbs over library functions.
 
     scaling-study plan experiments/smoke.yaml                  # cells, FLOPs, device-hours, storage
+    scaling-study run experiments/smoke.yaml                   # the whole study: local Ray + local MLflow
+    scaling-study results smoke --format csv                   # one row per finetune job
+    scaling-study status smoke | scaling-study ui smoke
     scaling-study plan experiments/scholarbert.yaml --device a100 --format json
     scaling-study validate experiments/*.yaml                   # check specs, write nothing
     scaling-study tasks list | scaling-study tasks show scierc_re
+    scaling-study tasks check --data-dir ../shared/datasets     # load every task's data: sizes, labels
     scaling-study presets                                       # model sizes and devices
     scaling-study spec-reference > docs/spec.md                 # every spec field, documented
 
@@ -136,6 +140,8 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     from scaling_study.tasks.registry import discover
 
     registry = discover([Path(p) for p in args.registry_path])
+    if args.action == "check":
+        return _tasks_check(registry, args)
     if args.action == "list":
         for tid, t in sorted(registry.tasks.items()):
             suites = f"  [{', '.join(t.suites)}]" if t.suites else ""
@@ -155,6 +161,55 @@ def cmd_tasks(args: argparse.Namespace) -> int:
             print(f"  {split}: {info.file}, {info.num_examples or '?'} examples, {info.url or 'no direct URL'}")
         print(f"  folder {t.folder}; homepage {t.homepage}")
     return 0
+
+
+def _tasks_check(registry, args: argparse.Namespace) -> int:
+    """Load every task whose data can be found; print split sizes and label sets. A malformed file raises."""
+    from collections import Counter
+
+    from scaling_study.metrics import entity_spans
+    from scaling_study.tasks.data import DataNotFound, load_task_data, mirror_dirs
+    from scaling_study.tasks.loaders import check_options
+
+    unknown = [t for t in args.ids if t not in registry.tasks]
+    if unknown:
+        raise UserError(f"tasks check: unknown task(s) {', '.join(unknown)}; allowed: {', '.join(sorted(registry.tasks))}")
+    dirs = mirror_dirs(args.data_dir)
+    print(f"Data folders: {', '.join(map(str, dirs)) or '(none)'}; then the download cache"
+          + (" (offline: no downloads)" if args.offline else ""))
+    loaded, missing, mismatched = 0, [], []
+    for tid in args.ids or sorted(registry.tasks):
+        task = registry.tasks[tid]
+        check_options(task)
+        try:
+            data = load_task_data(task, dirs, allow_download=not args.offline)
+        except DataNotFound as exc:
+            missing.append(tid)
+            print(f"{tid}: skipped, data not found ({str(exc).split(': ', 2)[-1]})")
+            continue
+        loaded += 1
+        print(f"{tid} ({task.type}, {task.format}, {task.label_scheme}, metric {task.metric})")
+        for split, examples in data.splits.items():
+            expected = task.splits[split].num_examples
+            flag = "" if expected is None or expected == len(examples) else f"  MISMATCH: task.yaml says {expected}"
+            if flag:
+                mismatched.append(f"{tid}/{split}")
+            if task.type == "ner":
+                counts = Counter(kind for ex in examples for kind, _, _ in entity_spans(ex["tags"]))
+                words = sum(len(ex["tokens"]) for ex in examples)
+                size = f"{len(examples):>6} sentences, {words:>7} words, {sum(counts.values()):>6} entities"
+            else:
+                counts = Counter(ex["label"] for ex in examples)
+                size = f"{len(examples):>6} examples"
+            labels = ", ".join(f"{k} {counts.get(k, 0)}" for k in task.labels if counts.get(k, 0)) or "(none)"
+            absent = [k for k in task.labels if not counts.get(k)]
+            print(f"  {split:5s} {size}  [{labels}]" + (f"  absent: {', '.join(absent)}" if absent else "") + flag)
+            print(f"        {data.files[split]}")
+            for note, n in sorted(data.notes[split].items()):
+                print(f"        {n} x {note}")
+    print(f"{loaded} task(s) loaded, {len(missing)} skipped (no data)"
+          + (f", split sizes differ from task.yaml: {', '.join(mismatched)}" if mismatched else ""))
+    return 1 if mismatched else 0
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
@@ -178,6 +233,101 @@ def cmd_spec_reference(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from scaling_study.orchestration import run_study
+    from scaling_study.spec import load_spec
+
+    study = load_spec(args.spec)
+    summary = run_study(study, address=args.address, progress=not args.quiet)
+    console = Console(soft_wrap=True)
+    c = summary.counts
+    done = {k: f"{v['done']}/{sum(v.values())}" for k, v in c.items()}
+    console.print(f"[bold]{summary.study}[/bold]: {summary.seconds / 60:.1f} min, {summary.trained} nodes computed; "
+                  f"done: corpus {done['corpus']}, pretrain {done['pretrain']}, checkpoints {done['checkpoint']}, "
+                  f"finetune jobs {done['finetune']}")
+    console.print(f"Storage: {summary.root}   Tracking: {summary.tracking_uri}")
+    blocked: dict[str, int] = {}
+    for f in summary.failures:
+        if f.reason.startswith("not run"):
+            blocked[f"{f.reason}  log: {f.log}"] = blocked.get(f"{f.reason}  log: {f.log}", 0) + 1
+        else:
+            console.print(f"[red]FAILED[/red] {f.kind} {f.node} ({f.what}): {f.reason}" + (f"  log: {f.log}" if f.log else ""))
+    for reason, count in blocked.items():
+        console.print(f"[yellow]blocked[/yellow] {count} nodes, {reason}")
+    if summary.ok:
+        console.print(f"Results: scaling-study results {args.spec}   UI: scaling-study ui {args.spec}")
+    return 0 if summary.ok else 1
+
+
+def _write_frame(df, fmt: str, output: str | None) -> None:
+    if fmt == "table":
+        text = df.to_string(index=False) if len(df) else "(no finished finetune jobs yet)"
+    elif fmt == "csv":
+        text = df.to_csv(index=False)
+    else:
+        text = df.to_json(orient="records", indent=1)
+    if output:
+        from pathlib import Path
+
+        Path(output).write_text(text + ("" if text.endswith("\n") else "\n"))
+    else:
+        print(text)
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from scaling_study import results
+
+    df = results.load(args.study, tracking_uri=args.tracking_uri, root=args.root)
+    if args.format == "table" and len(df):
+        keep = [c for c in ("model", "model_size", "data_volume", "steps", "task", "epochs", "seed", "test_f1",
+                            "dev_f1", "collapsed") if c in df]
+        df = df[keep]
+    _write_frame(df, args.format, args.output)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from scaling_study import results
+
+    print(results.status(args.study, tracking_uri=args.tracking_uri, root=args.root).to_string(index=False))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    import time
+
+    from scaling_study.tracking import LocalMlflowServer
+
+    if args.study.endswith((".yaml", ".yml")):
+        from scaling_study.orchestration import Layout
+        from scaling_study.spec import load_spec
+
+        folder = Layout.of(load_spec(args.study)).mlflow
+    else:
+        from pathlib import Path
+
+        folder = Path(args.root).expanduser().resolve() / args.study / "mlflow"
+    if not (folder / "mlflow.db").is_file():
+        raise UserError(f"ui: no tracking database at {folder / 'mlflow.db'}; allowed: a study run with the "
+                        "embedded server (scaling-study run), or --root for another storage root")
+    with LocalMlflowServer(folder, port=args.port) as server:
+        print(f"MLflow UI for {args.study}: {server.uri}  (Ctrl-C to stop)", flush=True)
+        try:
+            while server.process.poll() is None:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+def _study_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study", help="study name (under --root) or its spec file")
+    p.add_argument("--root", default="studies", help="storage root of the embedded default (default: ./studies)")
+    p.add_argument("--tracking-uri", default=None, help="read from this MLflow server instead")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from scaling_study import __version__
 
@@ -193,14 +343,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nodes", action="store_true", help="with --format json: include every node of the DAG")
     p.set_defaults(func=cmd_plan)
 
+    p = sub.add_parser("run", help="run a study on Ray (local by default), tracked in MLflow; idempotent")
+    p.add_argument("spec", help="study spec (YAML)")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
+    p.add_argument("--quiet", action="store_true", help="no live view of the grid")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("results", help="a study's finetune results from MLflow")
+    _study_args(p)
+    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
+    p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("status", help="a study's MLflow runs by kind and status")
+    _study_args(p)
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("ui", help="serve the MLflow UI over a study run with the embedded server")
+    p.add_argument("study", help="study name (under --root) or its spec file")
+    p.add_argument("--root", default="studies")
+    p.add_argument("--port", type=int, default=5000)
+    p.set_defaults(func=cmd_ui)
+
     p = sub.add_parser("validate", help="check study specs; write nothing")
     p.add_argument("specs", nargs="+")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("tasks", help="the task registry")
-    p.add_argument("action", choices=("list", "show"))
-    p.add_argument("ids", nargs="*", help="task ids (show)")
+    p.add_argument("action", choices=("list", "show", "check"),
+                   help="list the registry; show tasks; check: load each task's data, print sizes and labels")
+    p.add_argument("ids", nargs="*", help="task ids (show; check: default all)")
     p.add_argument("--registry-path", action="append", default=[], help="extra folder of task folders")
+    p.add_argument("--data-dir", default=None,
+                   help="check: local mirror, <DIR>/<task id>/<file> (then $SCALING_STUDY_DATA_DIR, then the cache)")
+    p.add_argument("--offline", action="store_true", help="check: never download; use mirrors and the cache only")
     p.set_defaults(func=cmd_tasks)
 
     p = sub.add_parser("spec-reference", help="every spec field with its type, default and meaning (Markdown)")

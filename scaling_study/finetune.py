@@ -1,0 +1,417 @@
+"""Finetune a checkpoint on a task: NER (token classification), relation classification with entity
+markers, and sequence classification. One plain training loop, dynamic padding, no HF Trainer.
+
+    from scaling_study.finetune import FinetuneConfig, finetune
+    from scaling_study.tasks.data import load_task_data, mirror_dirs
+    data = load_task_data(task, mirror_dirs("../shared/datasets"), caps=study.caps[task.id])
+    results = finetune("studies/x/ck-1234", task, data, FinetuneConfig(lr=5e-4), epoch_levels=[1, 3],
+                       seed=0, out_dir="out/scierc_re")
+    results[-1]["test"]["f1"], results[-1]["selected_epoch"], results[-1]["collapse"]
+
+Each result (one per epoch level) holds `dev` and `test` scores (with `per_type`), `score` (test F1),
+`majority_f1` (test score of always predicting the majority training class; 0 for NER), `train_loss`
+(mean over the level's last epoch), `train_losses`, `examples_per_s` (training only), `collapse`
+and `collapse_reasons`, and `artifacts`: paths relative to `out_dir` of `epochs_<L>/scores.json`
+(this dict) and the test predictions (`test_predictions.conll`, `TOKEN<TAB>GOLD<TAB>PRED`, or
+`test_predictions.jsonl`), which `metrics.rescore` re-scores.
+
+`model_source` is a checkpoint folder (`save_pretrained` model + tokenizer) or a Hugging Face id.
+
+Protocols. `trajectory`: one run of max(levels) epochs, its LR schedule (linear warmup, linear decay
+to 0) laid over all of them, scored at each level on the way. `independent`: one run per level,
+each with its own schedule over its own epochs.
+
+Selection ("select on dev, score on test"). With `select="best_dev"` (default) the model is scored
+on dev after every epoch; the result at epoch level L is the model state at the end of the epoch
+e <= L of the same run with the highest dev score (the earliest one on ties): early stopping within
+a budget of L epochs, so the dev-selected state never peeks at test and a result at L never uses an
+epoch after L. Test is scored once per level, with that state. `select="last"` scores the state at
+the end of epoch L. Results report `selected_epoch`, the dev scores of the selected state and of
+the last epoch.
+
+Words and sub-words (NER): every word's first sub-token carries its label, the other pieces -100;
+a word's prediction is its first piece's; words cut off by `max_seq_len` are predicted O (counted
+in `truncated_words`); words that the tokenizer maps to no piece at all (empty or dropped
+characters) are fed as the unknown token so they still get a prediction.
+
+Determinism: a seed fixes the new head's initialisation, the data order (a seeded generator),
+dropout (`torch.manual_seed`) and the choice of deterministic kernels
+(`torch.use_deterministic_algorithms`), so the same seed on the same machine repeats its scores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Literal
+
+import torch
+
+from scaling_study.errors import UserError
+from scaling_study.metrics import (
+    detect_collapse,
+    label_entropy,
+    majority_baseline,
+    score,
+    write_conll_predictions,
+    write_jsonl_predictions,
+)
+from scaling_study.tasks.data import TaskData
+from scaling_study.tasks.registry import TaskInfo
+
+
+@dataclasses.dataclass(kw_only=True)
+class FinetuneConfig:
+    """What shapes one finetuning run besides the model, the task, the epochs and the seed."""
+
+    lr: float = 2e-5
+    """Peak learning rate (AdamW)."""
+    batch_size: int = 32
+    """Examples per optimizer step."""
+    max_seq_len: int = 128
+    """Sub-word tokens per example, special tokens included; longer inputs are truncated."""
+    warmup_fraction: float = 0.1
+    """Share of the run's steps in linear warmup; then linear decay to 0."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not on biases and LayerNorm weights)."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """bf16 autocast or fp32."""
+    protocol: Literal["trajectory", "independent"] = "trajectory"
+    """One run scored at every epoch level, or one run per level."""
+    select: Literal["best_dev", "last"] = "best_dev"
+    """Which epoch's state a level's result uses (see the module docstring)."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm; None turns clipping off."""
+    eval_batch_size: int = 128
+    """Examples per forward pass when scoring."""
+    device: str = "auto"
+    """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ..."""
+
+    @classmethod
+    def from_spec(cls, spec: Any, **overrides: Any) -> FinetuneConfig:
+        """From a spec.FinetuneSpec (its lr, batch_size, max_seq_len, warmup, weight decay, precision, protocol)."""
+        keys = ("lr", "batch_size", "max_seq_len", "warmup_fraction", "weight_decay", "precision", "protocol")
+        return cls(**{k: getattr(spec, k) for k in keys}, **overrides)
+
+
+def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: FinetuneConfig,
+             epoch_levels: Iterable[int], seed: int, out_dir: str | Path,
+             logger: Callable[[dict], None] | None = None) -> list[dict]:
+    """Finetune and score at each epoch level; one result dict per level, also written to `out_dir`."""
+    levels = sorted(set(int(e) for e in epoch_levels))
+    if not levels or levels[0] < 1:
+        raise ValueError(f"epoch_levels must be positive integers, got {list(epoch_levels)}")
+    for split in ("train", "dev", "test"):
+        if not data.splits.get(split):
+            raise UserError(f"task {task.id}: split {split} has no examples; allowed: data with train, dev and test")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
+                          else config.device)
+    labels = data.label_list
+    tokenizer = load_tokenizer(model_source, task)
+    feats = {split: encode(task, tokenizer, examples, labels, config.max_seq_len)
+             for split, examples in data.splits.items()}
+    runs = [levels] if config.protocol == "trajectory" else [[level] for level in levels]
+    results = []
+    with _deterministic():
+        for run_levels in runs:
+            torch.manual_seed(seed)  # the new head's init and dropout; each run starts from the same state
+            model = load_model(model_source, task, labels, len(tokenizer)).to(device)
+            results += _train_run(model, tokenizer, task, data, feats, labels, config, run_levels, seed, device,
+                                  out, logger)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    return results
+
+
+# ----------------------------------------------------------------------------------- the loop
+
+
+def _train_run(model, tokenizer, task: TaskInfo, data: TaskData, feats: dict, labels: list[str],
+               config: FinetuneConfig, levels: list[int], seed: int, device: torch.device, out: Path,
+               logger: Callable[[dict], None] | None) -> list[dict]:
+    """One finetuning run over max(levels) epochs; a result at each level (see the module docstring)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    train = feats["train"]
+    total_epochs = levels[-1]
+    steps_per_epoch = math.ceil(len(train) / config.batch_size)
+    total_steps = steps_per_epoch * total_epochs
+    optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, as the Trainer
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    order = torch.Generator().manual_seed(seed)
+    pad_id = tokenizer.pad_token_id or 0
+    best: dict = {"f1": -1.0}
+    losses: list[float] = []
+    train_seconds = 0.0
+    results = []
+    for epoch in range(1, total_epochs + 1):
+        model.train()
+        start = time.perf_counter()
+        loss_sum = torch.zeros((), device=device)
+        for idx in torch.randperm(len(train), generator=order).split(config.batch_size):
+            batch = collate([train[i] for i in idx.tolist()], pad_id, device)
+            with autocast:
+                loss = model(**batch).loss
+            loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+        losses.append(loss_sum.item() / steps_per_epoch)
+        train_seconds += time.perf_counter() - start
+        record = {"epoch": epoch, "train_loss": losses[-1], "lr": scheduler.get_last_lr()[0],
+                  "train_seconds": train_seconds}
+        if config.select == "best_dev" or epoch in levels:
+            dev, _ = evaluate(model, task, data.splits["dev"], feats["dev"], labels, config, device, pad_id)
+            record["dev_f1"] = dev["f1"]
+            if config.select == "last" or dev["f1"] > best["f1"]:
+                keep = epoch < total_epochs and config.select == "best_dev"  # a later level may need this state
+                best = {"f1": dev["f1"], "epoch": epoch, "dev": dev, "state": _copy_state(model) if keep else None}
+        if logger:
+            logger(record)
+        if epoch in levels:
+            with _weights(model, best["state"] if best["epoch"] != epoch else None):
+                test, preds = evaluate(model, task, data.splits["test"], feats["test"], labels, config, device,
+                                       pad_id)
+            results.append(_result(task, data, feats, labels, config, levels, seed, epoch, best, record, test, preds,
+                                   losses, train_seconds, out))
+    return results
+
+
+# ----------------------------------------------------------------------------------- pieces
+
+
+def load_tokenizer(source: str | Path, task: TaskInfo):
+    """The checkpoint's tokenizer, with the task's entity markers added as special tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {source}: cannot load its tokenizer ({str(exc).splitlines()[0]}); allowed: a "
+                        "folder saved with save_pretrained (model and tokenizer) or a Hugging Face id") from None
+    if not tokenizer.is_fast:
+        raise UserError(f"model {source}: the tokenizer is not a fast (tokenizers) one; allowed: a tokenizer "
+                        "with word_ids(), e.g. saved from BertTokenizer in transformers 5")
+    markers = task.format_options.get("entity_markers") or []
+    if task.format == "scierc_json" and task.type != "ner":
+        markers = [*task.format_options.get("head_markers", ["[[", "]]"]),
+                   *task.format_options.get("tail_markers", ["<<", ">>"])]
+    if markers:
+        tokenizer.add_special_tokens({"additional_special_tokens": list(markers)},
+                                     replace_extra_special_tokens=False)
+    return tokenizer
+
+
+def load_model(source: str | Path, task: TaskInfo, labels: list[str], vocab_size: int):
+    """The checkpoint with a new classification head (initialised from the torch RNG: seed first)."""
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    cls = AutoModelForTokenClassification if task.type == "ner" else AutoModelForSequenceClassification
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # "newly initialized weights" is the point of finetuning
+    try:
+        model = cls.from_pretrained(str(source), num_labels=len(labels), id2label=dict(enumerate(labels)),
+                                    label2id={label: i for i, label in enumerate(labels)})
+        if vocab_size > model.get_input_embeddings().num_embeddings:
+            model.resize_token_embeddings(vocab_size)  # entity markers added to the tokenizer; rows from the RNG
+    except (OSError, ValueError) as exc:
+        raise UserError(f"model {source}: cannot load it ({str(exc).splitlines()[0]}); allowed: a folder "
+                        "saved with save_pretrained or a Hugging Face id") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    return model
+
+
+def encode(task: TaskInfo, tokenizer, examples: list[dict], labels: list[str], max_len: int) -> list[dict]:
+    """Token ids and label ids per example (NER: -100 on all but each word's first piece)."""
+    label_id = {label: i for i, label in enumerate(labels)}
+    if task.type != "ner":
+        ids = tokenizer([ex["text"] for ex in examples], truncation=False)["input_ids"]
+        return [{"input_ids": x if len(x) <= max_len else x[:max_len - 1] + x[-1:], "labels": label_id[ex["label"]],
+                 "truncated": len(x) > max_len} for x, ex in zip(ids, examples)]
+    unk = tokenizer.unk_token or "[UNK]"
+    words = [ex["tokens"] for ex in examples]
+    probe = tokenizer(words, is_split_into_words=True, add_special_tokens=False)
+    for i, ws in enumerate(words):
+        present = set(probe.word_ids(i))
+        if len(present - {None}) < len(ws):
+            words[i] = [w if j in present else unk for j, w in enumerate(ws)]
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_len)
+    feats = []
+    for i, ex in enumerate(examples):
+        word_ids = enc.word_ids(i)
+        label_ids = [-100] * len(word_ids)
+        starts = [-1] * len(ex["tokens"])
+        for pos, w in enumerate(word_ids):
+            if w is not None and starts[w] < 0:
+                starts[w] = pos
+                label_ids[pos] = label_id[ex["tags"][w]]
+        feats.append({"input_ids": enc["input_ids"][i], "labels": label_ids, "word_starts": starts})
+    return feats
+
+
+def collate(feats: list[dict], pad_id: int, device: torch.device, with_labels: bool = True) -> dict:
+    """Pad to the longest example of the batch."""
+    n = max(len(f["input_ids"]) for f in feats)
+    ids = torch.full((len(feats), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(feats), n), dtype=torch.long)
+    for i, f in enumerate(feats):
+        ids[i, :len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[i, :len(f["input_ids"])] = 1
+    batch = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if with_labels:
+        if isinstance(feats[0]["labels"], list):
+            labels = torch.full((len(feats), n), -100, dtype=torch.long)
+            for i, f in enumerate(feats):
+                labels[i, :len(f["labels"])] = torch.tensor(f["labels"])
+        else:
+            labels = torch.tensor([f["labels"] for f in feats])
+        batch["labels"] = labels.to(device)
+    return batch
+
+
+@torch.inference_mode()
+def predict(model, feats: list[dict], config: FinetuneConfig, device: torch.device, pad_id: int) -> list:
+    """Predicted label ids: per word (NER, -1 where a word has no piece) or per example."""
+    model.eval()
+    order = sorted(range(len(feats)), key=lambda i: len(feats[i]["input_ids"]))  # less padding
+    out: list = [None] * len(feats)
+    for k in range(0, len(order), config.eval_batch_size):
+        chunk = order[k:k + config.eval_batch_size]
+        batch = collate([feats[i] for i in chunk], pad_id, device, with_labels=False)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+            best = model(**batch).logits.argmax(-1).cpu()
+        for row, i in enumerate(chunk):
+            if "word_starts" in feats[i]:
+                out[i] = [int(best[row, s]) if s >= 0 else -1 for s in feats[i]["word_starts"]]
+            else:
+                out[i] = int(best[row])
+    return out
+
+
+def evaluate(model, task: TaskInfo, examples: list[dict], feats: list[dict], labels: list[str],
+             config: FinetuneConfig, device: torch.device, pad_id: int) -> tuple[dict, list]:
+    """(scores, predicted labels) on one split; words without a prediction are O."""
+    ids = predict(model, feats, config, device, pad_id)
+    if task.type == "ner":
+        pred = [[labels[i] if i >= 0 else "O" for i in seq] for seq in ids]
+        gold = [ex["tags"] for ex in examples]
+    else:
+        pred = [labels[i] for i in ids]
+        gold = [ex["label"] for ex in examples]
+    return score(task.metric, gold, pred, labels if task.type != "ner" else None), pred
+
+
+def _result(task: TaskInfo, data: TaskData, feats: dict, labels: list[str], config: FinetuneConfig,
+            levels: list[int], seed: int, epoch: int, best: dict, record: dict, test: dict, preds: list,
+            losses: list[float], train_seconds: float, out: Path) -> dict:
+    """One level's result, with its artifacts (scores JSON, re-scorable test predictions) written."""
+    ner = task.type == "ner"
+    train_gold = [t for ex in data.splits["train"] for t in ex["tags"]] if ner else \
+        [ex["label"] for ex in data.splits["train"]]
+    test_gold = [ex["tags"] for ex in data.splits["test"]] if ner else [ex["label"] for ex in data.splits["test"]]
+    collapse = detect_collapse(task.metric, test_gold, preds, train_loss=losses[-1],
+                               prior_loss=label_entropy(train_gold))
+    level_dir = out / f"epochs_{epoch}"
+    level_dir.mkdir(parents=True, exist_ok=True)
+    if ner:
+        predictions = level_dir / "test_predictions.conll"
+        write_conll_predictions(predictions, [ex["tokens"] for ex in data.splits["test"]], test_gold, preds)
+        truncated = sum(s < 0 for f in feats["test"] for s in f["word_starts"])
+    else:
+        predictions = level_dir / "test_predictions.jsonl"
+        write_jsonl_predictions(predictions, [ex["text"] for ex in data.splits["test"]], test_gold, preds)
+        truncated = sum(f["truncated"] for f in feats["test"])
+    examples_seen = len(feats["train"]) * epoch
+    result = {
+        "task": task.id, "task_version": task.version, "metric": task.metric, "seed": seed,
+        "protocol": config.protocol, "epochs": epoch, "total_epochs": levels[-1], "select": config.select,
+        "selected_epoch": best["epoch"], "score": test["f1"],
+        "dev": best["dev"], "dev_last": {"f1": record.get("dev_f1")}, "test": test,
+        "majority_f1": majority_baseline(task.metric, train_gold if not ner else [], test_gold, labels),
+        "train_loss": losses[-1], "train_losses": list(losses), "train_seconds": train_seconds,
+        "examples_per_s": examples_seen / train_seconds if train_seconds else None,
+        "num_examples": {s: len(v) for s, v in data.splits.items()},
+        "truncated_test": {"words" if ner else "examples": int(truncated)},
+        "collapse": collapse["collapse"], "collapse_reasons": collapse["reasons"], "collapse_detail": collapse,
+        "config": dataclasses.asdict(config),
+        "artifacts": [str((level_dir / "scores.json").relative_to(out)), str(predictions.relative_to(out))],
+    }
+    (level_dir / "scores.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _param_groups(model, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layernorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def _copy_state(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+@contextlib.contextmanager
+def _weights(model, state: dict | None):
+    """Temporarily load `state` into `model` (None: leave it as it is)."""
+    if state is None:
+        yield
+        return
+    current = _copy_state(model)
+    model.load_state_dict(state)
+    try:
+        yield
+    finally:
+        model.load_state_dict(current)
+
+
+@contextlib.contextmanager
+def _deterministic():
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+# ----------------------------------------------------------------------------------- scratch models
+
+
+def build_scratch_model(folder: str | Path, texts: Iterable[str], preset: str = "tiny", vocab_size: int = 4000,
+                        seed: int = 0, lowercase: bool = False) -> Path:
+    """A randomly initialised BERT (MLM) with a WordPiece vocabulary trained on `texts`, saved with its
+    tokenizer: the from-scratch baseline, and what tests and benchmarks finetune without a hub."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import BertForMaskedLM, BertTokenizer
+
+    from scaling_study.models import bert_config, load_presets
+
+    wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    wordpiece.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+    wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
+                                                                              "[MASK]"])
+    wordpiece.train_from_iterator(texts, trainer)
+    tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), do_lower_case=lowercase)
+    torch.manual_seed(seed)
+    model = BertForMaskedLM(bert_config(load_presets()[preset], len(tokenizer)))
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,537 @@
+"""Read a task's split file into plain Python examples; one loader per file format, not per task.
+
+    from scaling_study.tasks.loaders import load_split
+    split = load_split(task, Path("shared/datasets/bc5cdr_ner/train.tsv"), "train")
+    split.examples[0]   # NER: {"tokens": [...], "tags": ["B-Chemical", "O", ...], "line": 1}
+                        # re/cls: {"text": "...", "label": "USED-FOR", "entities": [[s, e], [s, e]], "line": 1}
+    split.notes         # {"untagged lines read as O (untagged_lines_are_O)": 32, ...}
+
+Formats (`task.yaml` `format`, options in `format_options`):
+
+- `conll`: one token per line, sentences separated by any run of blank lines; `token_column` and
+  `tag_column` (negative counts from the end: -1 is the last column); `separator` `"\\t"`, `" "` or
+  `"whitespace"`. `-DOCSTART-` lines (with or without columns) are skipped wherever they occur.
+- `jsonl_markers`: JSON lines `{text, label, ...}`; `entity_markers` lists open/close pairs
+  (`["<<", ">>", "[[", "]]"]`) that wrap the two arguments inside `text`, or `[]` for plain text.
+- `scierc_json`: the raw SciERC release (one document per line: `sentences`, `ner`, `relations`);
+  `target: ner` gives sentences with IOB2 tags, `target: re` one marked example per relation.
+- `text_label`: CSV/TSV; `text_column`/`label_column` are header names or 0-based numbers.
+
+Tags come out as IOB2 whatever the file's scheme (`label_scheme: iob1` is converted). The quirks a
+dataset's README documents are named in `format_options.quirks`; `QUIRKS` below says what each one
+changes. Anything else unusual in a file is a `UserError` naming file, line, what is wrong and
+what is allowed: the loaders never guess.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+from scaling_study.errors import SpecError, UserError
+from scaling_study.tasks.registry import TaskInfo
+
+# name -> (format, what the loader does about it). Informational quirks change nothing but are
+# accepted so that a task.yaml can record what its README says.
+QUIRKS: dict[str, tuple[str, str]] = {
+    "rsplit_on_last_space": ("conll", "each line is split once, at its last space (`line.rsplit(' ', 1)`): "
+                             "token, tag; the token may contain spaces"),
+    "token_may_contain_space": ("conll", "tokens with inner spaces are kept (with `rsplit_on_last_space`)"),
+    "untagged_lines_are_O": ("conll", "a line whose tag field is empty (`TOKEN ` with a trailing separator) is tagged O"),
+    "empty_token_lines": ("conll", "a line with an empty token (` O`) is a token, not a sentence break"),
+    "blank_line_runs_vary": ("conll", "informational: any run of blank lines is one sentence boundary (always so)"),
+    "double_blank_line_before_docstart": ("conll", "informational: any run of blank lines is one boundary (always so)"),
+    "docstart_line_two_columns": ("conll", "informational: `-DOCSTART-` lines are skipped whatever their columns"),
+    "docstart_line_without_tabs": ("conll", "informational: `-DOCSTART-` lines are skipped whatever their columns"),
+    "iob2_violation_in_train": ("conll", "the train file may have I-X tags that IOB2 does not allow (after O or "
+                                "another type); kept as released, so strict decoding drops them"),
+    "iob2_violation_in_dev": ("conll", "as iob2_violation_in_train, for the dev file"),
+    "iob2_violation_in_test": ("conll", "as iob2_violation_in_train, for the test file"),
+    "multi_label_tags": ("conll", "every column from `tag_column` on is a tag; one is kept per token: the one "
+                         "continuing the previous token's entity, else the first B-, else the first; an I- tag "
+                         "left without its entity becomes B- (counted)"),
+    "extra_metadata_columns": ("conll", "informational: columns other than token and tag are ignored (always so)"),
+    "train_rebuilt_tokenization_differs": ("conll", "informational: train is tokenised differently from dev/test"),
+    "requires_conversion_from_kaggle_json": ("conll", "informational: the files must be made by a conversion "
+                                             "first; data lookup says so when they are missing"),
+    "markers_glued_to_adjacent_text": ("jsonl_markers", "markers may touch neighbouring text (`pan-[[ erbB ]]`); "
+                                       "without this quirk every marker must be a whitespace-separated token"),
+    "markers_by_position_not_role": ("jsonl_markers", "informational: the first marker pair wraps the argument "
+                                     "that comes first; examples where it does not are counted"),
+    "marker_type_gives_role": ("jsonl_markers", "informational: the marker pair carries the argument's role"),
+    "marker_order_varies": ("jsonl_markers", "informational: either marker pair may come first"),
+    "metadata_token_offsets": ("jsonl_markers", "`metadata` must hold the 4 inclusive token offsets of the two "
+                               "marked spans in the unmarked sentence; checked on every line"),
+    "empty_metadata": ("jsonl_markers", "`metadata` must be `[]` (or absent); checked on every line"),
+    "train_dev_derived_from_official_dev": ("jsonl_markers", "informational: train/dev are a partition of the "
+                                            "official dev split (see the README)"),
+    "csv_header_named_columns": ("text_label", "the first row is a header; columns are chosen by name"),
+    "csv_quoted_fields": ("text_label", "fields may be quoted (`\"...\"`, with separators and newlines inside); "
+                          "without it quotes are ordinary characters"),
+    "duplicate_validation_file": ("text_label", "informational: the source also has another validation file; "
+                                  "only the one named in `splits.dev` is read"),
+}
+
+OPTIONS: dict[str, dict[str, str]] = {
+    "conll": {"token_column": "an integer column index (negative counts from the end)",
+              "tag_column": "an integer column index (-1 = last)",
+              "separator": '"\\t", " " or "whitespace"',
+              "docstart": "true/false: whether the files have -DOCSTART- lines (they are skipped either way)",
+              "quirks": "a list of quirk names"},
+    "jsonl_markers": {"text_field": "the JSON key of the text (default text)",
+                      "label_field": "the JSON key of the label (default label)",
+                      "entity_markers": "[] or [open1, close1, open2, close2]",
+                      "quirks": "a list of quirk names"},
+    "scierc_json": {"target": "ner or re",
+                    "head_markers": "[open, close] around the relation's first argument (default [[, ]])",
+                    "tail_markers": "[open, close] around the second argument (default <<, >>)",
+                    "quirks": "a list of quirk names"},
+    "text_label": {"separator": 'one character, e.g. "," or "\\t"',
+                   "text_column": "a header name or a 0-based column number",
+                   "label_column": "a header name or a 0-based column number",
+                   "header": "true/false: whether the first row is a header (default: true when columns are names)",
+                   "quirks": "a list of quirk names"},
+}
+
+SPLITS = ("train", "dev", "test")
+
+
+@dataclasses.dataclass
+class LoadedSplit:
+    """The examples of one split file, and counts of the documented quirks met while reading it."""
+
+    examples: list[dict]
+    path: str
+    notes: Counter = dataclasses.field(default_factory=Counter)
+
+
+def tag_set(task: TaskInfo) -> list[str]:
+    """The model's label list: NER `O, B-T1, I-T1, B-T2, ...` in `labels` order; else `labels`."""
+    if task.type != "ner":
+        return list(task.labels)
+    return ["O"] + [f"{p}-{t}" for t in task.labels for p in ("B", "I")]
+
+
+def check_options(task: TaskInfo) -> dict[str, Any]:
+    """`format_options` with defaults, checked against the format; raises SpecError naming task.yaml."""
+    file = str(Path(task.folder) / "task.yaml") if task.folder else f"task {task.id}"
+    opts = dict(task.format_options)
+    allowed = OPTIONS[task.format]
+    for key in opts:
+        if key not in allowed:
+            raise SpecError(file, f"format_options.{key}", opts[key],
+                            f"for format {task.format}: {', '.join(allowed)}", problem="unknown option")
+    quirks = opts.get("quirks") or []
+    if not isinstance(quirks, list):
+        raise SpecError(file, "format_options.quirks", quirks, "a list of quirk names", problem="not a list")
+    for i, q in enumerate(quirks):
+        if QUIRKS.get(q, ("",))[0] != task.format:
+            known = sorted(k for k, (fmt, _) in QUIRKS.items() if fmt == task.format)
+            raise SpecError(file, f"format_options.quirks[{i}]", q,
+                            f"for format {task.format}: {', '.join(known)} (see docs/tasks.md)",
+                            problem="unknown quirk")
+    opts["quirks"] = set(quirks)
+
+    def need(key: str, ok: Callable[[Any], bool], default: Any = dataclasses.MISSING) -> None:
+        if key not in opts:
+            if default is dataclasses.MISSING:
+                raise SpecError(file, f"format_options.{key}", problem="missing", allowed=allowed[key])
+            opts[key] = default
+        if not ok(opts[key]):
+            raise SpecError(file, f"format_options.{key}", opts[key], allowed[key], problem="invalid value")
+
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    if task.format == "conll":
+        need("token_column", is_int, 0)
+        need("tag_column", is_int, -1)
+        need("separator", lambda v: v in ("\t", " ", "whitespace"), "whitespace")
+        need("docstart", lambda v: isinstance(v, bool), False)
+    elif task.format == "jsonl_markers":
+        need("text_field", lambda v: isinstance(v, str), "text")
+        need("label_field", lambda v: isinstance(v, str), "label")
+        need("entity_markers", lambda v: isinstance(v, list) and len(v) in (0, 4) and len(set(v)) == len(v)
+             and all(isinstance(m, str) and m.strip() == m and m for m in v), [])
+    elif task.format == "scierc_json":
+        need("target", lambda v: v in ("ner", "re"))
+        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(m, str) and m for m in v)  # noqa: E731
+        need("head_markers", pair, ["[[", "]]"])
+        need("tail_markers", pair, ["<<", ">>"])
+        if opts["target"] == "ner" and task.type != "ner" or opts["target"] == "re" and task.type == "ner":
+            raise SpecError(file, "format_options.target", opts["target"], f"{'ner' if task.type == 'ner' else 're'}"
+                            f" for a task of type {task.type}", problem="does not fit the task type")
+    else:
+        need("separator", lambda v: isinstance(v, str) and len(v) == 1, ",")
+        col = lambda v: is_int(v) and v >= 0 or isinstance(v, str) and v != ""  # noqa: E731
+        need("text_column", col)
+        need("label_column", col)
+        named = isinstance(opts["text_column"], str) or isinstance(opts["label_column"], str)
+        need("header", lambda v: isinstance(v, bool) and (v or not named), named or "csv_header_named_columns" in quirks)
+    if task.type == "ner" and task.format not in ("conll", "scierc_json"):
+        raise SpecError(file, "format", task.format, "conll or scierc_json for ner", problem="does not fit type ner")
+    if task.type != "ner" and task.format == "conll":
+        raise SpecError(file, "format", task.format, "jsonl_markers, scierc_json or text_label for re and cls",
+                        problem=f"does not fit type {task.type}")
+    return opts
+
+
+def load_split(task: TaskInfo, path: Path, split: str) -> LoadedSplit:
+    """Read one split file of `task`; raises UserError on anything the task's quirks do not allow."""
+    opts = check_options(task)
+    text = _read_text(Path(path))
+    loader = {"conll": _load_conll, "jsonl_markers": _load_jsonl_markers, "scierc_json": _load_scierc_json,
+              "text_label": _load_text_label}[task.format]
+    out = LoadedSplit(examples=[], path=str(path))
+    loader(task, opts, text, str(path), split, out)
+    if not out.examples:
+        raise UserError(f"{path}: no examples in the file; allowed: a {task.format} file with at least one "
+                        f"{'sentence' if task.type == 'ner' else 'example'}")
+    return out
+
+
+# ----------------------------------------------------------------------------------- helpers
+
+
+def _fail(path: str, line: int | None, problem: str, allowed: str) -> UserError:
+    where = f"{path}:{line}" if line else path
+    return UserError(f"{where}: {problem}; allowed: {allowed}")
+
+
+def _read_text(path: Path) -> str:
+    raw = path.read_bytes()
+    if not raw.strip():
+        raise _fail(str(path), None, "empty file", "a UTF-8 text file with at least one example")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise _fail(str(path), line, f"bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r} at byte "
+                    f"{exc.start})", "UTF-8 text") from None
+    return text.removeprefix("\ufeff")
+
+
+def _lines(text: str) -> list[str]:
+    # Split on "\n" only: str.splitlines() also breaks at \x1c, \x85, \u2028, ... which occur in tokens.
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _tag_allowed(task: TaskInfo) -> str:
+    scheme = "IOB1 or IOB2" if task.label_scheme == "iob1" else "IOB2"
+    return f"O, or B-/I- ({scheme}) with one of the types {', '.join(task.labels)}"
+
+
+def _check_tag(tag: str, task: TaskInfo, path: str, line: int) -> None:
+    if tag == "O":
+        return
+    if tag[:2] not in ("B-", "I-") or tag[2:] not in task.labels:
+        raise _fail(path, line, f"tag {tag!r} is not in the task's label set", _tag_allowed(task))
+
+
+def _iob_fix(tags: list[str], lines: list[int], task: TaskInfo, path: str, allow_violations: bool,
+             notes: Counter) -> list[str]:
+    """IOB1 -> IOB2, or check IOB2 (an I-X must follow B-X or I-X)."""
+    out = []
+    prev = "O"
+    for tag, line in zip(tags, lines):
+        if tag.startswith("I-") and (prev == "O" or prev[2:] != tag[2:]):
+            if task.label_scheme == "iob1":
+                tag = "B-" + tag[2:]
+                notes["IOB1 entity starts converted to B- (IOB2)"] += 1
+            elif allow_violations:
+                notes["I- tags that IOB2 does not allow, kept as released (iob2_violation_in_<split>)"] += 1
+            else:
+                raise _fail(path, line, f"{tag} after {prev}: IOB2 does not allow an I- tag that does not continue "
+                            f"an entity of its type", f"B-{tag[2:]} to start an entity (or declare "
+                            f"label_scheme: iob1, or an iob2_violation_in_<split> quirk if the README documents it)")
+        out.append(tag)
+        prev = tag
+    return out
+
+
+# ----------------------------------------------------------------------------------- conll
+
+
+def _load_conll(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
+    quirks = opts["quirks"]
+    rsplit = "rsplit_on_last_space" in quirks
+    multi = "multi_label_tags" in quirks
+    sep = opts["separator"]
+    tok_col, tag_col = opts["token_column"], opts["tag_column"]
+    allow_violations = f"iob2_violation_in_{split}" in quirks
+    shown = {"\t": "TAB", " ": "space", "whitespace": "whitespace"}[sep]
+    ncols: int | None = None
+    first_line = 0
+    tokens: list[str] = []
+    tags: list[str] = []
+    where: list[int] = []
+    prev_type = ""
+
+    def flush() -> None:
+        nonlocal prev_type
+        if tokens:
+            fixed = _iob_fix(tags, where, task, path, allow_violations, out.notes)
+            out.examples.append({"tokens": list(tokens), "tags": fixed, "line": where[0]})
+        tokens.clear(), tags.clear(), where.clear()
+        prev_type = ""
+
+    for n, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            flush()
+            continue
+        if line.startswith("-DOCSTART-"):
+            flush()
+            out.notes["-DOCSTART- lines skipped"] += 1
+            continue
+        if rsplit:
+            cols = line.rsplit(sep if sep != "whitespace" else " ", 1)
+        elif sep == "whitespace":
+            cols = line.split()
+        else:
+            cols = line.split(sep)
+        if rsplit:
+            if len(cols) != 2:
+                raise _fail(path, n, f"no {shown} before the tag (line {line!r})",
+                            "TOKEN<space>TAG, split at the last space")
+        elif multi:
+            if len(cols) <= max(tok_col, tag_col):
+                raise _fail(path, n, f"{len(cols)} columns", f"at least {max(tok_col, tag_col) + 1} "
+                            f"{shown}-separated columns (tags from column {tag_col} on)")
+        else:
+            if ncols is None:
+                ncols, first_line = len(cols), n
+                if not (-ncols <= tok_col < ncols and -ncols <= tag_col < ncols) or ncols < 2:
+                    raise _fail(path, n, f"{ncols} {shown}-separated column(s), but token_column {tok_col} and "
+                                f"tag_column {tag_col}", "a token and a tag column on every line (check "
+                                "format_options.separator and the column indices)")
+            elif len(cols) != ncols:
+                raise _fail(path, n, f"{len(cols)} {shown}-separated columns, but the file's first token line "
+                            f"(line {first_line}) has {ncols}", f"{ncols} columns on every token line")
+        token = cols[tok_col].strip()
+        if multi:
+            candidates = [c.strip() for c in cols[tag_col:] if c.strip()] or [""]
+            tag = _pick_tag(candidates, prev_type, out.notes)
+        else:
+            tag = cols[tag_col].strip()
+        if tag == "":
+            if "untagged_lines_are_O" not in quirks:
+                raise _fail(path, n, "empty tag", _tag_allowed(task) + " (or the untagged_lines_are_O quirk)")
+            tag = "O"
+            out.notes["untagged lines read as O (untagged_lines_are_O)"] += 1
+        if token == "":
+            if "empty_token_lines" not in quirks:
+                raise _fail(path, n, "empty token", "a non-empty token (or the empty_token_lines quirk)")
+            out.notes["empty tokens kept (empty_token_lines)"] += 1
+        if " " in token:
+            out.notes["tokens containing a space (token_may_contain_space)"] += 1
+        _check_tag(tag, task, path, n)
+        prev_type = tag[2:] if tag != "O" else ""
+        tokens.append(token)
+        tags.append(tag)
+        where.append(n)
+    flush()
+
+
+def _pick_tag(candidates: list[str], prev_type: str, notes: Counter) -> str:
+    if len(candidates) > 1:
+        notes["tokens with several tags, one kept (multi_label_tags)"] += 1
+    if prev_type and f"I-{prev_type}" in candidates:
+        return f"I-{prev_type}"
+    for tag in candidates:
+        if tag.startswith("B-"):
+            return tag
+    tag = candidates[0]
+    if len(candidates) > 1 and tag.startswith("I-") and tag[2:] != prev_type:
+        notes["I- tags left without their entity, made B- (multi_label_tags)"] += 1
+        return "B-" + tag[2:]
+    return tag
+
+
+# ----------------------------------------------------------------------------------- jsonl_markers
+
+
+def _marker_spans(text: str, markers: list[str], glued: bool, path: str, line: int) -> list[list[int]]:
+    """Character spans of the two marked arguments (inside the markers, without the padding spaces)."""
+    spans = []
+    for open_, close in (markers[0:2], markers[2:4]):
+        if text.count(open_) != 1 or text.count(close) != 1:
+            raise _fail(path, line, f"marker {open_!r} occurs {text.count(open_)} times and {close!r} "
+                        f"{text.count(close)} times", f"each of {' '.join(markers)} exactly once")
+        start, end = text.index(open_) + len(open_), text.index(close)
+        if end < start:
+            raise _fail(path, line, f"{close!r} before {open_!r}", f"{open_} argument {close}")
+        inner = text[start:end]
+        if not inner.strip():
+            raise _fail(path, line, f"nothing between {open_!r} and {close!r}", "a non-empty argument")
+        if not glued:
+            tokens = text.split()
+            if open_ not in tokens or close not in tokens:
+                raise _fail(path, line, f"marker {open_!r} or {close!r} touches neighbouring text",
+                            "markers as separate whitespace tokens (or the markers_glued_to_adjacent_text quirk)")
+        lead = len(inner) - len(inner.lstrip())
+        spans.append([start + lead, start + len(inner.rstrip())])
+    return spans
+
+
+def _unmarked_token_spans(text: str, markers: list[str]) -> list[list[int]]:
+    """Inclusive token offsets of the two arguments in the sentence without markers (SciBERT's metadata)."""
+    index = 0
+    opens = {markers[0]: 0, markers[2]: 1}
+    closes = {markers[1]: 0, markers[3]: 1}
+    spans: list[list[int]] = [[-1, -1], [-1, -1]]
+    for tok in text.split():
+        if tok in opens:
+            spans[opens[tok]][0] = index
+        elif tok in closes:
+            spans[closes[tok]][1] = index - 1
+        else:
+            index += 1
+    return spans
+
+
+def _load_jsonl_markers(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
+    quirks, markers = opts["quirks"], opts["entity_markers"]
+    tfield, lfield = opts["text_field"], opts["label_field"]
+    for n, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise _fail(path, n, f"not JSON ({exc.msg} at column {exc.colno})",
+                        f'one JSON object per line, {{"{tfield}": ..., "{lfield}": ...}}') from None
+        if not isinstance(record, dict) or not isinstance(record.get(tfield), str) or lfield not in record:
+            raise _fail(path, n, f"not an object with a string {tfield!r} and a {lfield!r}",
+                        f'{{"{tfield}": "<text>", "{lfield}": "<label>", ...}}')
+        label = record[lfield]
+        if not isinstance(label, str) or label not in task.labels:
+            raise _fail(path, n, f"label {label!r} is not in the task's label set", ", ".join(task.labels))
+        sentence = record[tfield]
+        entities = _marker_spans(sentence, markers, "markers_glued_to_adjacent_text" in quirks, path, n) \
+            if markers else []
+        meta = record.get("metadata")
+        if "empty_metadata" in quirks and meta not in (None, []):
+            raise _fail(path, n, f"metadata {meta!r}", "[] (empty_metadata)")
+        if "metadata_token_offsets" in quirks and markers:
+            offsets = _unmarked_token_spans(sentence, markers)
+            ok = isinstance(meta, list) and len(meta) == 4 and sorted([meta[0:2], meta[2:4]]) == sorted(offsets)
+            if not ok:
+                raise _fail(path, n, f"metadata {meta!r} does not match the marked spans (token offsets "
+                            f"{offsets[0]} and {offsets[1]} in the unmarked sentence)",
+                            "the 4 inclusive token offsets of the two marked spans (metadata_token_offsets)")
+        if markers and entities[0][0] > entities[1][0]:
+            out.notes[f"examples where {markers[2]} comes before {markers[0]}"] += 1
+        if not sentence.strip():
+            out.notes["empty texts"] += 1
+        out.examples.append({"text": sentence, "label": label, "entities": entities, "line": n})
+
+
+# ----------------------------------------------------------------------------------- scierc_json
+
+
+def _load_scierc_json(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
+    """Raw SciERC: NER sentences (nested spans flattened: a later span overwrites an earlier one's tokens,
+    as SciBERT's flat files do) or relation examples marked as in SciBERT's files (head [[ ]], tail << >>)."""
+    target = opts["target"]
+    for n, line in enumerate(_lines(text), start=1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+            sentences, ner, relations = doc["sentences"], doc["ner"], doc["relations"]
+            if not (len(sentences) == len(ner) == len(relations)):
+                raise ValueError("sentences, ner and relations differ in length")
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise _fail(path, n, f"not a SciERC document ({type(exc).__name__}: {exc})",
+                        '{"doc_key": ..., "sentences": [[tokens]], "ner": [[[start, end, type]]], '
+                        '"relations": [[[s1, e1, s2, e2, label]]]} per line') from None
+        offset = 0
+        for sent, spans, rels in zip(sentences, ner, relations):
+            size = len(sent)
+
+            def local(a: Any, b: Any, what: str) -> tuple[int, int]:
+                if not (isinstance(a, int) and isinstance(b, int) and offset <= a <= b < offset + size):
+                    raise _fail(path, n, f"{what} span {[a, b]} outside its sentence (document tokens "
+                                f"{offset}-{offset + size - 1})", "inclusive document-level token offsets")
+                return a - offset, b - offset
+
+            if target == "ner":
+                owner: list[int] = [-1] * size
+                types: list[str] = []
+                for k, span in enumerate(spans):
+                    a, b = local(span[0], span[1], "entity")
+                    if span[2] not in task.labels:
+                        raise _fail(path, n, f"entity type {span[2]!r} is not in the label set", ", ".join(task.labels))
+                    types.append(span[2])
+                    if any(o >= 0 for o in owner[a:b + 1]):
+                        out.notes["nested or overlapping spans flattened (later span wins)"] += 1
+                    owner[a:b + 1] = [k] * (b - a + 1)
+                tags = ["O" if o < 0 else ("I-" if i and owner[i - 1] == o else "B-") + types[o]
+                        for i, o in enumerate(owner)]
+                out.examples.append({"tokens": list(sent), "tags": tags, "line": n})
+            else:
+                (ho, hc), (to, tc) = opts["head_markers"], opts["tail_markers"]
+                for s1, e1, s2, e2, label in rels:
+                    if label not in task.labels:
+                        raise _fail(path, n, f"relation {label!r} is not in the label set", ", ".join(task.labels))
+                    (h0, h1), (t0, t1) = local(s1, e1, "relation argument"), local(s2, e2, "relation argument")
+                    marked = []
+                    for i, tok in enumerate(sent):
+                        marked += [ho] if i == h0 else []
+                        marked += [to] if i == t0 else []
+                        marked.append(tok)
+                        marked += [hc] if i == h1 else []
+                        marked += [tc] if i == t1 else []
+                    sentence = " ".join(marked)
+                    entities = _marker_spans(sentence, [ho, hc, to, tc], True, path, n)
+                    out.examples.append({"text": sentence, "label": label, "entities": entities, "line": n})
+            offset += size
+
+
+# ----------------------------------------------------------------------------------- text_label
+
+
+def _load_text_label(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
+    quirks = opts["quirks"]
+    quoting = csv.QUOTE_MINIMAL if "csv_quoted_fields" in quirks else csv.QUOTE_NONE
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=opts["separator"], quoting=quoting,
+                        strict=True)
+    columns = {"text": opts["text_column"], "label": opts["label_column"]}
+    width = None
+    try:
+        for row in reader:
+            n = reader.line_num
+            if not row or not any(cell.strip() for cell in row):
+                continue
+            if width is None and opts["header"]:
+                width = len(row)
+                for what, col in columns.items():
+                    if isinstance(col, str):
+                        if col not in row:
+                            raise _fail(path, n, f"{what}_column {col!r} is not in the header {row}",
+                                        f"one of {', '.join(row)}")
+                        columns[what] = row.index(col)
+                    elif col >= len(row):
+                        raise _fail(path, n, f"{what}_column {col} but the header has {len(row)} columns",
+                                    f"0 to {len(row) - 1}")
+                continue
+            if width is None:
+                width = len(row)
+            if len(row) != width:
+                raise _fail(path, n, f"{len(row)} fields, the first row has {width}",
+                            f"{width} fields per row" + ("" if quoting == csv.QUOTE_MINIMAL else
+                                                         " (or the csv_quoted_fields quirk for quoted fields)"))
+            if max(columns.values()) >= width:
+                raise _fail(path, n, f"{width} columns, but text_column/label_column "
+                            f"{columns['text']}/{columns['label']}", f"column numbers 0 to {width - 1}")
+            label = row[columns["label"]].strip()
+            if label not in task.labels:
+                raise _fail(path, n, f"label {label!r} is not in the task's label set", ", ".join(task.labels))
+            out.examples.append({"text": row[columns["text"]], "label": label, "entities": [], "line": n})
+    except csv.Error as exc:
+        raise _fail(path, reader.line_num, f"unreadable CSV ({exc})",
+                    f"{opts['separator']!r}-separated rows, double-quoted fields") from None
+
