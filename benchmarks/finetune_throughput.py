@@ -37,7 +37,6 @@ from scaling_study.tasks.registry import discover  # noqa: E402
 
 
 def run_trainer(model_dir: Path, task, data, config: FinetuneConfig, epochs: int, seed: int, out: Path) -> dict:
-    import datasets
     import transformers
     from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification, Trainer, \
         TrainingArguments
@@ -45,8 +44,8 @@ def run_trainer(model_dir: Path, task, data, config: FinetuneConfig, epochs: int
     labels = data.label_list
     tokenizer = load_tokenizer(model_dir, task)
     feats = {s: encode(task, tokenizer, data.splits[s], labels, config.max_seq_len) for s in ("train", "test")}
-    train = datasets.Dataset.from_list([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats["train"]])
-    test = datasets.Dataset.from_list([{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats["test"]])
+    train = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats["train"]]  # a list is a Dataset
+    test = [{"input_ids": f["input_ids"], "labels": f["labels"]} for f in feats["test"]]
     transformers.logging.set_verbosity_error()
     torch.manual_seed(seed)  # the same head initialisation as ours
     model = AutoModelForTokenClassification.from_pretrained(
@@ -56,7 +55,7 @@ def run_trainer(model_dir: Path, task, data, config: FinetuneConfig, epochs: int
         output_dir=str(out), per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size, learning_rate=config.lr, num_train_epochs=epochs,
         warmup_steps=config.warmup_fraction, weight_decay=config.weight_decay, max_grad_norm=config.grad_clip,
-        lr_scheduler_type="linear", seed=seed, use_cpu=not torch.cuda.is_available(), report_to="none",
+        lr_scheduler_type="linear", seed=seed, use_cpu=config.device == "cpu", report_to="none",
         save_strategy="no", eval_strategy="no", logging_strategy="no", disable_tqdm=True,
         dataloader_num_workers=0)
     trainer = Trainer(model=model, args=args, train_dataset=train,
@@ -88,15 +87,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="alternating runs of each")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     task = discover().tasks["bc5cdr_ner"]
     data = load_task_data(task, mirror_dirs(args.data_dir), allow_download=False,
                           caps=TaskCaps(max_train_examples=args.max_train, max_test_examples=args.max_test))
-    config = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, max_seq_len=128, select="last")
+    config = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, max_seq_len=128, select="last", device=args.device)
     print(f"bc5cdr_ner: {data.sizes['train']} train / {data.sizes['test']} test sentences, {args.epochs} epochs, "
           f"batch {args.batch_size}, lr {args.lr:g}, preset {args.preset}, {torch.get_num_threads()} threads, "
-          f"{'cuda' if torch.cuda.is_available() else 'cpu'}", flush=True)
+          f"{args.device}", flush=True)
     runs: dict[str, list[dict]] = {"trainer": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:
         texts = [" ".join(ex["tokens"]) for ex in data.splits["train"]]
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{med['trainer']:.1f}), test F1 {runs['trainer'][-1]['test_f1']:.4f}")
     print(f"scaling_study.finetune:                         {best['ours']:.1f} examples/s (best; median "
           f"{med['ours']:.1f}), test F1 {runs['ours'][-1]['test_f1']:.4f}")
-    print(f"ratio ours / Trainer: {best['ours'] / best['trainer']:.2f} (best), {med['ours'] / med['trainer']:.2f} (median)")
+    print(f"ratio ours / Trainer: {best['ours'] / best['trainer']:.2f} (best), "
+          f"{med['ours'] / med['trainer']:.2f} (median)")
     return 0 if all(math.isfinite(v) for v in best.values()) else 1
 
 

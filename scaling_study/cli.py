@@ -173,7 +173,8 @@ def _tasks_check(registry, args: argparse.Namespace) -> int:
 
     unknown = [t for t in args.ids if t not in registry.tasks]
     if unknown:
-        raise UserError(f"tasks check: unknown task(s) {', '.join(unknown)}; allowed: {', '.join(sorted(registry.tasks))}")
+        raise UserError(f"tasks check: unknown task(s) {', '.join(unknown)}; "
+                        f"allowed: {', '.join(sorted(registry.tasks))}")
     dirs = mirror_dirs(args.data_dir)
     print(f"Data folders: {', '.join(map(str, dirs)) or '(none)'}; then the download cache"
           + (" (offline: no downloads)" if args.offline else ""))

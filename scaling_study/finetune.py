@@ -36,7 +36,9 @@ characters) are fed as the unknown token so they still get a prediction.
 
 Determinism: a seed fixes the new head's initialisation, the data order (a seeded generator),
 dropout (`torch.manual_seed`) and the choice of deterministic kernels
-(`torch.use_deterministic_algorithms`), so the same seed on the same machine repeats its scores.
+(`torch.use_deterministic_algorithms`, warn-only), so the same seed on the same machine repeats its
+scores. On CPU that is exact; on CUDA, PyTorch's memory-efficient SDPA backward has no deterministic
+kernel (it warns), so tiny differences are possible unless the model uses `attn_implementation="eager"`.
 """
 
 from __future__ import annotations

@@ -72,8 +72,9 @@ def entity_scores(gold: Sequence[Sequence[str]], pred: Sequence[Sequence[str]]) 
 
     if len(gold) != len(pred) or any(len(g) != len(p) for g, p in zip(gold, pred)):
         raise ValueError("gold and predicted tag sequences differ in number or length")
-    decode = lambda seqs: {e.to_tuple() for sent in Entities([list(s) for s in seqs], IOB2, suffix=False).entities  # noqa: E731
-                           for e in sent}
+    def decode(seqs: Sequence[Sequence[str]]) -> set[tuple]:  # (sentence, type, start, end + 1)
+        return {e.to_tuple() for sent in Entities([list(s) for s in seqs], IOB2, suffix=False).entities for e in sent}
+
     true, found = decode(gold), decode(pred)
     per_type = {}
     for kind in sorted({e[1] for e in true | found}):

@@ -284,7 +284,7 @@ def _log_cell(uri: str, run_id: str, result: dict, out: Path) -> None:
     collapse = result.get("collapse")
     client.set_tag(run_id, "collapsed", str(bool(collapse)))
     if collapse:
-        client.set_tag(run_id, "collapse_reason", str(collapse)[:500])
+        client.set_tag(run_id, "collapse_reason", "; ".join(map(str, result.get("collapse_reasons") or []))[:500])
     for name in result.get("artifacts", []):
         path = out / name
         if path.is_file():

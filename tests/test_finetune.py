@@ -9,7 +9,6 @@ check plumbing; the slow ones finetune on every mirrored task and check that the
 import dataclasses
 import json
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -143,6 +142,16 @@ def test_independent_protocol_and_select_last(scratch, tmp_path):
     assert len(results[1]["train_losses"]) == 2
     lines = (tmp_path / "epochs_1" / "test_predictions.jsonl").read_text().splitlines()
     assert set(json.loads(lines[0])) == {"text", "gold", "pred"} and len(lines) == 16
+
+
+def test_config_from_spec():
+    from scaling_study.spec import spec_from_data
+
+    from conftest import BASE_SPEC
+
+    study = spec_from_data({**BASE_SPEC, "finetune": {"epochs": [1, 2], "lr": 3e-5, "protocol": "independent"}})
+    config = FinetuneConfig.from_spec(study.spec.finetune, select="last")
+    assert (config.lr, config.batch_size, config.protocol, config.select) == (3e-5, 32, "independent", "last")
 
 
 def test_bad_model_source_is_a_user_error(tmp_path):

@@ -9,8 +9,6 @@ import http.server
 import json
 import re
 import threading
-from pathlib import Path
-
 import pytest
 import yaml
 
@@ -19,7 +17,7 @@ from scaling_study.errors import SpecError, UserError
 from scaling_study.spec import TaskCaps, spec_from_data
 from scaling_study.tasks.data import DataNotFound, load_task_data, locate_split, mirror_dirs, sample
 from scaling_study.tasks.loaders import QUIRKS, check_options, load_split, tag_set
-from scaling_study.tasks.registry import PACKAGED, discover, load_task
+from scaling_study.tasks.registry import discover, load_task
 
 from conftest import BASE_SPEC, REPO
 
@@ -228,7 +226,8 @@ def test_iob2_violation_is_an_error_unless_documented_for_that_split(tmp_path):
 
 @pytest.mark.parametrize("text,line,fragment", [
     ("a\tO\nb\tO\tx\n", 2, "3 TAB-separated columns, but the file's first token line (line 1) has 2; allowed: 2"),
-    ("a\tO\nb\tB-C\n", 2, "tag 'B-C' is not in the task's label set; allowed: O, or B-/I- (IOB2) with one of the types A, B"),
+    ("a\tO\nb\tB-C\n", 2, "tag 'B-C' is not in the task's label set; allowed: O, or B-/I- (IOB2) with one of "
+                         "the types A, B"),
     ("a\tO\nb\tE-A\n", 2, "tag 'E-A' is not in the task's label set"),
     ("a\tO\nb\t\n", 2, "empty tag; allowed:"),
     ("a\tO\n\t O\n", 2, "empty token; allowed: a non-empty token (or the empty_token_lines quirk)"),

@@ -42,7 +42,8 @@ QUIRKS: dict[str, tuple[str, str]] = {
     "rsplit_on_last_space": ("conll", "each line is split once, at its last space (`line.rsplit(' ', 1)`): "
                              "token, tag; the token may contain spaces"),
     "token_may_contain_space": ("conll", "tokens with inner spaces are kept (with `rsplit_on_last_space`)"),
-    "untagged_lines_are_O": ("conll", "a line whose tag field is empty (`TOKEN ` with a trailing separator) is tagged O"),
+    "untagged_lines_are_O": ("conll", "a line whose tag field is empty (`TOKEN ` with a trailing separator) "
+                             "is tagged O"),
     "empty_token_lines": ("conll", "a line with an empty token (` O`) is a token, not a sentence break"),
     "blank_line_runs_vary": ("conll", "informational: any run of blank lines is one sentence boundary (always so)"),
     "double_blank_line_before_docstart": ("conll", "informational: any run of blank lines is one boundary (always so)"),
@@ -170,7 +171,8 @@ def check_options(task: TaskInfo) -> dict[str, Any]:
         need("text_column", col)
         need("label_column", col)
         named = isinstance(opts["text_column"], str) or isinstance(opts["label_column"], str)
-        need("header", lambda v: isinstance(v, bool) and (v or not named), named or "csv_header_named_columns" in quirks)
+        need("header", lambda v: isinstance(v, bool) and (v or not named),
+             named or "csv_header_named_columns" in quirks)
     if task.type == "ner" and task.format not in ("conll", "scierc_json"):
         raise SpecError(file, "format", task.format, "conll or scierc_json for ner", problem="does not fit type ner")
     if task.type != "ner" and task.format == "conll":
