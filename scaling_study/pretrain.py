@@ -139,7 +139,8 @@ class PretrainConfig:
         self.checkpoint_steps = tuple(sorted(set(int(s) for s in self.checkpoint_steps)))
         self.betas = tuple(self.betas)
         if any(s < 1 or s > self.total_steps for s in self.checkpoint_steps):
-            raise ValueError(f"checkpoint_steps {self.checkpoint_steps} must lie in [1, total_steps={self.total_steps}]")
+            raise ValueError(f"checkpoint_steps {self.checkpoint_steps} must lie in [1, "
+                             f"total_steps={self.total_steps}]")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
 
@@ -206,7 +207,8 @@ class CorpusInfo:
             raise ValueError(f"{path}: the corpus has no shards")
         # corpus.Manifest writes `special_tokens`; the contract's name is `special_ids`
         special = m.get("special_ids") or m.get("special_tokens")
-        return cls(root, int(m["seq_len"]), int(m["vocab_size"]), dict(special), shards, m.get("tokenizer", "tokenizer"))
+        return cls(root, int(m["seq_len"]), int(m["vocab_size"]), dict(special), shards,
+                   m.get("tokenizer", "tokenizer"))
 
     @property
     def tokenizer_dir(self) -> Path:
@@ -633,6 +635,7 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
     `total_steps`), as an interruption would. `on_checkpoint(step, folder, metrics)` runs on every
     rank after each checkpoint (run_pretraining reports to Ray there).
     """
+    started = time.perf_counter()  # the node's own time, for benchmarks/study_overhead.py
     rank, world = _rank_world()
     device = torch.device(device) if device is not None else _default_device()
     if config.num_threads:
@@ -695,7 +698,7 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
             if on_checkpoint is not None:
                 on_checkpoint(step, folder, metrics)
             window.paused += time.perf_counter() - paused  # keep saving out of tokens_per_s
-    return {"step": step, **metrics}
+    return {"step": step, **metrics, "train_seconds": time.perf_counter() - started}
 
 
 def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, world: int,
@@ -830,7 +833,7 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
     # Ray runs the loop in a thread, and glibc gives a thread its own malloc arena, whose large
     # blocks are mmapped and unmapped every step whatever mallopt says: about 80k page faults and
     # 7% of the time per BERT-mini step on CPU. One arena keeps them in the reusable main heap.
-    env = {} if gpus_per_worker else {"MALLOC_ARENA_MAX": "1"}
+    runtime_env = None if gpus_per_worker else {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
     trainer = TorchTrainer(
         _ray_worker,
         train_loop_config={"config": config, "corpus_dir": str(Path(corpus_dir).resolve()), "out_dir": str(out_dir),
@@ -839,7 +842,7 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name or out_dir.name, storage_path=str(out_dir / "ray"),
                              failure_config=FailureConfig(max_failures=max_failures),
-                             worker_runtime_env={"env_vars": env}),
+                             worker_runtime_env=runtime_env),
     )
     return dict(trainer.fit().return_value)
 

@@ -109,7 +109,9 @@ class Lamb(torch.optim.Optimizer):
 
     Decoupled weight decay goes into the update before the trust ratio, as in the paper; tensors
     with zero norm (fresh biases) take the plain Adam step (ratio 1). Bias correction is applied,
-    as in NVIDIA's BERT recipe.
+    as in NVIDIA's BERT recipe. Plain tensors take multi-tensor (`torch._foreach_*`) kernels, a
+    handful of launches per step; sharded DTensor parameters (FSDP2) a per-tensor loop, whose
+    norms reduce over the shards.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -120,24 +122,41 @@ class Lamb(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
                 state = self.state[p]
                 if not state:
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p)
                     state["exp_avg_sq"] = torch.zeros_like(p)
                 state["step"] += 1
-                t = state["step"].item()
-                m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
-                m.lerp_(g, 1 - beta1)
-                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                update = (m / (1 - beta1**t)) / ((v / (1 - beta2**t)).sqrt_().add_(group["eps"]))
-                if group["weight_decay"]:
-                    update.add_(p, alpha=group["weight_decay"])
-                w_norm, u_norm = p.norm(), update.norm()
-                trust = torch.where((w_norm > 0) & (u_norm > 0), w_norm / u_norm, torch.ones_like(w_norm))
-                p.sub_(update * (trust * group["lr"]))
+            if not params:
+                continue
+            if any(type(p).__name__ == "DTensor" for p in params):
+                for p in params:
+                    self._update([p], group)
+            else:
+                self._update(params, group)
         return loss
+
+    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        t = self.state[params[0]]["step"].item()  # a CPU tensor: no device sync; the same for all
+        grads = [p.grad for p in params]
+        ms = [self.state[p]["exp_avg"] for p in params]
+        vs = [self.state[p]["exp_avg_sq"] for p in params]
+        torch._foreach_lerp_(ms, grads, 1 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, math.sqrt(1 - beta2**t))
+        torch._foreach_add_(denom, group["eps"])
+        updates = torch._foreach_div(ms, denom)
+        torch._foreach_div_(updates, 1 - beta1**t)
+        if group["weight_decay"]:
+            torch._foreach_add_(updates, params, alpha=group["weight_decay"])
+        w_norms, u_norms = torch._foreach_norm(params), torch._foreach_norm(updates)
+        trusts = [torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w)) * -group["lr"]
+                  for w, u in zip(w_norms, u_norms)]
+        torch._foreach_mul_(updates, trusts)
+        torch._foreach_add_(params, updates)

@@ -396,10 +396,13 @@ class Study:
     """Data volumes, smallest first."""
     tasks: dict  # id -> tasks.registry.TaskInfo, sorted by id
     caps: dict  # id -> TaskCaps with defaults applied
+    folder: str = ""
+    """The spec's folder as an absolute path, fixed at load time: Ray Tune runs trials in other
+    working directories, where a relative spec path would resolve elsewhere."""
 
     @property
     def base_dir(self) -> Path:
-        return Path(self.file).resolve().parent
+        return Path(self.folder) if self.folder else Path(self.file).resolve().parent
 
     def resolve_path(self, path: str) -> Path:
         return resolve_path(path, self.base_dir)
@@ -540,7 +543,7 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
 
     if errors:
         raise SpecErrors(errors)
-    return Study(spec=spec, file=file, presets=presets, volumes=volumes, tasks=tasks, caps=caps)
+    return Study(spec=spec, file=file, presets=presets, volumes=volumes, tasks=tasks, caps=caps, folder=str(base_dir))
 
 
 def _doc(cls: type, name: str) -> str:

@@ -42,8 +42,9 @@ def micro_spec(folder: Path, name: str = "micro", **changes) -> Path:
         "pretrain": {"steps": [10, 20], "batch_size": 8, "seq_len": 64, "precision": "fp32", "lr": 1e-3,
                      "log_every": 5},
         "finetune": {"epochs": [1, 2], "seeds": [0], "lr": 1e-3, "batch_size": 16, "max_seq_len": 64},
+        # relative, as in experiments/: trials run in other working directories (a bug once)
         "tasks": {"include": ["bc5cdr_ner", "scierc_re"], "max_train_examples": 48, "max_dev_examples": 16,
-                  "max_test_examples": 32, "data_dir": str(SHARED / "datasets")},
+                  "max_test_examples": 32, "data_dir": os.path.relpath(SHARED / "datasets", folder)},
         "storage": {"root": str(folder / "studies")},
         **changes,
     }
