@@ -155,8 +155,7 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_div_(updates, 1 - beta1**t)
         if group["weight_decay"]:
             torch._foreach_add_(updates, params, alpha=group["weight_decay"])
-        w_norms, u_norms = torch._foreach_norm(params), torch._foreach_norm(updates)
-        trusts = [torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w)) * -group["lr"]
-                  for w, u in zip(w_norms, u_norms)]
-        torch._foreach_mul_(updates, trusts)
+        w, u = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
+        trust = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w)) * -group["lr"]
+        torch._foreach_mul_(updates, list(trust.unbind()))
         torch._foreach_add_(params, updates)

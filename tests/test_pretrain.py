@@ -39,9 +39,18 @@ def synthetic(tmp_path_factory) -> Path:
                                   num_sequences=120, num_shards=3)
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """train_mlm sets torch's thread count (num_threads=1 below: tiny models gain nothing from more,
+    and one thread stays fast on a busy machine); give the other tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _config(**overrides) -> PretrainConfig:
     base = dict(preset=load_presets()["debug"], vocab_size=1000, total_steps=40, checkpoint_steps=(20, 40),
-                seq_len=32, batch_size=8, lr=1e-3, precision="fp32", log_every=1)
+                seq_len=32, batch_size=8, lr=1e-3, precision="fp32", log_every=1, num_threads=1)
     return PretrainConfig(**{**base, **overrides})
 
 
