@@ -474,6 +474,16 @@ def _factors(node: Node) -> dict:
 def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
     """Finished nodes whose MLflow runs are missing or unfinished get them back from storage."""
     cache: dict[str, str] = {}
+    for node in plan.of_kind("pretrain"):  # a driver killed after the last checkpoint leaves it RUNNING
+        if state.state[node.id] != "done":
+            continue
+        existing = tracker.find_run(node.id)
+        if existing is not None and existing.info.status == "FINISHED":
+            continue
+        run_id = tracker.run_for(node.id, kind="pretrain", name=_name(node), factors=_factors(node),
+                                 parent_run_id=study_run, tags={"corpus_id": node.parents[0]})
+        checkpoints = {ck.inputs["step"]: str(layout.node(plan, ck)) for ck in plan.children(node.id)}
+        _log_final(tracker, run_id, {"checkpoints": checkpoints})
     for run_node in plan.of_kind("finetune_run"):
         done_file = layout.node(plan, run_node) / DONE_FILE
         if not done_file.is_file():
