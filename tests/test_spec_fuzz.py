@@ -35,6 +35,16 @@ def _paths(data, prefix=()):
 ALL_PATHS = [p for p in _paths(BASE_SPEC) if p]
 
 
+def _mutated(path: tuple, value) -> dict:
+    """BASE_SPEC with the field at `path` replaced by `value`."""
+    data = copy.deepcopy(BASE_SPEC)
+    target = data
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return data
+
+
 def _check(call):
     try:
         study = call()
@@ -53,22 +63,14 @@ def test_random_text(text):
 @FUZZ
 @given(st.sampled_from(ALL_PATHS), values)
 def test_mutated_field(path, value):
-    data = copy.deepcopy(BASE_SPEC)
-    target = data
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
+    data = _mutated(path, value)
     _check(lambda: spec_from_data(data, "fuzz.yaml"))
 
 
 @FUZZ
 @given(st.sampled_from(ALL_PATHS), values)
 def test_mutated_yaml_round_trip(path, value):
-    data = copy.deepcopy(BASE_SPEC)
-    target = data
-    for key in path[:-1]:
-        target = target[key]
-    target[path[-1]] = value
+    data = _mutated(path, value)
     try:
         text = yaml.safe_dump(data)
     except yaml.YAMLError:
