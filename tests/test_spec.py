@@ -27,7 +27,7 @@ def test_smoke_shape():
     study = load_spec(next(p for p in EXPERIMENTS if p.name == "smoke.yaml"))
     s = study.spec
     assert len(s.model_sizes) == 2 and len(study.volumes) == 2 and len(s.pretrain.steps) == 2
-    assert len(s.finetune.epochs) == 2 and len(s.finetune.seeds) == 1
+    assert len(s.finetune.epochs) == 2 and len(s.finetune.seeds) == 2  # two seeds: the report needs intervals
     assert sorted(t.type for t in study.tasks.values()) == ["cls", "ner", "re"]
 
 
