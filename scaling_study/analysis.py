@@ -110,7 +110,18 @@ def cell_stats(df: pd.DataFrame, metric: str = "test_f1", *, level: float = 0.95
         row.update(n=len(y), mean=mean, sd=float(y.std(ddof=1)) if len(y) > 1 else math.nan,
                    ci_low=low, ci_high=high, n_collapsed=int(collapsed[idx].sum()))
         rows.append(row)
-    return pd.DataFrame(rows, columns=[*keys, *attrs, "n", "mean", "sd", "ci_low", "ci_high", "n_collapsed"])
+    out = pd.DataFrame(rows, columns=[*keys, *attrs, "n", "mean", "sd", "ci_low", "ci_high", "n_collapsed"])
+    return _restore_dtypes(out, data)
+
+
+def _restore_dtypes(out: pd.DataFrame, data: pd.DataFrame) -> pd.DataFrame:
+    """Give factor columns built from row dicts back their input dtypes (Int64 steps, not 2000.0)."""
+    for col in out.columns.intersection(data.columns):
+        try:
+            out[col] = out[col].astype(data[col].dtype)
+        except (TypeError, ValueError):
+            pass
+    return out
 
 
 def level_value(factor: str, level: object, order_value: object) -> float:
@@ -202,7 +213,7 @@ def diminishing_returns(df: pd.DataFrame, factor: str = "model_size", threshold:
             rows.append(row)
     columns = [*fixed, *attrs, "factor", "from", "to", "from_x", "to_x", "n_from", "n_to", "paired",
                "from_mean", "to_mean", "change", "ci_low", "ci_high", "verdict"]
-    return pd.DataFrame(rows, columns=columns)
+    return _restore_dtypes(pd.DataFrame(rows, columns=columns), data)
 
 
 def macro_average(df: pd.DataFrame, by: str = "task_type", metric: str = "test_f1", *, level: float = 0.95,
@@ -225,7 +236,8 @@ def macro_average(df: pd.DataFrame, by: str = "task_type", metric: str = "test_f
         row = dict(zip([by, *model_keys], key))
         row.update(n_tasks=len(tasks), tasks=",".join(map(str, tasks)), mean=mean, ci_low=low, ci_high=high)
         rows.append(row)
-    return pd.DataFrame(rows, columns=[by, *model_keys, "n_tasks", "tasks", "mean", "ci_low", "ci_high"])
+    out = pd.DataFrame(rows, columns=[by, *model_keys, "n_tasks", "tasks", "mean", "ci_low", "ci_high"])
+    return _restore_dtypes(out, data)
 
 
 # ---------------------------------------------------------------------------------------------------
