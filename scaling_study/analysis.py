@@ -285,7 +285,8 @@ def next_gain_multiple(e: float, log_a0: float, alpha: float, x: float, x0: floa
     reducible = math.exp(log_a0 - alpha * math.log(x / x0))
     if reducible <= gain or alpha <= 0:
         return math.inf
-    return ((reducible - gain) / reducible) ** (-1.0 / alpha)
+    log_multiple = -math.log((reducible - gain) / reducible) / alpha
+    return math.exp(log_multiple) if log_multiple < 700 else math.inf   # beyond float range: never, in practice
 
 
 def fit_power_law(df: pd.DataFrame, x: str = "pretrain_flops", metric: str = "test_f1", *, by: str = "task",

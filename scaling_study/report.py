@@ -230,6 +230,11 @@ def summary(verdicts: pd.DataFrame, fits: pd.DataFrame | None, threshold: float)
             all_tasks = sorted(pair["task"].unique())
             step = f"{FACTOR_NAMES[factor]} {lo} → {hi}"
             head = f"{step[0].upper()}{step[1:]}: "
+            too_few = counts.get("too few seeds", 0)
+            if too_few == n:
+                lines.append(f"{head}one seed only in all {n} comparisons, so no interval and no verdict; "
+                             f"median change {pair['change'].median():+.1f} points.")
+                continue
             if gains:
                 where = (f"all {len(all_tasks)} tasks" if len(gain_tasks) == len(all_tasks)
                          else ", ".join(gain_tasks))
@@ -241,7 +246,6 @@ def summary(verdicts: pd.DataFrame, fits: pd.DataFrame | None, threshold: float)
             if losses:
                 loss_tasks = sorted(pair.loc[pair["verdict"] == "significant loss", "task"].unique())
                 text += f"; a significant loss in {losses} ({', '.join(loss_tasks)})"
-            too_few = counts.get("too few seeds", 0)
             if too_few:
                 text += f"; {too_few} with a single seed (no interval)"
             lines.append(text + ".")
@@ -328,7 +332,8 @@ def render(df: pd.DataFrame, curves: pd.DataFrame | None, out_path: str | Path, 
         plots.append(plot_id)
 
     verdicts = pd.concat([analysis.diminishing_returns(df, f, threshold, metric) for f in FACTOR_NAMES
-                          if f in df and df[f].notna().any()], ignore_index=True)
+                          if f in df and df[f].notna().any()] or [pd.DataFrame(columns=["factor", "task"])],
+                         ignore_index=True)
     fits = analysis.fit_power_law(df, "pretrain_flops", metric, gain=threshold) \
         if df["pretrain_flops"].notna().any() else None
     sections.append("<h2>Summary</h2><ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in

@@ -170,6 +170,13 @@ def test_single_level_factors_get_a_note_not_a_plot(tmp_path):
     assert plots == ["plot-data_volume", "plot-epochs", "plot-verdicts"]
     text = (tmp_path / "r.html").read_text()
     assert "model size: one level only (base); no plot" in text and "No pretraining loss curves" in text
+    # Published models only, one seed: epochs is the only factor; no intervals, no fit, still a page.
+    df = synthetic(seeds=1)
+    plots = report.render(df[df.model_source == "external"], None, tmp_path / "e.html")
+    assert plots == ["plot-epochs", "plot-verdicts"]
+    text = (tmp_path / "e.html").read_text()
+    assert "Finetuning epochs 1 → 3: one seed only in all 3 comparisons, so no interval and no verdict" in text
+    assert "Too few distinct compute budgets" in text
 
 
 @pytest.mark.skipif(chromium() is None and os.environ.get("CI") != "true",
