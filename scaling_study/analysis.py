@@ -44,7 +44,8 @@ N_BOOT = 2000
 def _points(df: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Rows with a value of `metric`, its value in F1 points in column `_y`."""
     if metric not in df:
-        raise UserError(f"analysis: no column {metric!r} in the results; allowed: one of {sorted(map(str, df.columns))}")
+        raise UserError(f"analysis: no column {metric!r} in the results; "
+                        f"allowed: one of {sorted(map(str, df.columns))}")
     values = pd.to_numeric(df[metric], errors="coerce").astype(float)
     bad = values[(values < 0) | (values > 1)]
     if len(bad):

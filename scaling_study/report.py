@@ -182,8 +182,8 @@ def _fit_plot(cells: pd.DataFrame, fits: pd.DataFrame, tasks: list[str]):
         ax.plot(xs, fit["E"] + fit["A"] * xs ** -fit["alpha"], color="k", lw=1, label="fit")
         ax.axhline(fit["E"], color="k", ls=":", lw=0.8)
         ax.set_xscale("log")
-        ax.set_title(f"{fit['task']}: E={fit['E']:.1f}±{fit['E_se']:.1f}, α={fit['alpha']:.2f}±{fit['alpha_se']:.2f}",
-                     fontsize=9)
+        ax.set_title(f"{fit['task']}: E={fit['E']:.1f}±{fit['E_se']:.1f}, "
+                     f"α={fit['alpha']:.2f}±{fit['alpha_se']:.2f}", fontsize=9)
         ax.set_xlabel("pretraining FLOPs", fontsize=8)
         ax.set_ylabel("test error (100 − F1)", fontsize=8)
         ax.grid(alpha=0.3)
@@ -236,8 +236,8 @@ def summary(verdicts: pd.DataFrame, fits: pd.DataFrame | None, threshold: float)
                              f"median change {pair['change'].median():+.1f} points.")
                 continue
             if gains:
-                where = (f"all {len(all_tasks)} tasks" if len(gain_tasks) == len(all_tasks)
-                         else ", ".join(gain_tasks))
+                where = (", ".join(gain_tasks) if len(gain_tasks) < len(all_tasks) or len(all_tasks) == 1
+                         else "both tasks" if len(all_tasks) == 2 else f"all {len(all_tasks)} tasks")
                 text = (f"{head}a significant gain of more than {threshold:g} F1 point in {gains} of {n} "
                         f"comparisons ({where})")
             else:
@@ -279,7 +279,8 @@ def _table(cells: pd.DataFrame, df: pd.DataFrame, metric: str) -> str:
     if steps:
         sel = sel[(sel["steps"] == steps[-1]) | (sel["model_source"] == "external")]
     sel = sel.assign(_label=[_model_label(r, False) for _, r in sel.iterrows()])
-    models = list(dict.fromkeys(sel.sort_values(["model_source", "parameters", "tokens"], na_position="last")["_label"]))
+    ordered = sel.sort_values(["model_source", "parameters", "tokens"], na_position="last")
+    models = list(dict.fromkeys(ordered["_label"]))
     head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
     body = []
     for task, rows in sel.groupby("task", sort=True):

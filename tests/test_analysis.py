@@ -61,7 +61,8 @@ def test_cell_stats_shape_and_values():
     top = cells[(cells.task == "bc5cdr_ner") & (cells.model_size == "large") & (cells.data_volume == "100%")
                 & (cells.steps == 2000) & (cells.epochs == 3)]
     assert top["mean"].item() == pytest.approx(80 + 6 + 0.4 + 0.5)
-    assert top["sd"].item() == pytest.approx(0.0, abs=1e-9) and top["ci_low"].item() == pytest.approx(top["mean"].item())
+    assert top["sd"].item() == pytest.approx(0.0, abs=1e-9)
+    assert top["ci_low"].item() == pytest.approx(top["mean"].item())
     ext = cells[cells.model_source == "external"]
     assert len(ext) == 6 and ext["model_size"].isna().all() and ext["parameters"].isna().all()
 
