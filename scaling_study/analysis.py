@@ -172,6 +172,8 @@ def diminishing_returns(df: pd.DataFrame, factor: str = "model_size", threshold:
 
     External models (no size, volume or steps) take part only in `factor="epochs"`.
     """
+    if not threshold >= 0:
+        raise UserError(f"diminishing_returns: threshold must be F1 points >= 0; got {threshold!r}")
     if factor not in FACTOR_ORDER:
         raise UserError(f"diminishing_returns: factor {factor!r} is not one; allowed: {', '.join(FACTOR_ORDER)}")
     if factor not in df:

@@ -371,15 +371,25 @@ def render(df: pd.DataFrame, curves: pd.DataFrame | None, out_path: str | Path, 
 
 def build(study: str, tracking_uri: str | None = None, root: str | Path = "studies", out: str | Path | None = None,
           *, threshold: float = 1.0) -> Path:
-    """Load a study's results (results.load, results.loss_curves) and render its report; returns the path."""
+    """Load a study's results (results.load, results.loss_curves) and render its report; returns the path
+    (default: the study's folder under the storage root, report.html)."""
     from scaling_study import results
     from scaling_study.errors import UserError
+
+    if not threshold >= 0:
+        raise UserError(f"report: --threshold must be a number of F1 points >= 0; got {threshold!r}")
 
     df = results.load(study, tracking_uri=tracking_uri, root=root)
     if not len(df):
         raise UserError(f"report: study {study!r} has no finished finetune jobs yet; allowed: a study with results")
     curves = results.loss_curves(study, tracking_uri=tracking_uri, root=root)
-    name = Path(study).stem if study.endswith((".yaml", ".yml")) else study
-    out = Path(out) if out else Path(root).expanduser() / name / "report.html"
-    render(df, curves, out, title=f"Scaling study: {name}", threshold=threshold)
+    if study.endswith((".yaml", ".yml")):
+        from scaling_study.orchestration import Layout
+        from scaling_study.spec import load_spec
+
+        folder = Layout.of(load_spec(study)).root
+    else:
+        folder = Path(root).expanduser() / study
+    out = Path(out) if out else folder / "report.html"
+    render(df, curves, out, title=f"Scaling study: {folder.name}", threshold=threshold)
     return out

@@ -169,6 +169,8 @@ def test_bad_input_is_one_clear_error():
         analysis.cell_stats(df.assign(test_f1=df["test_f1"] * 100))
     with pytest.raises(UserError, match="allowed: model_size, data_volume, steps, epochs"):
         analysis.diminishing_returns(df, "task")
+    with pytest.raises(UserError, match="threshold must be F1 points >= 0; got -1"):
+        analysis.diminishing_returns(df, "epochs", threshold=-1)
     with pytest.raises(UserError, match="no column 'f1'"):
         analysis.cell_stats(df, metric="f1")
 

@@ -206,3 +206,5 @@ def test_cli_report_without_results_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nosuch" in err[0] and "no results" in err[0]
     assert not (tmp_path / "r.html").exists()
+    assert main(["report", "nosuch", "--threshold", "-0.5"]) == 2
+    assert "--threshold must be a number of F1 points >= 0" in capsys.readouterr().err
