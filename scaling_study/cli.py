@@ -4,6 +4,7 @@
     scaling-study run experiments/smoke.yaml                   # the whole study: local Ray + local MLflow
     scaling-study results smoke --format csv                   # one row per finetune job
     scaling-study status smoke | scaling-study ui smoke
+    scaling-study report smoke -o smoke.html                   # tables, plots, verdicts: one HTML file
     scaling-study plan experiments/scholarbert.yaml --device a100 --format json
     scaling-study validate experiments/*.yaml                   # check specs, write nothing
     scaling-study tasks list | scaling-study tasks show scierc_re
@@ -289,6 +290,15 @@ def cmd_results(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from scaling_study import report
+
+    out = report.build(args.study, tracking_uri=args.tracking_uri, root=args.root, out=args.output,
+                       threshold=args.threshold)
+    print(f"report: {out}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from scaling_study import results
 
@@ -355,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
     p.set_defaults(func=cmd_results)
+
+    p = sub.add_parser("report", help="a study's results as one self-contained HTML page (tables, plots, verdicts)")
+    _study_args(p)
+    p.add_argument("--output", "-o", default=None, help="HTML file to write (default: ROOT/STUDY/report.html)")
+    p.add_argument("--threshold", type=float, default=1.0,
+                   help="F1 points a step of a factor must surely buy to count as a gain (default 1.0, the paper's)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", help="a study's MLflow runs by kind and status")
     _study_args(p)
