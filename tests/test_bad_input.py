@@ -1,7 +1,7 @@
 """Bad input through the command line, as a user meets it: task folders, dataset files, corpus files.
 
     pytest tests/test_bad_input.py
-    python tests/test_bad_input.py > docs/bad-input.md.cases   # the table of cases and their messages
+    python tests/test_bad_input.py     # the rows of docs/bad-input.md: each case and today's message
 
 Every case runs a real `scaling-study` verb (`tasks list|check`, `validate`, `run`) in-process on a
 broken input written into a temporary folder and checks what the user gets: exit code 2, one line
@@ -255,7 +255,7 @@ CASES = [
          ("train.tsv:1: a NUL byte at byte 3: a binary file, or UTF-16/32 text; allowed: UTF-8 text",)),
     Case("data-utf16", "dataset file", "the split saved as UTF-16",
          lambda t: check_data(t, {"dev.tsv": CONLL.encode("utf-16")}), ("dev.tsv:1: a NUL byte at byte 3",)),
-    Case("data-long-line", "dataset file", f"a conll line of {LONG:,} characters",
+    Case("data-long-line", "dataset file", f"a conll line over {MAX_LINE_CHARS:,} characters",
          lambda t: check_data(t, {"dev.tsv": "a\tO\n" + "x" * LONG + "\tO\n"}),
          (f"dev.tsv:2: a line of {LONG + 2:,} characters; allowed: at most {MAX_LINE_CHARS:,} characters per line",)),
     Case("data-unreadable", "dataset file", "a split file the user may not read",
@@ -327,7 +327,7 @@ CASES = [
          ("corpus/a.txt:2: not UTF-8 (byte 0xe9 at byte 4 of the line); allowed: UTF-8 text, one document per line",)),
     Case("corpus-binary", "corpus file", "a gzip file named corpus.txt",
          lambda t: run_with_corpus(t, {"a.txt": b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03"}),
-         ("corpus/a.txt:1: a NUL byte at byte 4 of the line (a binary file, or UTF-16 text)",)),
+         ("corpus/a.txt:1: a NUL byte at byte 4 of the file: a binary file, or UTF-16 text",)),
     Case("corpus-utf16", "corpus file", "the corpus saved as UTF-16",
          lambda t: run_with_corpus(t, {"a.txt": "one document\n".encode("utf-16")}),
          ("corpus/a.txt:1: a NUL byte",)),
@@ -396,6 +396,16 @@ def test_long_lines_under_the_limits_load(tmp_path, capsys):
     assert "train      2 sentences,  100001 words" in out, out
 
 
+def test_nul_bytes_deep_in_a_corpus_file_are_text(tmp_path):
+    """Real text has stray NULs (the science corpus: 74 in one file); only a NUL in a file's first
+    BINARY_SNIFF_BYTES makes it binary."""
+    from scaling_study.corpus import BINARY_SNIFF_BYTES, check_corpus
+    from scaling_study.spec import load_spec
+
+    argv = run_with_corpus(tmp_path, {"a.txt": "x" * BINARY_SNIFF_BYTES + "\nstray \0 byte\n"})
+    assert check_corpus(load_spec(argv[1])) == [tmp_path / "corpus" / "a.txt"]
+
+
 def test_doc_lists_every_case():
     doc = (REPO / "docs" / "bad-input.md").read_text()
     missing = [c.id for c in CASES if f"`{c.id}`" not in doc]
@@ -445,5 +455,5 @@ if __name__ == "__main__":  # print the docs/bad-input.md table of the cases abo
             message = message[:147] + "..."
         verb = " ".join(argv[:2]) if argv[0] == "tasks" else argv[0]
         rows.append(f"| {case.category} | `{case.id}`: {case.input} | `{verb}` | {message.replace('|', '/')} | "
-                    f"{code} |")
+                    f"{code} | test_bad_input.py::test_bad_input |")
     print("\n".join(rows))

@@ -15,6 +15,7 @@ entity spans inside the text) or raises a one-line UserError naming the file.
 import copy
 import json
 import os
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -210,3 +211,17 @@ def test_packaged_tasks_cover_every_format():
     formats = {t.format for t in discover().tasks.values()} | {"scierc_json"}
     assert formats == {TASKS[n].format for n in FORMATS}
     assert (PACKAGED / "bc5cdr_ner" / "task.yaml").is_file()
+
+
+@pytest.mark.parametrize("name,raw,fragment", [
+    ("scierc_re", SCIERC_DOC.replace('[2, 2, 4, 4, "USED-FOR"]', '[2, 2, 4, "USED-FOR"]'),
+     "relations[0] is not a list of [int, int, int, int, label] items"),
+    ("scierc_ner", SCIERC_DOC.replace('[2, 2, "Method"]', '[2, null, "Method"]'), "ner[0] is not a list of"),
+    ("scierc_ner", SCIERC_DOC.replace('["It", "works", "."]', "[]"), "sentences[1] is not a non-empty list"),
+    ("jsonl_markers", FORMATS["jsonl_markers"][3].replace("[2, 2, 4, 4]", "[null, 2, 4, 4]"),
+     "metadata [None, 2, 4, 4] does not match the marked spans"),
+])
+def test_found_by_fuzzing(name, raw, fragment):
+    """Inputs the long fuzzing pass found escaping as ValueError/TypeError (see docs/bad-input.md)."""
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        parse_split(TASKS[name], raw.encode(), "fuzz/train.txt", FORMATS[name][1])

@@ -442,7 +442,9 @@ def _load_jsonl_markers(task: TaskInfo, opts: dict, text: str, path: str, split:
             raise _fail(path, n, f"metadata {meta!r}", "[] (empty_metadata)")
         if "metadata_token_offsets" in quirks and markers:
             offsets = _unmarked_token_spans(sentence, markers)
-            ok = isinstance(meta, list) and len(meta) == 4 and sorted([meta[0:2], meta[2:4]]) == sorted(offsets)
+            ok = (isinstance(meta, list) and len(meta) == 4
+                  and all(isinstance(m, int) and not isinstance(m, bool) for m in meta)
+                  and sorted([meta[0:2], meta[2:4]]) == sorted(offsets))
             if not ok:
                 raise _fail(path, n, f"metadata {meta!r} does not match the marked spans (token offsets "
                             f"{offsets[0]} and {offsets[1]} in the unmarked sentence)",
