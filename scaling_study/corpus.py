@@ -1,6 +1,7 @@
 """Corpus builds: one per data volume (the `corpus` nodes of `grid.expand`).
 
-    from scaling_study.corpus import build_corpus, read_manifest, load_tokenizer, shard_paths
+    from scaling_study.corpus import build_corpus, check_corpus, read_manifest, load_tokenizer, shard_paths
+    check_corpus(study)                                           # bad files raise UserError before any work
     for node in plan.of_kind("corpus"):
         manifest = build_corpus(study, node, root / node.id)     # a no-op once built
     tok = load_tokenizer(root / node.id)                          # AutoTokenizer, adds [CLS] ... [SEP]
