@@ -415,6 +415,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT, no traceback
+        print("scaling-study: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

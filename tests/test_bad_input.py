@@ -406,6 +406,17 @@ def test_nul_bytes_deep_in_a_corpus_file_are_text(tmp_path):
     assert check_corpus(load_spec(argv[1])) == [tmp_path / "corpus" / "a.txt"]
 
 
+def test_ctrl_c_is_one_line_and_code_130(monkeypatch, capsys):
+    from scaling_study import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "cmd_presets", interrupted)
+    assert main(["presets"]) == 130
+    assert capsys.readouterr().err == "scaling-study: interrupted\n"
+
+
 def test_doc_lists_every_case():
     doc = (REPO / "docs" / "bad-input.md").read_text()
     missing = [c.id for c in CASES if f"`{c.id}`" not in doc]
