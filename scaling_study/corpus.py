@@ -318,10 +318,10 @@ def check_corpus(study: Study, *, scan_bytes: int = PREFLIGHT_SCAN_BYTES) -> lis
 
     Every path must exist and be readable; a folder must hold *.txt files; no file may look binary
     (BINARY_SNIFF_BYTES). The first `scan_bytes` of the local files (in reading order, 256 MiB by
-    default) are read as the build reads them: bytes that are not UTF-8 or a line over
-    MAX_DOCUMENT_BYTES raise a UserError
-    naming the file and line, and so does a corpus whose scanned files hold no document. A problem
-    beyond the scanned bytes stops the build itself with the same message.
+    default: a second or two) are read as the build reads them: bytes that are not UTF-8 or a line
+    over MAX_DOCUMENT_BYTES raise a UserError naming the file and line, and so does a corpus whose
+    files hold no document at all. A problem beyond the scanned bytes stops the build itself with the
+    same message.
     """
     corpus = study.spec.corpus
     if corpus is None:
