@@ -423,7 +423,8 @@ def test_doc_lists_every_case():
     assert not missing, f"docs/bad-input.md lacks {missing}: regenerate with `python tests/test_bad_input.py`"
 
 
-@pytest.mark.parametrize("case_id", ["task-yaml-syntax", "conll-unknown-tag", "corpus-not-utf8"])
+@pytest.mark.parametrize("case_id", ["task-yaml-syntax", "conll-unknown-tag",
+                                     pytest.param("corpus-not-utf8", marks=pytest.mark.slow)])  # run imports Ray
 def test_through_the_console_script(case_id, tmp_path):
     """The real process: exit code 2, the one line on stderr, no traceback, nothing written."""
     case = next(c for c in CASES if c.id == case_id)
