@@ -444,10 +444,6 @@ def test_through_the_console_script(case_id, tmp_path):
 if __name__ == "__main__":  # print the docs/bad-input.md table of the cases above, with today's messages
     import tempfile
 
-    class _Capture:
-        def readouterr(self):
-            return "", ""
-
     rows = []
     for case in CASES:
         with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
