@@ -242,6 +242,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from scaling_study.spec import load_spec
 
     study = load_spec(args.spec)
+    _check_inputs(study)
     summary = run_study(study, address=args.address, progress=not args.quiet)
     console = Console(soft_wrap=True)
     c = summary.counts
@@ -261,6 +262,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if summary.ok:
         console.print(f"Results: scaling-study results {args.spec}   UI: scaling-study ui {args.spec}")
     return 0 if summary.ok else 1
+
+
+def _check_inputs(study) -> None:
+    """Bad corpus files and task data stop `run` here, before anything is started or written."""
+    from scaling_study.corpus import check_corpus
+    from scaling_study.grid import expand
+    from scaling_study.orchestration import Layout, node_done
+    from scaling_study.tasks.data import check_task_data
+
+    plan, layout = expand(study), Layout.of(study)
+    if not all(node_done(layout, plan, n) for n in plan.of_kind("corpus")):
+        check_corpus(study)
+    pending = {n.factors["task"] for n in plan.of_kind("finetune_run") if not node_done(layout, plan, n)}
+    for tid, why in check_task_data(study, pending).items():
+        print(f"scaling-study: warning: {why}; its finetune runs will fail", file=sys.stderr)
 
 
 def _write_frame(df, fmt: str, output: str | None) -> None:
@@ -416,6 +432,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     except BrokenPipeError:
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, the shell's code for SIGINT, no traceback
+        print("scaling-study: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Corpus builds: one per data volume (the `corpus` nodes of `grid.expand`).
 
-    from scaling_study.corpus import build_corpus, read_manifest, load_tokenizer, shard_paths
+    from scaling_study.corpus import build_corpus, check_corpus, read_manifest, load_tokenizer, shard_paths
+    check_corpus(study)                                           # bad files raise UserError before any work
     for node in plan.of_kind("corpus"):
         manifest = build_corpus(study, node, root / node.id)     # a no-op once built
     tok = load_tokenizer(root / node.id)                          # AutoTokenizer, adds [CLS] ... [SEP]
@@ -79,6 +80,15 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BATCH_DOCS = 1024
 _BATCH_CHARS = 1 << 20  # bounds a batch's text when documents are long
 _ROW_GROUP_BYTES = 4 << 20
+MAX_DOCUMENT_BYTES = 16 << 20
+"""Longest document (line) a corpus file may hold: 16 MiB, 100x the longest full-text paper of the
+science corpus (142 kB). A longer line is refused with its file and line number rather than read
+whole into memory: it is a file without newlines, or not text."""
+BINARY_SNIFF_BYTES = 8000
+"""A NUL byte among a file's first 8,000 bytes makes it binary (as git decides). NULs further in are
+kept: real text has them (74 in one file of the science corpus); the tokenizer drops them."""
+PREFLIGHT_SCAN_BYTES = 256 << 20
+"""How much of the corpus `check_corpus` reads before a run starts (see there)."""
 
 
 # ----------------------------------------------------------------------------------- manifest
@@ -256,22 +266,90 @@ class _Reader:
     def __iter__(self) -> Iterator[tuple[int, int, str]]:
         index = 0
         for path in self.files:
-            with open(path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
+            _check_not_binary(path)
+            with _open(path) as f:
+                # readline(limit) bounds memory: a file without newlines is refused, not slurped
+                for lineno, raw in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_BYTES + 2), b""), 1):
                     self.bytes_read += len(raw)
                     if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
                         raw = raw[3:]
                     if not raw.strip():
                         continue
-                    try:
-                        text = raw.decode("utf-8")
-                    except UnicodeDecodeError as exc:
-                        raise UserError(
-                            f"{path}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
-                            f"of the line); allowed: UTF-8 text, one document per line") from None
-                    yield index, document_key(self.seed, index), text.rstrip("\r\n")
+                    text = _document(raw, path, lineno)
+                    yield index, document_key(self.seed, index), text
                     index += 1
                     self.documents = index
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as exc:  # unreadable, or gone since the sources were resolved
+        raise UserError(f"{path}: cannot read the corpus file ({exc.strerror or exc}); allowed: a readable "
+                        f"UTF-8 text file, one document per line") from None
+
+
+def _check_not_binary(path: Path) -> None:
+    """A NUL byte in the first BINARY_SNIFF_BYTES: a binary file or UTF-16 text (git's test for binary)."""
+    with _open(path) as f:
+        head = f.read(BINARY_SNIFF_BYTES)
+    nul = head.find(b"\0")
+    if nul >= 0:
+        line = head.count(b"\n", 0, nul) + 1
+        raise UserError(f"{path}:{line}: a NUL byte at byte {nul + 1} of the file: a binary "
+                        f"file, or UTF-16 text; allowed: UTF-8 text, one document per line")
+
+
+def _document(raw: bytes, path: Path, lineno: int) -> str:
+    """One line of a corpus file as text; raises UserError naming the file and line."""
+    allowed = "UTF-8 text, one document per line"
+    if len(raw.rstrip(b"\r\n")) > MAX_DOCUMENT_BYTES:
+        raise UserError(f"{path}:{lineno}: a line longer than {MAX_DOCUMENT_BYTES:,} bytes; allowed: {allowed}, "
+                        f"each at most {MAX_DOCUMENT_BYTES:,} bytes (MAX_DOCUMENT_BYTES)")
+    try:
+        return raw.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
+                        f"of the line); allowed: {allowed}") from None
+
+
+def check_corpus(study: Study, *, scan_bytes: int = PREFLIGHT_SCAN_BYTES) -> list[Path]:
+    """Refuse a bad corpus before anything runs; returns its local files (URLs are not fetched here).
+
+    Every path must exist and be readable; a folder must hold *.txt files; no file may look binary
+    (BINARY_SNIFF_BYTES). The first `scan_bytes` of the local files (in reading order, 256 MiB by
+    default: a second or two) are read as the build reads them: bytes that are not UTF-8 or a line
+    over MAX_DOCUMENT_BYTES raise a UserError naming the file and line, and so does a corpus whose
+    files hold no document at all. A problem beyond the scanned bytes stops the build itself with the
+    same message.
+    """
+    corpus = study.spec.corpus
+    if corpus is None:
+        return []
+    local = [source for source in sorted(corpus.paths) if not _is_url(source)]
+    files = _resolve_sources(study, local, Path("."), download=False)
+    budget, documents, complete = scan_bytes, 0, True
+    for path in files:
+        if budget <= 0:
+            complete = False
+            break
+        _check_not_binary(path)
+        with _open(path) as f:
+            for lineno, raw in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_BYTES + 2), b""), 1):
+                budget -= len(raw)
+                if lineno == 1:
+                    raw = raw.removeprefix(b"\xef\xbb\xbf")
+                if raw.strip():
+                    _document(raw, path, lineno)
+                    documents += 1
+                if budget <= 0:
+                    complete = False
+                    break
+    if complete and files and documents == 0 and not corpus.urls:
+        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
+        raise UserError(f"{where}: corpus '{corpus.name}' has no documents (every file is empty or blank); "
+                        f"allowed: UTF-8 text files with one document per line")
+    return files
 
 
 def _batches(docs: Iterator[tuple[int, int, str]], keep: Callable[[int], bool]) -> Iterator[list[tuple[int, str]]]:

@@ -47,6 +47,7 @@ class SpecError(UserError):
         problem: str = "",
     ):
         self.file, self.field, self.value, self.allowed, self.line = file, field, value, allowed, line
+        self.problem = problem
         where = f"{file}:{line}" if line else file
         parts = [f"{where}: {field or '<top level>'}:"]
         if problem:

@@ -280,14 +280,16 @@ def test_multi_label_tags_keep_one_tag_per_token(tmp_path):
 
 
 def test_unknown_quirk_and_option_are_spec_errors(tmp_path):
-    task, _ = make_task(tmp_path, options={"separator": "\t", "quirks": ["made_up"]})
-    with pytest.raises(SpecError, match=r"format_options.quirks\[0\]: unknown quirk; got 'made_up'; allowed: .*"
-                                        r"rsplit_on_last_space"):
-        check_options(task)
-    task, _ = make_task(tmp_path, options={"sep": "\t"})
+    """Found when the task folder is read (load_task runs check_options), with the task.yaml line."""
+    with pytest.raises(SpecError, match=r"task.yaml:\d+: format_options.quirks\[0\]: unknown quirk; got 'made_up'; "
+                                        r"allowed: .*rsplit_on_last_space"):
+        make_task(tmp_path, options={"separator": "\t", "quirks": ["made_up"]})
     with pytest.raises(SpecError, match="format_options.sep: unknown option"):
-        check_options(task)
-    task, _ = make_task(tmp_path, options={"separator": ";"})
+        make_task(tmp_path, options={"sep": "\t"})
+    with pytest.raises(SpecError, match="format_options.separator: invalid value"):
+        make_task(tmp_path, options={"separator": ";"})
+    task, _ = make_task(tmp_path, options={"separator": "\t"})
+    task.format_options["separator"] = ";"
     with pytest.raises(SpecError, match="format_options.separator: invalid value"):
         check_options(task)
 

@@ -11,6 +11,8 @@ Lookup, per split: `<dir>/<task id>/<split file>` in each mirror folder in order
 (`$SCALING_STUDY_CACHE_DIR`, default `~/.cache/scaling-study/tasks`), then the split's `url`,
 downloaded into the cache (`download=False` or `$SCALING_STUDY_OFFLINE=1` skips that). When all
 fail: a `DataNotFound` (a `UserError`) naming the task, every place tried and how to provide the data.
+`check_task_data(study)` reads every split of a study's tasks up front (`scaling-study run` does, so
+a malformed file stops the run before any compute).
 
 Caps (`TaskCaps`) keep a seeded random sample of each split, in file order. The sample depends only
 on (task id, split, cap, sample_seed), never on the finetuning seed, so every seed and every model
@@ -179,3 +181,21 @@ def load_task_data(task: TaskInfo, dirs: Iterable[Path] = (), *, caps=None, cach
         out.full_sizes[split] = len(got.examples)
         out.notes[split] = got.notes
     return out
+
+
+def check_task_data(study, tasks: Iterable[str] | None = None) -> dict[str, str]:
+    """Read every split of the study's tasks (or of `tasks`) before a run: a malformed file raises its
+    UserError now, not in a finetune trial hours later. Returns {task id: why} for tasks whose data
+    is not found (their finetune runs fail and say so; the rest of the study still runs)."""
+    dirs = mirror_dirs(study=study)
+    missing: dict[str, str] = {}
+    for tid in sorted(study.tasks if tasks is None else tasks):
+        task = study.tasks[tid]
+        for split in SPLITS:
+            try:
+                path = locate_split(task, split, dirs)
+            except DataNotFound as exc:
+                missing[tid] = str(exc)
+                break
+            load_split(task, path, split)
+    return missing

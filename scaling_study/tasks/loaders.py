@@ -100,6 +100,10 @@ OPTIONS: dict[str, dict[str, str]] = {
 }
 
 SPLITS = ("train", "dev", "test")
+MAX_LINE_CHARS = 1 << 20
+"""Longest line a split file may have (1,048,576 characters; real files stay under 6,000). Longer
+lines are refused with their line number: they come from a file that is not what the task says.
+(`text_label` files also obey the csv module's limit of 131,072 characters per field.)"""
 
 
 @dataclasses.dataclass
@@ -183,12 +187,22 @@ def check_options(task: TaskInfo) -> dict[str, Any]:
 
 def load_split(task: TaskInfo, path: Path, split: str) -> LoadedSplit:
     """Read one split file of `task`; raises UserError on anything the task's quirks do not allow."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:  # unreadable, a folder, vanished since it was located
+        raise _fail(str(path), None, f"cannot read the file ({exc.strerror or exc})",
+                    "a readable UTF-8 text file") from None
+    return parse_split(task, raw, str(path), split)
+
+
+def parse_split(task: TaskInfo, raw: bytes, path: str, split: str) -> LoadedSplit:
+    """`load_split` on the bytes of a file; `path` only names it in messages."""
     opts = check_options(task)
-    text = _read_text(Path(path))
+    text = _decode(raw, path)
     loader = {"conll": _load_conll, "jsonl_markers": _load_jsonl_markers, "scierc_json": _load_scierc_json,
               "text_label": _load_text_label}[task.format]
-    out = LoadedSplit(examples=[], path=str(path))
-    loader(task, opts, text, str(path), split, out)
+    out = LoadedSplit(examples=[], path=path)
+    loader(task, opts, text, path, split, out)
     if not out.examples:
         raise UserError(f"{path}: no examples in the file; allowed: a {task.format} file with at least one "
                         f"{'sentence' if task.type == 'ner' else 'example'}")
@@ -203,16 +217,25 @@ def _fail(path: str, line: int | None, problem: str, allowed: str) -> UserError:
     return UserError(f"{where}: {problem}; allowed: {allowed}")
 
 
-def _read_text(path: Path) -> str:
-    raw = path.read_bytes()
+def _decode(raw: bytes, path: str) -> str:
+    """The file's text; empty, binary (NUL bytes), non-UTF-8 files and over-long lines are refused."""
     if not raw.strip():
-        raise _fail(str(path), None, "empty file", "a UTF-8 text file with at least one example")
+        raise _fail(path, None, "empty file", "a UTF-8 text file with at least one example")
+    nul = raw.find(b"\0")
+    if nul >= 0:
+        raise _fail(path, raw.count(b"\n", 0, nul) + 1, f"a NUL byte at byte {nul}: a binary file, or UTF-16/32 "
+                    "text", "UTF-8 text")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise _fail(str(path), line, f"bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r} at byte "
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _fail(path, line, f"bytes that are not UTF-8 ({raw[exc.start:exc.start + 4]!r} at byte "
                     f"{exc.start})", "UTF-8 text") from None
+    if len(text) > MAX_LINE_CHARS:  # only a long file can hold a long line: find it in one pass
+        for n, line in enumerate(text.split("\n"), start=1):
+            if len(line) > MAX_LINE_CHARS:
+                raise _fail(path, n, f"a line of {len(line):,} characters",
+                            f"at most {MAX_LINE_CHARS:,} characters per line")
     return text.removeprefix("\ufeff")
 
 
@@ -419,7 +442,9 @@ def _load_jsonl_markers(task: TaskInfo, opts: dict, text: str, path: str, split:
             raise _fail(path, n, f"metadata {meta!r}", "[] (empty_metadata)")
         if "metadata_token_offsets" in quirks and markers:
             offsets = _unmarked_token_spans(sentence, markers)
-            ok = isinstance(meta, list) and len(meta) == 4 and sorted([meta[0:2], meta[2:4]]) == sorted(offsets)
+            ok = (isinstance(meta, list) and len(meta) == 4
+                  and all(isinstance(m, int) and not isinstance(m, bool) for m in meta)
+                  and sorted([meta[0:2], meta[2:4]]) == sorted(offsets))
             if not ok:
                 raise _fail(path, n, f"metadata {meta!r} does not match the marked spans (token offsets "
                             f"{offsets[0]} and {offsets[1]} in the unmarked sentence)",
@@ -434,6 +459,25 @@ def _load_jsonl_markers(task: TaskInfo, opts: dict, text: str, path: str, split:
 # ----------------------------------------------------------------------------------- scierc_json
 
 
+def _scierc_document(doc: Any) -> tuple[list, list, list]:
+    """The document's sentences, ner and relations lists, their shapes checked; raises ValueError."""
+    if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("sentences", "ner", "relations")):
+        raise ValueError("an object with the lists sentences, ner and relations is needed")
+    sentences, ner, relations = doc["sentences"], doc["ner"], doc["relations"]
+    if not len(sentences) == len(ner) == len(relations):
+        raise ValueError("sentences, ner and relations differ in length")
+    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
+    for i, (sent, spans, rels) in enumerate(zip(sentences, ner, relations)):
+        if not isinstance(sent, list) or not sent or not all(isinstance(t, str) and t for t in sent):
+            raise ValueError(f"sentences[{i}] is not a non-empty list of non-empty token strings")
+        for what, items, ints in (("ner", spans, 2), ("relations", rels, 4)):
+            if not isinstance(items, list) or not all(
+                    isinstance(x, list) and len(x) == ints + 1 and all(map(is_int, x[:ints])) and isinstance(x[ints], str)
+                    for x in items):
+                raise ValueError(f"{what}[{i}] is not a list of [{', '.join(['int'] * ints)}, label] items")
+    return sentences, ner, relations
+
+
 def _load_scierc_json(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
     """Raw SciERC: NER sentences (nested spans flattened: a later span overwrites an earlier one's tokens,
     as SciBERT's flat files do) or relation examples marked as in SciBERT's files (head [[ ]], tail << >>)."""
@@ -442,12 +486,9 @@ def _load_scierc_json(task: TaskInfo, opts: dict, text: str, path: str, split: s
         if not line.strip():
             continue
         try:
-            doc = json.loads(line)
-            sentences, ner, relations = doc["sentences"], doc["ner"], doc["relations"]
-            if not (len(sentences) == len(ner) == len(relations)):
-                raise ValueError("sentences, ner and relations differ in length")
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise _fail(path, n, f"not a SciERC document ({type(exc).__name__}: {exc})",
+            sentences, ner, relations = _scierc_document(json.loads(line))
+        except (json.JSONDecodeError, ValueError) as exc:
+            raise _fail(path, n, f"not a SciERC document ({exc})",
                         '{"doc_key": ..., "sentences": [[tokens]], "ner": [[[start, end, type]]], '
                         '"relations": [[[s1, e1, s2, e2, label]]]} per line') from None
         offset = 0

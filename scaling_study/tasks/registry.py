@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from dataclasses import field
 from pathlib import Path
 from typing import Any, Iterable, Literal
@@ -22,7 +23,7 @@ import yaml
 from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
 
-from scaling_study.errors import SpecError, SpecErrors
+from scaling_study.errors import SpecError, SpecErrors, UserError
 from scaling_study.yamlio import line_of, read_yaml, validate
 
 PACKAGED = Path(__file__).parent
@@ -92,6 +93,9 @@ def load_task(folder: Path) -> TaskInfo:
     """Read and check `<folder>/task.yaml`; raises SpecErrors naming the file and field."""
     file = folder / "task.yaml"
     data, lines = read_yaml(file)
+    if data is None:
+        raise SpecError(str(file), "", problem="empty file",
+                        allowed="a mapping with id, name, type, format, labels, splits, ... (see docs/tasks.md)")
     task: TaskInfo = validate(TaskInfo, data, str(file), lines)
     errors = []
 
@@ -119,6 +123,14 @@ def load_task(folder: Path) -> TaskInfo:
     if errors:
         raise SpecErrors(errors)
     task.folder = str(folder)
+    from scaling_study.tasks.loaders import check_options  # loaders imports this module
+
+    try:  # a bad format option is found when the registry is read, not when a run first loads data
+        check_options(task)
+    except SpecError as exc:
+        path = tuple(int(k) if k.isdigit() else k for k in re.split(r"[.\[\]]+", exc.field) if k)
+        raise SpecError(exc.file, exc.field, exc.value, exc.allowed, problem=exc.problem,
+                        line=line_of(lines, path)) from None
     return task
 
 
@@ -138,6 +150,9 @@ def discover(extra_dirs: Iterable[Path] = ()) -> Registry:
     packaged, descriptions = _packaged()
     tasks = dict(packaged)
     for root in extra_dirs:
+        if not Path(root).is_dir():
+            raise UserError(f"{root}: not a folder; allowed: a folder of task folders, each holding a task.yaml "
+                            f"(--registry-path, tasks.registry_paths)")
         for folder in _task_folders(Path(root)):
             tasks[folder.name] = load_task(folder)
     suites: dict[str, list[str]] = {"all": sorted(tasks)}
