@@ -4,6 +4,8 @@
     scaling-study run experiments/smoke.yaml                   # the whole study: local Ray + local MLflow
     scaling-study results smoke --format csv                   # one row per finetune job
     scaling-study status smoke | scaling-study ui smoke
+    scaling-study submit experiments/x.yaml --address http://127.0.0.1:8265 --follow   # a Ray job; idempotent
+    scaling-study status --address http://127.0.0.1:8265      # study jobs on a cluster (docs/cluster.md)
     scaling-study plan experiments/scholarbert.yaml --device a100 --format json
     scaling-study validate experiments/*.yaml                   # check specs, write nothing
     scaling-study tasks list | scaling-study tasks show scierc_re
