@@ -99,12 +99,13 @@ needs_data = pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="need
 @needs_data
 def test_submission_id_follows_the_study(tmp_path):
     path = _spec(tmp_path)
-    first = submission_id(load_spec(path))
+    study = load_spec(path)
+    first = submission_id(study)
     assert first.startswith("scaling-study-clustered-")
+    assert submission_id(study, tracking_uri="http://elsewhere:5000") != first
     path.write_text("# a comment and reordered keys change nothing\n"
                     + yaml.safe_dump(yaml.safe_load(path.read_text()), sort_keys=True))
     assert submission_id(load_spec(path)) == first
-    assert submission_id(load_spec(path), tracking_uri="http://elsewhere:5000") != first
     data = yaml.safe_load(path.read_text())
     data["finetune"]["lr"] = 2e-3
     path.write_text(yaml.safe_dump(data))
@@ -139,48 +140,90 @@ def _wait(client, job_id: str, timeout: float = 600) -> str:
     raise AssertionError(f"job {job_id} still {status} after {timeout:.0f} s:\n{client.get_job_logs(job_id)[-3000:]}")
 
 
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    """A local MLflow server, started in a thread so that it comes up while the Ray head does."""
+    import threading
+
+    from scaling_study.tracking import LocalMlflowServer
+
+    server = LocalMlflowServer(tmp_path_factory.mktemp("mlflow"))
+    failed: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start()
+        except BaseException as exc:  # re-raised in the test's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=start, daemon=True)
+    thread.start()
+
+    def ready() -> LocalMlflowServer:
+        thread.join()
+        if failed:
+            raise failed[0]
+        return server
+
+    try:
+        yield ready
+    finally:
+        thread.join()
+        server.stop()
+
+
 @pytest.mark.slow
 @needs_data
-def test_submit_runs_the_study_once(ray_head, tmp_path, monkeypatch, capsys):
+def test_submit_runs_the_study_once(mlflow_server, ray_head, tmp_path, monkeypatch, capsys):
     from mlflow.tracking import MlflowClient
 
     from scaling_study.submit import connect
-    from scaling_study.tracking import KIND_TAG, LocalMlflowServer
+    from scaling_study.tracking import KIND_TAG
 
     # token auth is on: a request without the token is refused, the CLI's (from RAY_AUTH_TOKEN) is not
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{ray_head.dashboard_url}/api/jobs/", timeout=10)
     assert refused.value.code in (401, 403)
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["status", "--address", ray_head.dashboard_url]) == 2
+    assert "refused the request" in capsys.readouterr().err
     for key, value in ray_head.env.items():
         monkeypatch.setenv(key, value)
 
-    with LocalMlflowServer(tmp_path / "mlflow") as server:
-        path = _spec(tmp_path, tracking={"uri": server.uri})
-        assert main(["submit", str(path), "--address", ray_head.dashboard_url]) == 0
-        job_id = submission_id(load_spec(path))
-        assert f"submitted {job_id}" in capsys.readouterr().out
-        client = connect(ray_head.dashboard_url)
-        status = _wait(client, job_id)
-        assert status == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+    server = mlflow_server()
+    path = _spec(tmp_path, tracking={"uri": server.uri})
+    assert main(["submit", str(path), "--address", ray_head.dashboard_url]) == 0
+    job_id = submission_id(load_spec(path))
+    assert f"submitted {job_id}" in capsys.readouterr().out
+    # again while it is pending or running: attaches
+    assert main(["submit", str(path), "--address", ray_head.dashboard_url]) == 0
+    out = capsys.readouterr().out
+    assert f"already submitted: {job_id} (PENDING)" in out or f"already submitted: {job_id} (RUNNING)" in out
+    client = connect(ray_head.dashboard_url)
+    status = _wait(client, job_id)
+    assert status == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
 
-        mlflow = MlflowClient(server.uri)
-        experiment = mlflow.get_experiment_by_name("clustered")
-        runs = mlflow.search_runs([experiment.experiment_id])
-        kinds = sorted(r.data.tags[KIND_TAG] for r in runs)
-        assert kinds == ["corpus", "finetune", "finetune", "pretrain", "study"]
-        assert all(r.info.status == "FINISHED" for r in runs)
+    mlflow = MlflowClient(server.uri)
+    experiment = mlflow.get_experiment_by_name("clustered")
+    runs = mlflow.search_runs([experiment.experiment_id])
+    kinds = sorted(r.data.tags[KIND_TAG] for r in runs)
+    assert kinds == ["corpus", "finetune", "finetune", "pretrain", "study"]
+    assert all(r.info.status == "FINISHED" for r in runs)
 
-        # the same study again: attaches to the finished job, starts nothing
-        assert main(["submit", str(path), "--address", ray_head.dashboard_url, "--follow"]) == 0
-        out = capsys.readouterr().out
-        assert f"already submitted: {job_id} (SUCCEEDED)" in out and f"{job_id}: SUCCEEDED" in out
-        assert [j.submission_id for j in client.list_jobs()] == [job_id]
-        assert len(mlflow.search_runs([experiment.experiment_id])) == len(runs)
+    # the same study again: attaches to the finished job, starts nothing
+    assert main(["submit", str(path), "--address", ray_head.dashboard_url, "--follow"]) == 0
+    out = capsys.readouterr().out
+    assert f"already submitted: {job_id} (SUCCEEDED)" in out and f"{job_id}: SUCCEEDED" in out
+    assert [j.submission_id for j in client.list_jobs()] == [job_id]
+    assert len(mlflow.search_runs([experiment.experiment_id])) == len(runs)
 
-        assert main(["status", "--address", ray_head.dashboard_url]) == 0
-        out = capsys.readouterr().out
-        assert job_id in out and "SUCCEEDED" in out and "clustered" in out
-        assert main(["status", str(path), "--address", ray_head.dashboard_url]) == 0
-        assert job_id in capsys.readouterr().out
-        assert main(["status", "other-study", "--address", ray_head.dashboard_url]) == 0
-        assert "no study jobs of other-study" in capsys.readouterr().out
+    assert main(["status", "--address", ray_head.dashboard_url]) == 0
+    out = capsys.readouterr().out
+    assert job_id in out and "SUCCEEDED" in out and "clustered" in out
+    assert main(["status", str(path), "--address", ray_head.dashboard_url]) == 0
+    assert job_id in capsys.readouterr().out
+    assert main(["status", "other-study", "--address", ray_head.dashboard_url]) == 0
+    assert "no study jobs of other-study" in capsys.readouterr().out
+    assert main(["status", "clustered", "--tracking-uri", server.uri]) == 0  # MLflow runs, as before
+    out = capsys.readouterr().out
+    assert "finetune" in out and "FINISHED" in out
