@@ -17,12 +17,13 @@ same storage; a changed spec gets a new id. A failed or stopped job is retried o
 
 What travels: the working directory (this source checkout, without .git, .venv, data, studies and
 outputs) becomes the job's working directory and is first on its PYTHONPATH, so the cluster runs
-the code that was submitted. The entrypoint is `scaling-study run SPEC --quiet`, started from a
-persistent folder on the head node, `$SCALING_STUDY_HOME` (default `~/scaling-study`): a relative
-`storage.root` (the default `studies`) and the embedded MLflow server of a spec without
-`tracking.uri` live there, not in Ray's temporary copy of the working directory. A spec outside the
-working directory, or one whose tracking URI is overridden (`tracking_uri=`), travels as text in
-the job's environment and is written next to where it would be; its relative paths resolve there.
+the code that was submitted. The spec travels as text in the job's environment and is written
+where it sat relative to the working directory (`.scaling-study/` for a spec from elsewhere), so
+its relative paths resolve as they did; `tracking_uri=` (`--tracking-uri`) replaces its
+tracking.uri. The entrypoint is `scaling-study run SPEC --quiet`, started from a persistent folder
+on the head node, `$SCALING_STUDY_HOME` (default `~/scaling-study`): a relative `storage.root` (the
+default `studies`) and the embedded MLflow server of a spec without `tracking.uri` live there,
+not in Ray's temporary copy of the working directory.
 
 Token authentication (Ray 2.52+): with `RAY_AUTH_TOKEN` or `RAY_AUTH_TOKEN_PATH` set, the client
 sends that token; otherwise Ray's own rule applies (`RAY_AUTH_MODE=token` and `~/.ray/auth_token`).
@@ -117,8 +118,20 @@ def connect(address: str | None):
         raise _cluster_error(address, exc) from None
 
 
+def _list_jobs(client) -> list:
+    try:
+        return client.list_jobs()
+    except Exception as exc:  # e.g. 401/403: the dashboard answers /api/version without a token
+        raise _cluster_error(client.get_address(), exc) from None
+
+
 def entrypoint_and_env(study: Study, root: Path, tracking_uri: str | None = None) -> tuple[str, dict[str, str]]:
-    """The job's shell entrypoint and the env vars it needs (the spec's text when the spec travels alone)."""
+    """The job's shell entrypoint and its env vars, the spec's text among them.
+
+    The spec always travels as text (so a spec in an excluded or git-ignored folder, or from outside
+    the working directory, arrives too) and is written where it sat relative to the working
+    directory, so its relative paths resolve as they did; a spec from elsewhere goes to `.scaling-study/`.
+    """
     import yaml
 
     env = dict(QUIET_ENV)
@@ -126,54 +139,48 @@ def entrypoint_and_env(study: Study, root: Path, tracking_uri: str | None = None
     env["RAY_OVERRIDE_JOB_RUNTIME_ENV"] = "1"
     spec = Path(study.file).resolve()
     try:
-        rel = spec.relative_to(root.resolve())
+        folder = spec.parent.relative_to(root.resolve())
     except ValueError:
-        rel = None
-    if rel is not None and not _SAFE_PATH.match(rel.as_posix()):
-        rel = None  # a path the entrypoint's shell would have to quote: the spec travels as text instead
-    if rel is not None and tracking_uri is None:
-        spec_arg = f"$W/{rel.as_posix()}"
-        write = ""
-    else:
-        data = yaml.safe_load(spec.read_text())
-        if tracking_uri is not None:
-            data.setdefault("tracking", {})
-            data["tracking"] = {**(data["tracking"] or {}), "uri": tracking_uri}
-            env["MLFLOW_TRACKING_URI"] = tracking_uri
-        target = (rel.parent if rel is not None else Path(SHIPPED_DIR)) / f".{study.spec.name}.submitted.yaml"
-        env[SPEC_TEXT_ENV] = yaml.safe_dump(data, sort_keys=False)
-        env[SPEC_PATH_ENV] = target.as_posix()
-        spec_arg = f"$W/{target.as_posix()}"
-        write = "python -m scaling_study.submit && "
+        folder = Path(SHIPPED_DIR)
+    if not _SAFE_PATH.match(folder.as_posix()):
+        folder = Path(SHIPPED_DIR)  # a path the entrypoint's shell would have to quote
+    text = spec.read_text()
+    if tracking_uri is not None:
+        data = yaml.safe_load(text)
+        data["tracking"] = {**(data.get("tracking") or {}), "uri": tracking_uri}
+        text = yaml.safe_dump(data, sort_keys=False)
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    target = (folder / f".{study.spec.name}.submitted.yaml").as_posix()
+    env[SPEC_TEXT_ENV], env[SPEC_PATH_ENV] = text, target
     home = '"${SCALING_STUDY_HOME:-$HOME/scaling-study}"'
-    entry = f'W="$PWD" && {write}mkdir -p {home} && cd {home} && scaling-study run "{spec_arg}" --quiet'
+    entry = (f'W="$PWD" && python -m scaling_study.submit && mkdir -p {home} && cd {home} && '
+             f'scaling-study run "$W/{target}" --quiet')
     return entry, env
+
+
+def _attempt(job, base: str) -> int:
+    """1 for `base`, N for `base-N`, 0 for any other id."""
+    sid = job.submission_id or ""
+    rest = sid[len(base):] if sid.startswith(base) else "?"
+    return 1 if not rest else int(rest[1:]) if rest[:1] == "-" and rest[1:].isdigit() else 0
 
 
 def _attempts(client, base: str) -> list:
     """The jobs of one study, attempt 1 first (ids `base`, `base-2`, `base-3`, ...)."""
-    def attempt(job) -> int:
-        rest = job.submission_id[len(base):]
-        return 1 if not rest else int(rest[1:]) if rest[1:].isdigit() and rest[0] == "-" else 0
-
-    jobs = [j for j in client.list_jobs() if j.submission_id and j.submission_id.startswith(base) and attempt(j)]
-    return sorted(jobs, key=attempt)
+    return sorted((j for j in _list_jobs(client) if _attempt(j, base)), key=lambda j: _attempt(j, base))
 
 
 def submit(client, study: Study, *, root: Path | None = None, tracking_uri: str | None = None,
            retry: bool = False) -> Submitted:
     """Start the study's job, or attach to the one that exists (see the module docstring)."""
     base = submission_id(study, tracking_uri)
-    try:
-        attempts = _attempts(client, base)
-    except Exception as exc:
-        raise _cluster_error(client.get_address(), exc) from None
+    attempts = _attempts(client, base)
     if attempts:
         last = attempts[-1]
         status = str(last.status.value if hasattr(last.status, "value") else last.status)
         if not (retry and status in ("FAILED", "STOPPED")):
             return Submitted(last.submission_id, status, new=False)
-        job_id = f"{base}-{len(attempts) + 1}"
+        job_id = f"{base}-{_attempt(last, base) + 1}"
     else:
         job_id = base
     root = (root or source_root()).resolve()
@@ -202,7 +209,7 @@ def follow(client, job_id: str, write: Callable[[str], None]) -> str:
 def study_jobs(client, study: str | None = None) -> list[dict]:
     """One row per study job on the cluster (optionally of one study), oldest first."""
     rows = []
-    for job in client.list_jobs():
+    for job in _list_jobs(client):
         name = (job.metadata or {}).get(METADATA_KEY)
         if name is None or (study is not None and name != study):
             continue

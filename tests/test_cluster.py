@@ -113,12 +113,15 @@ def test_submission_id_follows_the_study(tmp_path):
 
 
 @needs_data
-def test_entrypoint_ships_a_spec_from_outside_the_working_dir(tmp_path):
+def test_entrypoint_ships_the_spec_beside_where_it_was(tmp_path):
     inside = load_spec(REPO / "experiments" / "smoke.yaml")
     entry, env = entrypoint_and_env(inside, REPO)
-    assert 'scaling-study run "$W/experiments/smoke.yaml" --quiet' in entry
-    assert SPEC_TEXT_ENV not in env and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
-    assert "${SCALING_STUDY_HOME:-$HOME/scaling-study}" in entry
+    assert env[SPEC_TEXT_ENV] == (REPO / "experiments" / "smoke.yaml").read_text()  # comments and all
+    assert env[SPEC_PATH_ENV] == "experiments/.smoke.submitted.yaml"  # relative paths resolve as before
+    assert entry.startswith('W="$PWD" && python -m scaling_study.submit && ')
+    assert entry.endswith('scaling-study run "$W/experiments/.smoke.submitted.yaml" --quiet')
+    assert "cd \"${SCALING_STUDY_HOME:-$HOME/scaling-study}\"" in entry
+    assert env["MLFLOW_DISABLE_TELEMETRY"] == "true" and "MLFLOW_TRACKING_URI" not in env
 
     outside = load_spec(_spec(tmp_path))
     entry, env = entrypoint_and_env(outside, REPO, tracking_uri="${MLFLOW_TRACKING_URI}")
@@ -126,8 +129,19 @@ def test_entrypoint_ships_a_spec_from_outside_the_working_dir(tmp_path):
     assert shipped["tracking"]["uri"] == "${MLFLOW_TRACKING_URI}"
     assert shipped["corpus"] == yaml.safe_load((tmp_path / "clustered.yaml").read_text())["corpus"]
     assert env[SPEC_PATH_ENV] == ".scaling-study/.clustered.submitted.yaml"
-    assert entry.startswith('W="$PWD" && python -m scaling_study.submit && ')
     assert {".git", ".venv", "data", "studies", "outputs"} <= set(EXCLUDES)
+
+
+def test_attempt_numbers():
+    """Retries of a study are `<id>-2`, `-3`, ...; other studies' ids (even with the same prefix) are not its attempts."""
+    from types import SimpleNamespace
+
+    from scaling_study.submit import _attempt
+
+    base = "scaling-study-x-0123456789ab"
+    ids = {base: 1, f"{base}-2": 2, f"{base}-10": 10, f"{base}x": 0, f"{base}-2b": 0, "scaling-study-y-1": 0}
+    for sid, number in ids.items():
+        assert _attempt(SimpleNamespace(submission_id=sid), base) == number, sid
 
 
 def _wait(client, job_id: str, timeout: float = 600) -> str:
