@@ -5,7 +5,8 @@
         head.address            # "127.0.0.1:<gcs port>"   (ray.init(address=...) with head.env applied)
         head.dashboard_url      # "http://127.0.0.1:<port>"   (the Jobs API)
         head.metrics_url        # "http://127.0.0.1:<port>/metrics"   (Ray's Prometheus endpoint)
-        head.env                # what a client needs: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN=...
+        head.env                # what a client process needs: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN=...
+        head.use_in_this_process(); ray.init(address=head.address)   # in the test's own process
 
 The `ray_head` fixture in conftest.py starts one per test module. The machine is shared, so the head
 never touches the default ports and is stopped without `ray stop` (which ends every Ray on the
@@ -51,6 +52,23 @@ def session_pids(sid: int) -> list[int]:
     return pids
 
 
+def process_token() -> str:
+    """The token Ray in this process sends once token auth is on (RAY_AUTH_TOKEN, its path, ~/.ray/auth_token).
+
+    Ray 2.60 turns token auth on for every local `ray.init()` and caches that token for the process,
+    so a head with any other token would refuse a later in-process `ray.init(address=head.address)`.
+    """
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        loader = AuthenticationTokenLoader.instance()
+        if loader.has_token(ignore_auth_mode=True):
+            return loader.get_raw_token(ignore_auth_mode=True)
+    except (ImportError, AttributeError):
+        pass
+    return secrets.token_hex(16)
+
+
 class RayHead:
     """`ray start --head` with its own temp dir and ports; token auth on unless `token=False`."""
 
@@ -60,7 +78,7 @@ class RayHead:
         self.num_cpus, self.startup_timeout = num_cpus, startup_timeout
         self.port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
         # explicit either way: with RAY_AUTH_MODE unset, `ray start` turns auth on if ~/.ray/auth_token exists
-        self.env = ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)} if token
+        self.env = ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": process_token()} if token
                     else {"RAY_AUTH_MODE": "disabled"})
         self.extra_env = env or {}
         self.sid: int | None = None
@@ -80,6 +98,15 @@ class RayHead:
     def headers(self) -> dict[str, str]:
         token = self.env.get("RAY_AUTH_TOKEN")
         return {"Authorization": f"Bearer {token}"} if token else {}
+
+    def use_in_this_process(self) -> None:
+        """Let this process's Ray talk to the head: its auth settings in os.environ, Ray's cached config
+        re-read (Ray reads RAY_AUTH_MODE when it is imported). Then `ray.init(address=head.address)`."""
+        os.environ.update(self.env)
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
 
     def start(self) -> RayHead:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
@@ -119,7 +146,7 @@ class RayHead:
         """End every process of the head's session: SIGTERM, then SIGKILL what is left after a few seconds."""
         if self.sid is None:
             return
-        for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+        for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
             pids = session_pids(self.sid)
             for pid in pids:
                 try:
