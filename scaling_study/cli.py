@@ -420,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("submit", help="run a study on a Ray cluster as a Ray job; idempotent")
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--address", default=None,
-                   help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS)")
+                   help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
+                        "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 if it fails")
     p.add_argument("--tracking-uri", default=None,
                    help="log to this MLflow server instead of the spec's tracking.uri (as seen from the cluster; "

@@ -103,13 +103,14 @@ def _cluster_error(address: str, exc: Exception) -> UserError:
 
 
 def connect(address: str | None):
-    """A JobSubmissionClient for `address` (default $RAY_ADDRESS), authenticated; one-line UserError otherwise."""
+    """A JobSubmissionClient for `address` (default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS, as `ray job`
+    does), authenticated; a one-line UserError otherwise."""
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS")
+    address = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise UserError("--address: missing; allowed: the Ray dashboard URL, e.g. http://127.0.0.1:8265 "
-                        "(or set RAY_ADDRESS)")
+                        "(or set RAY_API_SERVER_ADDRESS)")
     if "://" not in address:
         address = f"http://{address}"
     try:

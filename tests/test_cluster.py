@@ -8,7 +8,6 @@ is Ray's copy of the repository.
 """
 
 import copy
-import os
 import time
 import urllib.error
 import urllib.request
