@@ -5,6 +5,8 @@
     scaling-study results smoke --format csv                   # one row per finetune job
     scaling-study status smoke | scaling-study ui smoke
     scaling-study report smoke -o smoke.html                   # tables, plots, verdicts: one HTML file
+    scaling-study submit experiments/x.yaml --address http://127.0.0.1:8265 --follow   # a Ray job; idempotent
+    scaling-study status --address http://127.0.0.1:8265      # study jobs on a cluster (docs/cluster.md)
     scaling-study plan experiments/scholarbert.yaml --device a100 --format json
     scaling-study validate experiments/*.yaml                   # check specs, write nothing
     scaling-study tasks list | scaling-study tasks show scierc_re
@@ -316,10 +318,63 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.address:
+        return _jobs_status(args)
+    if not args.study:
+        raise UserError("status: missing STUDY; allowed: a study name or spec file, or --address URL for the "
+                        "study jobs on a Ray cluster")
     from scaling_study import results
 
     print(results.status(args.study, tracking_uri=args.tracking_uri, root=args.root).to_string(index=False))
     return 0
+
+
+def _jobs_status(args: argparse.Namespace) -> int:
+    """The study jobs on a Ray cluster (`status --address`), optionally of one study (name or spec file)."""
+    from scaling_study.submit import connect, study_jobs
+
+    name = args.study
+    if name and name.endswith((".yaml", ".yml")):
+        from scaling_study.spec import load_spec
+
+        name = load_spec(name).spec.name
+    client = connect(args.address)
+    rows = study_jobs(client, name)
+    if not rows:
+        print(f"no study jobs{' of ' + name if name else ''} on {client.get_address()}")
+        return 0
+    import pandas as pd
+
+    df = pd.DataFrame(rows)
+    df["started"] = pd.to_datetime(df.pop("start_time"), unit="ms").dt.strftime("%Y-%m-%d %H:%M")
+    df["seconds"] = df["seconds"].map(lambda s: "" if s is None or s != s else f"{s:.0f}")
+    print(df[["submission_id", "study", "status", "started", "seconds", "message"]].to_string(index=False))
+    return 0
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from scaling_study.spec import load_spec
+    from scaling_study.submit import TERMINAL, connect, follow, submit
+
+    study = load_spec(args.spec)  # bad input fails here, before anything reaches the cluster
+    client = connect(args.address)
+    root = Path(args.working_dir) if args.working_dir else None
+    job = submit(client, study, root=root, tracking_uri=args.tracking_uri, retry=args.retry)
+    address = client.get_address()
+    if job.new:
+        print(f"submitted {job.submission_id} to {address}")
+    else:
+        print(f"already submitted: {job.submission_id} ({job.status}); attached, nothing new started"
+              + ("; --retry starts a new attempt" if job.status in ("FAILED", "STOPPED") else ""))
+    if not args.follow:
+        print(f"watch: scaling-study status {study.spec.name} --address {address}   "
+              f"logs: ray job logs {job.submission_id} --address {address} --follow")
+        return 0
+    status = follow(client, job.submission_id, lambda text: print(text, end="", flush=True))
+    print(f"{job.submission_id}: {status}")
+    return 0 if status == "SUCCEEDED" else 1 if status in TERMINAL else 0
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
@@ -349,8 +404,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("study", help="study name (under --root) or its spec file")
+def _study_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
+    p.add_argument("study", nargs="?" if optional else None, help="study name (under --root) or its spec file")
     p.add_argument("--root", default="studies", help="storage root of the embedded default (default: ./studies)")
     p.add_argument("--tracking-uri", default=None, help="read from this MLflow server instead")
 
@@ -389,9 +444,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="F1 points a step of a factor must surely buy to count as a gain (default 1.0, the paper's)")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("status", help="a study's MLflow runs by kind and status")
-    _study_args(p)
+    p = sub.add_parser("status", help="a study's MLflow runs by kind and status; with --address, its Ray jobs")
+    _study_args(p, optional=True)
+    p.add_argument("--address", default=None,
+                   help="a Ray cluster's dashboard URL: list the study jobs there (all of them without STUDY)")
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("submit", help="run a study on a Ray cluster as a Ray job; idempotent")
+    p.add_argument("spec", help="study spec (YAML)")
+    p.add_argument("--address", default=None,
+                   help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
+                        "(default: $RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS)")
+    p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends; exit 1 if it fails")
+    p.add_argument("--tracking-uri", default=None,
+                   help="log to this MLflow server instead of the spec's tracking.uri (as seen from the cluster; "
+                        "'${MLFLOW_TRACKING_URI}' expands there)")
+    p.add_argument("--retry", action="store_true", help="start a new attempt if the study's last job failed or stopped")
+    p.add_argument("--working-dir", default=None,
+                   help="folder uploaded as the job's working directory (default: this source checkout)")
+    p.set_defaults(func=cmd_submit)
 
     p = sub.add_parser("ui", help="serve the MLflow UI over a study run with the embedded server")
     p.add_argument("study", help="study name (under --root) or its spec file")

@@ -29,3 +29,29 @@ BASE_SPEC = {
 @pytest.fixture
 def base_spec() -> dict:
     return copy.deepcopy(BASE_SPEC)
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real `ray start --head` on 127.0.0.1 with free ports and token auth, for one test module.
+
+    Yields a `ray_head.RayHead`: `.address` (GCS), `.dashboard_url` (Jobs API), `.metrics_url`
+    (Prometheus), `.env` (RAY_AUTH_MODE/RAY_AUTH_TOKEN a client needs), `.headers()`. Jobs run with
+    this venv's commands on PATH and `$SCALING_STUDY_HOME` in a temporary folder. Stopped by PID.
+    """
+    import shutil
+    import sys
+    import tempfile
+
+    from ray_head import RayHead
+
+    home = tmp_path_factory.mktemp("cluster-home")
+    temp = tempfile.mkdtemp(prefix="ss-", dir="/tmp")  # Ray's unix socket paths must stay < 107 chars
+    env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+           "SCALING_STUDY_HOME": str(home)}
+    head = RayHead(temp, env=env).start()
+    try:
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(temp, ignore_errors=True)
