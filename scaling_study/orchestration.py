@@ -20,6 +20,14 @@ Storage is the source of truth for what is done (`<storage.root>/<study>/`):
     logs/<node-id>.log                      the traceback of a failed node
     mlflow/                                 the embedded MLflow server's sqlite db and artifacts
 
+`storage.root` may be a URI (`s3://bucket/prefix`, `gs://...`, `file:///...`): every node then
+works in its machine's local mirror of the study folder and uploads its output when finished,
+the marker file (manifest.json, a checkpoint's trainer_state.pt, DONE.json) last; inputs
+(corpus shards, checkpoints) are downloaded to the mirror first (`scaling_study.storage`). The
+embedded MLflow server's sqlite db stays on the driver's machine, in its mirror: on a cluster, set
+`tracking.uri`. While it runs, the driver exports progress metrics through Ray
+(`scaling_study.progress`, for the Grafana dashboards in `dashboards/`).
+
 A re-run skips every finished node, resumes pretraining runs from their last checkpoint, and
 redoes unfinished finetune runs. MLflow gets one run per node id (corpus, pretrain, external,
 finetune), created by this driver only and found again by its `node_id` tag on a re-run;
