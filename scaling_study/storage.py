@@ -314,17 +314,19 @@ def push_checkpoint(out: Store, folder: Path) -> None:
 
 
 def pull_latest_checkpoint(out: Store) -> Path | None:
-    """Download the stored checkpoint a resume would start from, when the local mirror has none
-    as recent; returns its local folder (None when storage holds none)."""
+    """Make the local mirror resume from the latest stored checkpoint: download it unless it is
+    there, and drop local checkpoints past it (written, never uploaded: every rank, on every
+    node, must resume from the same step). Returns its local folder, None when storage has none."""
     from scaling_study.pretrain import STATE_FILE, latest_checkpoint
 
     if not out.remote:
         return latest_checkpoint(out.local)
     found = _step_folders(out, "checkpoints", STATE_FILE) + _step_folders(out, "resume", STATE_FILE)
-    if not found:
-        return latest_checkpoint(out.local)
-    step, _, rel = max(found)
-    local = latest_checkpoint(out.local)
-    if local is None or int(local.name[5:]) < step:
-        out.download(rel, last=(STATE_FILE,))
+    step, _, rel = max(found) if found else (0, False, None)
+    for kind in ("checkpoints", "resume"):
+        for folder in (out.local / kind).glob("step-*"):
+            if folder.name[5:].isdigit() and int(folder.name[5:]) > step:
+                shutil.rmtree(folder, ignore_errors=True)
+    if rel is not None:
+        out.download(rel, last=(STATE_FILE,))  # files already there are kept
     return latest_checkpoint(out.local)

@@ -147,6 +147,10 @@ def test_checkpoints_go_up_and_the_latest_comes_down(store):
     store.write_text("resume/step-00000020/model.safetensors", "partial")  # no marker: not a checkpoint
     latest = storage.pull_latest_checkpoint(store)
     assert latest == store.local / "resume" / "step-00000015" and (latest / STATE_FILE).is_file()
+    never_uploaded = checkpoint_dir(store.local, 18, kind="resume")  # its upload failed: other nodes lack it
+    never_uploaded.mkdir(parents=True)
+    (never_uploaded / STATE_FILE).write_bytes(b"s")
+    assert storage.pull_latest_checkpoint(store) == latest and not never_uploaded.exists()
 
 
 @pytest.mark.parametrize("root, problem", [
