@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from scaling_study.grid import expand
 from scaling_study.progress import METRICS, PREFIX
 
 from conftest import REPO
@@ -194,6 +195,12 @@ class Scraper(threading.Thread):
 SHARED = REPO.parent / "shared"
 
 
+def live(test):
+    """End to end on the Ray head: slow, and needs the task data of ../shared."""
+    test = pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")(test)
+    return pytest.mark.slow(test)
+
+
 @pytest.fixture(scope="module")
 def uri_study(ray_head, tmp_path_factory):
     """The micro study with storage.root = file://..., run on the Ray head while its metrics are scraped."""
@@ -223,8 +230,7 @@ def uri_study(ray_head, tmp_path_factory):
     yield study, summary, scraper, folder, env
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")
+@live
 def test_every_dashboard_metric_is_exported(uri_study):
     study, summary, scraper, _, _ = uri_study
     assert summary.ok, summary.failures
@@ -234,23 +240,17 @@ def test_every_dashboard_metric_is_exported(uri_study):
     for name, labels, value in scraper.samples:
         values.setdefault(name.removeprefix(PREFIX), []).append((labels, value))
     assert all(labels["study"] == "uri" for rows in values.values() for labels, _ in rows)
-    assert any(lb["kind"] == "checkpoint" and lb["state"] == "done" and v == 2 for lb, v in values["scaling_study_nodes"])
+    assert any(lb["kind"] == "checkpoint" and lb["state"] == "done" and v == 2
+               for lb, v in values["scaling_study_nodes"])
     assert {lb["node"] for lb, _ in values["scaling_study_tokens_per_second"]} == {
-        n.id for n in study_plan(study).of_kind("pretrain")}
+        n.id for n in expand(study).of_kind("pretrain")}
     assert all(v > 0 for _, v in values["scaling_study_tokens_per_second"])
     assert all(0 < v < 1 for _, v in values["scaling_study_mfu"])
     assert all(v > 0 for _, v in values["scaling_study_device_hours_planned"])
     assert max(v for _, v in values["scaling_study_device_hours_used"]) > 0
 
 
-def study_plan(study):
-    from scaling_study.grid import expand
-
-    return expand(study)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")
+@live
 def test_uri_storage_completes_and_rerun_is_a_noop(uri_study):
     from scaling_study import results
     from scaling_study.orchestration import DONE_FILE, run_study
@@ -273,8 +273,7 @@ def test_uri_storage_completes_and_rerun_is_a_noop(uri_study):
     assert len(df) == 8 and df["test_f1"].notna().all()
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")
+@live
 def test_checkpoints_load_after_download(uri_study, tmp_path, monkeypatch):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
@@ -284,7 +283,7 @@ def test_checkpoints_load_after_download(uri_study, tmp_path, monkeypatch):
 
     study, _, _, _, _ = uri_study
     monkeypatch.setenv("SCALING_STUDY_CACHE", str(tmp_path / "fresh-cache"))  # another machine
-    plan = study_plan(study)
+    plan = expand(study)
     layout = Layout.of(study)
     for ck in plan.of_kind("checkpoint"):
         uri = model_source(study, layout, plan, ck)
