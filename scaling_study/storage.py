@@ -44,6 +44,7 @@ SCHEMES = ("file", "s3", "gs")
 """URI schemes a study's `storage.root` may use (validated with the spec)."""
 _PYARROW_SCHEMES = {"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
 _THREADS = 8
+_OBJECT_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name))
 
 
 def is_uri(location: str | os.PathLike) -> bool:
@@ -213,7 +214,8 @@ class Store:
             pafs.copy_files(str(source), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
             fs.move(tmp, dest)
         else:  # an object appears whole when its upload completes
-            fs.create_dir(parent, recursive=True)  # a no-op on object stores; needed by fsspec's memory fs
+            if not isinstance(fs, _OBJECT_STORES):  # S3 would store a marker object per call
+                fs.create_dir(parent, recursive=True)
             pafs.copy_files(str(source), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
     def upload(self, rel: str = "", *, last: tuple[str, ...] = ()) -> None:
