@@ -154,9 +154,9 @@ def ray_head():
         yield f"127.0.0.1:{gcs}", url, env
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)  # `ray start --block` ends what it started
+            os.killpg(proc.pid, signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(20)
+            proc.wait(3)  # a throwaway head: no need to wait for a graceful stop
         for p in psutil.process_iter(["pid", "cmdline"]):  # leftovers of this head only: they name its temp dir
             with contextlib.suppress(psutil.Error):
                 if any(temp in part for part in p.info["cmdline"] or []):
