@@ -243,7 +243,9 @@ def corpus_files(study: Study, *, cache_dir: Path | str | None = None, download:
     if corpus is None:
         return []
     if cache_dir is None:
-        cache_dir = Path(expand_env(study.spec.storage.root)) / "cache"
+        from scaling_study.storage import Store
+
+        cache_dir = Store(expand_env(study.spec.storage.root)).local / "cache"  # a URI root: its local mirror
     return _resolve_sources(study, sorted(corpus.paths) + sorted(corpus.urls), Path(cache_dir), download)
 
 

@@ -20,6 +20,14 @@ Storage is the source of truth for what is done (`<storage.root>/<study>/`):
     logs/<node-id>.log                      the traceback of a failed node
     mlflow/                                 the embedded MLflow server's sqlite db and artifacts
 
+`storage.root` may be a URI (`s3://bucket/prefix`, `gs://...`, `file:///...`): every node then
+works in its machine's local mirror of the study folder and uploads its output when finished,
+the marker file (manifest.json, a checkpoint's trainer_state.pt, DONE.json) last; inputs
+(corpus shards, checkpoints) are downloaded to the mirror first (`scaling_study.storage`). The
+embedded MLflow server's sqlite db stays on the driver's machine, in its mirror: on a cluster, set
+`tracking.uri`. While it runs, the driver exports progress metrics through Ray
+(`scaling_study.progress`, for the Grafana dashboards in `dashboards/`).
+
 A re-run skips every finished node, resumes pretraining runs from their last checkpoint, and
 redoes unfinished finetune runs. MLflow gets one run per node id (corpus, pretrain, external,
 finetune), created by this driver only and found again by its `node_id` tag on a re-run;
@@ -46,7 +54,9 @@ from ray.tune.search import Searcher
 from scaling_study._env import QUIET_ENV
 from scaling_study.errors import UserError
 from scaling_study.grid import Node, Plan, expand
+from scaling_study.progress import StudyProgress, throughput_logger
 from scaling_study.spec import Study, expand_env
+from scaling_study.storage import SCHEMES, Store, check_root, is_uri, local_copy
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri
 
 DONE_FILE = "DONE.json"
@@ -58,17 +68,29 @@ FINAL_FILE = "final.json"
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each node's output lives under the study's folder."""
+    """Where each node's output lives under the study's folder.
+
+    `store` is that folder in storage (a local folder, or a URI: `scaling_study.storage`);
+    `root` is where this machine sees it: the folder itself, or its local mirror for a URI.
+    """
 
     root: Path
+    store: Store
 
     @classmethod
     def of(cls, study: Study) -> Layout:
         root = expand_env(study.spec.storage.root)
-        if "://" in root:
-            raise UserError(f"{study.file}: storage.root: got {root!r}; allowed: a local folder "
-                            "(object-store roots come with the cluster milestone)")
-        return cls(Path(root).expanduser().resolve() / study.spec.name)
+        problem = check_root(root)
+        if problem:  # the spec checks it too; ${VAR} may expand to something else now
+            raise UserError(f"{study.file}: storage.root: {problem}; got {root!r}; allowed: a local folder or a "
+                            f"URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
+        store = Store(f"{root.rstrip('/')}/{study.spec.name}" if is_uri(root)
+                      else Path(root).expanduser().resolve() / study.spec.name)
+        return cls(store.local, store)
+
+    def rel(self, plan: Plan, node: Node) -> str:
+        """A node's folder, relative to the study's folder."""
+        return str(self.node(plan, node).relative_to(self.root))
 
     def node(self, plan: Plan, node: Node) -> Path:
         from scaling_study.pretrain import checkpoint_dir
@@ -78,8 +100,16 @@ class Layout:
         folder = {"corpus": "corpus", "pretrain": "pretrain", "finetune_run": "finetune"}[node.kind]
         return self.root / folder / node.id
 
-    def log(self, node_id: str) -> Path:
-        return self.root / "logs" / f"{node_id}.log"
+    def location(self, plan: Plan, node: Node) -> str:
+        """A node's folder in storage: what Ray tasks get (a path, or a URI they download from)."""
+        return self.store.url(self.rel(plan, node))
+
+    def has(self, plan: Plan, node: Node, name: str) -> bool:
+        return self.store.is_file(f"{self.rel(plan, node)}/{name}")
+
+    def log(self, node_id: str) -> str:
+        """The node's log in storage (a path, or a URI)."""
+        return self.store.url(f"logs/{node_id}.log")
 
     @property
     def mlflow(self) -> Path:
@@ -88,26 +118,29 @@ class Layout:
 
 def node_done(layout: Layout, plan: Plan, node: Node) -> bool:
     """Whether storage holds a node's finished output."""
-    from scaling_study.corpus import read_manifest
+    from scaling_study.corpus import FORMAT, MANIFEST, read_manifest
     from scaling_study.pretrain import STATE_FILE
 
     if node.kind == "corpus":
-        return read_manifest(layout.node(plan, node)) is not None
+        if not layout.store.remote:
+            return read_manifest(layout.node(plan, node)) is not None
+        text = layout.store.read_text(f"{layout.rel(plan, node)}/{MANIFEST}")  # uploaded last: the marker
+        return text is not None and json.loads(text).get("format") == FORMAT
     if node.kind == "checkpoint":
-        return (layout.node(plan, node) / STATE_FILE).is_file()
+        return layout.has(plan, node, STATE_FILE)
     if node.kind == "pretrain":
         return all(node_done(layout, plan, ck) for ck in plan.children(node.id))
     if node.kind == "external":
         return True
     if node.kind == "finetune_run":
-        return (layout.node(plan, node) / DONE_FILE).is_file()
+        return layout.has(plan, node, DONE_FILE)
     return node_done(layout, plan, plan.nodes[node.parents[0]])  # a finetune cell: its run
 
 
 def model_source(study: Study, layout: Layout, plan: Plan, model: Node) -> str:
     """What a finetune run loads: a checkpoint folder, or an external model's folder or hub id."""
     if model.kind == "checkpoint":
-        return str(layout.node(plan, model))
+        return layout.location(plan, model)
     source = model.inputs["source"]
     if source.startswith((".", "/", "~", "$")):
         return str(study.resolve_path(source))
@@ -145,7 +178,7 @@ class StudyState:
         with self.lock:
             self.state[nid] = state
 
-    def fail(self, node: Node, reason: str, log: Path | None, *, state: str = "failed") -> None:
+    def fail(self, node: Node, reason: str, log: str | None, *, state: str = "failed") -> None:
         what = " ".join(f"{k}={v}" for k, v in node.factors.items())
         with self.lock:
             self.state[node.id] = state
@@ -203,34 +236,38 @@ def _weights(study: Study, plan: Plan) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _node_log(path: Path):
+def _node_log(location: str):
     """On an exception, write its traceback to the node's log (the summary points there), then re-raise."""
     try:
         yield
     except BaseException:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a") as f:
-            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
+        folder, _, name = location.rpartition("/")
+        Store(folder).append_text(name, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
         raise
 
 
 def _corpus_task(study: Study, node: Node, out_dir: str, log: str) -> dict:
-    from scaling_study.corpus import build_corpus
+    from scaling_study.corpus import MANIFEST, build_corpus
 
-    with _node_log(Path(log)):
-        cache = Path(out_dir).parent.parent / "cache"  # <study>/cache, as corpus.urls documents
-        return dataclasses.asdict(build_corpus(study, node, out_dir, progress=False, cache_dir=cache))
+    with _node_log(log):
+        out = Store(out_dir)  # a URI: build in the local mirror, then upload with the manifest last
+        cache = out.local.parent.parent / "cache"  # <study>/cache, as corpus.urls documents
+        manifest = build_corpus(study, node, out.local, progress=False, cache_dir=cache)
+        out.upload(last=(MANIFEST,))
+        return dataclasses.asdict(manifest)
 
 
 def _pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_dir: str, uri: str,
                    run_id: str, log: str, _corpus: Any = None) -> dict:
     from scaling_study.pretrain import MlflowLogger, run_pretraining
 
-    with _node_log(Path(log)):
-        final = run_pretraining(study, plan, plan.nodes[node_id], corpus_dir, out_dir,
-                                logger_factory=functools.partial(MlflowLogger, uri, run_id), max_failures=2)
+    with _node_log(log):
+        mlflow_logger = functools.partial(MlflowLogger, uri, run_id)
+        final = run_pretraining(study, plan, plan.nodes[node_id], corpus_dir, out_dir, max_failures=2,
+                                logger_factory=functools.partial(throughput_logger, study.spec.name, node_id,
+                                                                 mlflow_logger))
         final = json.loads(json.dumps(final, default=str))
-        (Path(out_dir) / FINAL_FILE).write_text(json.dumps(final, indent=1))
+        Store(out_dir).write_text(FINAL_FILE, json.dumps(final, indent=1))
         return final
 
 
@@ -242,20 +279,25 @@ def _finetune_trial(config: dict, study: Study | None = None) -> None:
     from scaling_study.finetune import FinetuneConfig, finetune
     from scaling_study.tasks.data import load_task_data, mirror_dirs
 
+    from scaling_study.pretrain import STATE_FILE
+
     torch.set_num_threads(max(1, int(config["cpus"])))
-    out = Path(config["out_dir"])
-    with _node_log(Path(config["log"])):
+    store = Store(config["out_dir"])  # a URI: work in the local mirror, upload with DONE.json last
+    out = store.local
+    with _node_log(config["log"]):
         start = time.perf_counter()
         task = study.tasks[config["task"]]
         data = load_task_data(task, mirror_dirs(None, study), caps=study.caps[task.id])
-        results = finetune(config["model_source"], task, data, FinetuneConfig.from_spec(study.spec.finetune),
+        model = local_copy(config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
+        results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
                            config["levels"], config["seed"], out)
         seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
         tracker_uri, cells = config["uri"], config["cells"]
         for result in results:
             _log_cell(tracker_uri, cells[str(result["epochs"])], result, out)
-        (out / DONE_FILE).write_text(json.dumps({"cells": cells, "results": results, "seconds": seconds},
-                                                indent=1, default=str))
+        store.upload()
+        store.write_text(DONE_FILE, json.dumps({"cells": cells, "results": results, "seconds": seconds},
+                                               indent=1, default=str))
         tune.report({"test_f1": float(results[-1]["test"]["f1"])})
 
 
@@ -427,10 +469,10 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
         work = [n for n in plan.nodes.values() if state.state[n.id] != "done" and n.kind in
                 ("corpus", "pretrain", "finetune_run")]
         if work:
-            with ray_cluster(address), _live(state, progress):
+            with ray_cluster(address), _live(state, progress), StudyProgress(study, state):
                 trained = _execute(study, plan, layout, tracker, study_run, state)
         tracker.client.set_terminated(study_run, "FAILED" if state.failures else "FINISHED")
-    return Summary(study.spec.name, str(layout.root), redact_uri(uri), state.counts(), state.failures,
+    return Summary(study.spec.name, layout.store.location, redact_uri(uri), state.counts(), state.failures,
                    time.monotonic() - started, trained)
 
 
@@ -482,13 +524,13 @@ def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
             continue
         run_id = tracker.run_for(node.id, kind="pretrain", name=_name(node), factors=_factors(node),
                                  parent_run_id=study_run, tags={"corpus_id": node.parents[0]})
-        checkpoints = {ck.inputs["step"]: str(layout.node(plan, ck)) for ck in plan.children(node.id)}
+        checkpoints = {ck.inputs["step"]: layout.location(plan, ck) for ck in plan.children(node.id)}
         _log_final(tracker, run_id, {"checkpoints": checkpoints})
     for run_node in plan.of_kind("finetune_run"):
-        done_file = layout.node(plan, run_node) / DONE_FILE
-        if not done_file.is_file():
+        text = layout.store.read_text(f"{layout.rel(plan, run_node)}/{DONE_FILE}")
+        if text is None:
             continue
-        saved = json.loads(done_file.read_text())
+        saved = json.loads(text)
         for result in saved["results"]:
             cell = next(c for c in plan.children(run_node.id) if c.inputs["epochs"] == result["epochs"])
             existing = tracker.find_run(cell.id)
@@ -496,6 +538,8 @@ def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
                 continue
             run_id = tracker.run_for(cell.id, kind="finetune", name=_name(cell), factors=_factors(cell),
                                      parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
+            if layout.store.remote:  # its artifacts, for MLflow
+                layout.store.download(layout.rel(plan, run_node))
             _log_cell(tracker.uri, run_id, result, layout.node(plan, run_node))
 
 
@@ -514,7 +558,7 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
 
     for node in plan.of_kind("corpus"):
         if state.state[node.id] != "done":
-            refs[node.id] = corpus_task.remote(study_ref, node, str(layout.node(plan, node)), str(layout.log(node.id)))
+            refs[node.id] = corpus_task.remote(study_ref, node, layout.location(plan, node), layout.log(node.id))
             state.set(node.id, "running")
     for node in plan.of_kind("pretrain"):
         if state.state[node.id] == "done":
@@ -523,9 +567,9 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
         run_id = tracker.run_for(node.id, kind="pretrain", name=_name(node), factors=_factors(node),
                                  parent_run_id=study_run, tags={"corpus_id": corpus.id})
         cache[node.id] = run_id
-        refs[node.id] = pretrain_task.remote(study_ref, plan_ref, node.id, str(layout.node(plan, corpus)),
-                                             str(layout.node(plan, node)), tracker.uri, run_id,
-                                             str(layout.log(node.id)), refs.get(corpus.id))
+        refs[node.id] = pretrain_task.remote(study_ref, plan_ref, node.id, layout.location(plan, corpus),
+                                             layout.location(plan, node), tracker.uri, run_id,
+                                             layout.log(node.id), refs.get(corpus.id))
         state.set(node.id, "running")
 
     finished: set[str] = set()
@@ -588,10 +632,10 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
             cells[str(cell.inputs["epochs"])] = tracker.run_for(
                 cell.id, kind="finetune", name=_name(cell), factors=_factors(cell), tags=tags,
                 parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
-        out = layout.node(plan, run_node)
         return {"node": run_node.id, "model_source": model_source(study, layout, plan, model),
                 "task": run_node.factors["task"], "seed": run_node.inputs["seed"],
-                "levels": sorted(int(e) for e in cells), "out_dir": str(out), "log": str(layout.log(run_node.id)),
+                "levels": sorted(int(e) for e in cells), "out_dir": layout.location(plan, run_node),
+                "log": layout.log(run_node.id),
                 "uri": tracker.uri, "cells": cells, "cpus": spec.finetune.cpus_per_job}
 
     pending = [n for n in plan.of_kind("finetune_run") if state.state[n.id] != "done"]
@@ -604,7 +648,8 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(pending),
                                         max_concurrent_trials=spec.finetune.max_concurrent or 0),
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
-                                      storage_path=str(layout.root / "ray_results"), verbose=0,
+                                      storage_path=layout.store.path("ray_results"),
+                                      storage_filesystem=layout.store.fs if layout.store.remote else None, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=0)),
         )
         grid = tuner.fit()
@@ -647,5 +692,6 @@ def _log_corpus(tracker: Tracker, run_id: str, manifest: dict) -> None:
 
 def _log_final(tracker: Tracker, run_id: str, final: dict) -> None:
     for step, folder in (final.get("checkpoints") or {}).items():
-        tracker.client.set_tag(run_id, f"checkpoint.{int(step):08d}", Path(folder).resolve().as_uri())
+        tracker.client.set_tag(run_id, f"checkpoint.{int(step):08d}",
+                               folder if is_uri(folder) else Path(folder).resolve().as_uri())
     tracker.client.set_terminated(run_id, "FINISHED")

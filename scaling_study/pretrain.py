@@ -25,7 +25,10 @@ Each checkpoint is written to a temporary folder and moved into place with `os.r
 crash mid-write leaves the previous checkpoints valid; a restart (`resume=True`) continues from
 the latest complete one, at the same data position, with the same RNG streams: the loss curve
 of an interrupted run is the uninterrupted one (tests/test_pretrain.py checks it step by step).
-For multi-node runs `out_dir` must be a filesystem every worker sees (NFS, a FUSE-mounted bucket).
+For multi-node runs `out_dir` must be a filesystem every worker sees (NFS), or a storage URI
+(`s3://...`, `scaling_study.storage`): on Ray Train each worker then trains in its node's local
+mirror, rank 0 uploads each checkpoint (its trainer_state.pt last, the completeness marker), and a
+restart downloads the latest stored checkpoint before resuming.
 
 The step, in short: each worker reads its own shards (shard i -> worker i % N, reshuffled every
 epoch from the seed; rows split i % N instead when there are fewer shards than workers); masks
@@ -800,14 +803,24 @@ def _ray_worker(args: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    from scaling_study import storage
+
     rank = ray.train.get_context().get_world_rank()
     factory = args.get("logger_factory")
     logger = factory() if factory is not None and rank == 0 else None
+    # URI storage: train in this node's mirror; the corpus and the checkpoint to resume from come
+    # down first, and each checkpoint goes up before the report (a plain path: all no-ops)
+    out = storage.Store(args["out_dir"])
+    corpus_dir = storage.Store(args["corpus_dir"]).download(last=("manifest.json",))
+    if args.get("resume", True):
+        storage.pull_latest_checkpoint(out)
 
     def report(step: int, folder: Path, metrics: dict) -> None:
-        ray.train.report({**metrics, "step": step, "checkpoint_dir": str(folder)})
+        if rank == 0:
+            storage.push_checkpoint(out, folder)
+        ray.train.report({**metrics, "step": step, "checkpoint_dir": out.url(str(folder.relative_to(out.local)))})
 
-    return train_mlm(args["config"], args["corpus_dir"], args["out_dir"], resume=args.get("resume", True),
+    return train_mlm(args["config"], corpus_dir, out.local, resume=args.get("resume", True),
                      logger=logger, device=ray.train.torch.get_device(), on_checkpoint=report)
 
 
@@ -821,12 +834,15 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
     `cpus_per_worker` CPUs (and torch threads) and `gpus_per_worker` GPUs. `logger_factory` must
     pickle (e.g. `functools.partial(MlflowLogger, uri, run_id)`); it is called on rank 0 only.
     A restarted worker group (`max_failures`) resumes from the latest checkpoint in `out_dir`.
-    Returns rank 0's final metrics (`train_mlm`'s return value).
+    Returns rank 0's final metrics (`train_mlm`'s return value). `corpus_dir` and `out_dir` may be
+    storage URIs (`scaling_study.storage`): each worker then trains in its node's local mirror.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    out_dir = Path(out_dir).resolve()
+    from scaling_study.storage import Store
+
+    out = Store(out_dir)
     if config.num_threads is None:
         config = dataclasses.replace(config, num_threads=cpus_per_worker)
     resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
@@ -836,11 +852,12 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
     runtime_env = None if gpus_per_worker else {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config, "corpus_dir": str(Path(corpus_dir).resolve()), "out_dir": str(out_dir),
+        train_loop_config={"config": config, "corpus_dir": Store(corpus_dir).location, "out_dir": out.location,
                            "logger_factory": logger_factory, "resume": resume},
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name or out_dir.name, storage_path=str(out_dir / "ray"),
+        run_config=RunConfig(name=name or out.local.name, storage_path=out.path("ray"),
+                             storage_filesystem=out.fs if out.remote else None,
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env=runtime_env),
     )
@@ -855,14 +872,17 @@ def run_pretraining(study: Study, plan: Plan, run_node: Node, corpus_dir: str | 
     node. Finished or partly finished runs resume from `out_dir`. Returns the final metrics plus
     `checkpoints`: {step: folder} of the level checkpoints present.
     """
+    from scaling_study.storage import Store
+
     p = study.spec.pretrain
-    corpus = CorpusInfo.read(corpus_dir)
+    corpus = CorpusInfo.read(Store(corpus_dir).download("manifest.json").parent)  # the shards stay where they are
     config = PretrainConfig.from_study(study, plan, run_node, vocab_size=corpus.vocab_size)
     final = train_mlm_ray(config, corpus_dir, out_dir, num_workers=p.num_workers, cpus_per_worker=p.cpus_per_worker,
                           gpus_per_worker=p.gpus_per_worker, name=run_node.id, logger_factory=logger_factory,
                           max_failures=max_failures)
-    final["checkpoints"] = {s: str(checkpoint_dir(out_dir, s)) for s in config.checkpoint_steps
-                            if (checkpoint_dir(out_dir, s) / STATE_FILE).is_file()}
+    out = Store(out_dir)
+    levels = {s: str(checkpoint_dir("", s)) for s in config.checkpoint_steps}
+    final["checkpoints"] = {s: out.url(rel) for s, rel in levels.items() if out.is_file(f"{rel}/{STATE_FILE}")}
     return final
 
 

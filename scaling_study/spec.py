@@ -345,8 +345,10 @@ class StorageSpec:
     """Where corpus builds, checkpoints and caches go."""
 
     root: str = "studies"
-    """Storage root: a local folder (relative to the working directory) or a URI (`s3://bucket/path`)
-    on clusters; `${VAR}` expands. A study writes under `<root>/<study name>/`."""
+    """Storage root: a local or shared folder (relative to the working directory), or a URI
+    (`s3://bucket/prefix`, `gs://bucket/prefix`, `file:///abs/path`) whose files are staged and
+    cached on each machine under `$SCALING_STUDY_CACHE` (default `~/.cache/scaling-study`);
+    `${VAR}` expands. A study writes under `<root>/<study name>/`."""
 
 
 @dataclass(config=_CONFIG, kw_only=True)
@@ -490,6 +492,13 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
             if v.tokens is not None and total is not None and v.tokens > total:
                 err(("data_volumes", i), v.label, f"<= corpus.total_tokens ({total:.3g})",
                     problem="more tokens than the corpus has")
+
+    from scaling_study.storage import SCHEMES, check_root
+
+    problem = check_root(expand_env(spec.storage.root))
+    if problem:
+        err(("storage", "root"), spec.storage.root, "a local folder or a URI of scheme "
+            + ", ".join(f"{s}://" for s in SCHEMES), problem=problem)
 
     if spec.corpus is not None and not spec.corpus.paths and not spec.corpus.urls:
         err(("corpus",), problem="no sources", allowed="corpus.paths (local files/folders) and/or corpus.urls")

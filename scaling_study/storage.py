@@ -1,0 +1,334 @@
+"""Storage roots on local disks, shared filesystems and object stores, with a local mirror.
+
+    from scaling_study.storage import Store
+    out = Store("s3://bucket/studies/x/pretrain/pt-1")   # or "gs://...", "file:///abs", "/a/local/folder"
+    out.local                                  # where this machine reads and writes it: a folder
+    out.exists("checkpoints/step-00000500/trainer_state.pt")
+    out.upload("checkpoints/step-00000500", last=("trainer_state.pt",))   # the marker goes up last
+    out.download("checkpoints/step-00000500", exclude=("trainer_state.pt",))  # -> the local folder
+    out.write_text("final.json", text)         # atomic on local disks; one PUT on object stores
+
+A plain path (no `scheme://`) is used in place: `local` is the folder itself and `upload` and
+`download` do nothing, so a local or NFS root costs no copies. A URI is opened with
+`pyarrow.fs.FileSystem.from_uri` (`s3://`, `gs://`, `file://`; credentials from the usual chain,
+e.g. an instance profile) or, for other protocols, with fsspec behind pyarrow's `FSSpecHandler`.
+Its `local` folder is a mirror under the cache (`$SCALING_STUDY_CACHE`, default
+`~/.cache/scaling-study`): work is staged there and uploaded when finished, and inputs are
+downloaded there before use. `file://` takes the object-store path on purpose (tests run the code
+an `s3://` root runs); use a plain path for a shared filesystem.
+
+Object stores have no rename, so a folder counts as complete by a marker file that is uploaded
+after everything else (a corpus build's `manifest.json`, a checkpoint's `trainer_state.pt`, a
+finetune run's `DONE.json`); a killed upload leaves a folder without its marker, which readers
+treat as absent. Downloads are per file, each written under a temporary name and renamed, with
+the marker last, so the local mirror follows the same rule, and concurrent downloads of the same
+folder on one machine (ranks of one node, trials) are safe. The mirror is a cache: delete it
+whenever nothing runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+__all__ = ["SCHEMES", "Store", "cache_root", "check_root", "is_uri", "local_copy"]
+
+SCHEMES = ("file", "s3", "gs")
+"""URI schemes a study's `storage.root` may use (validated with the spec)."""
+_PYARROW_SCHEMES = {"file", "s3", "gs", "gcs", "hdfs", "viewfs", "abfs", "abfss"}
+_THREADS = 8
+_OBJECT_STORES = tuple(getattr(pafs, name) for name in ("S3FileSystem", "GcsFileSystem") if hasattr(pafs, name))
+
+
+def is_uri(location: str | os.PathLike) -> bool:
+    return "://" in str(location)
+
+
+def check_root(root: str) -> str | None:
+    """The problem with a storage root, or None: a plain path, or a URI of one of `SCHEMES`."""
+    if not is_uri(root):
+        return None
+    scheme, _, rest = root.partition("://")
+    if scheme.lower() not in SCHEMES:
+        return f"unsupported URI scheme {scheme!r}"
+    if scheme.lower() != "file" and not rest.split("/")[0]:
+        return "no bucket in the URI"
+    if scheme.lower() == "file" and not rest.startswith("/"):
+        return "a file:// URI needs an absolute path (file:///abs/path)"
+    return None
+
+
+def cache_root() -> Path:
+    """This machine's cache folder: `$SCALING_STUDY_CACHE`, or `~/.cache/scaling-study`."""
+    return Path(os.environ.get("SCALING_STUDY_CACHE") or "~/.cache/scaling-study").expanduser().resolve()
+
+
+@functools.lru_cache(maxsize=None)
+def _filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
+    # One per bucket and process: from_uri asks S3 for the bucket's region (a network call).
+    if scheme in _PYARROW_SCHEMES:
+        return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")[0]
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fsspec.filesystem(scheme)))
+
+
+class Store:
+    """A folder in storage (see the module docstring); pickles as its location."""
+
+    def __init__(self, location: str | os.PathLike):
+        location = str(location)
+        self.remote = is_uri(location)
+        if self.remote:
+            self.location = location.rstrip("/")
+            parts = urllib.parse.urlsplit(self.location)
+            self.scheme, netloc = parts.scheme.lower(), parts.netloc
+            self.base = parts.path if self.scheme == "file" else f"{netloc}{parts.path}"
+            self.local = cache_root() / "mirror" / self.scheme / netloc / parts.path.lstrip("/")
+            self._netloc = netloc
+        else:
+            self.local = Path(location).expanduser().resolve()
+            self.location, self.base, self.scheme = str(self.local), str(self.local), ""
+
+    def __reduce__(self):
+        return Store, (self.location,)
+
+    def __repr__(self) -> str:
+        return f"Store({self.location!r})"
+
+    @property
+    def fs(self) -> pafs.FileSystem:
+        return _filesystem(self.scheme, self._netloc) if self.remote else pafs.LocalFileSystem()
+
+    def child(self, rel: str) -> Store:
+        return Store(self.url(rel))
+
+    def url(self, rel: str = "") -> str:
+        """The location of `rel`: a URI for remote stores, an absolute path otherwise."""
+        rel = rel.strip("/")
+        if not rel:
+            return self.location
+        return f"{self.location}/{rel}" if self.remote else str(self.local / rel)
+
+    def path(self, rel: str = "") -> str:
+        """`rel` as a path on `fs` (what pyarrow and Ray's storage_filesystem take)."""
+        rel = rel.strip("/")
+        return f"{self.base.rstrip('/')}/{rel}" if rel else self.base
+
+    # ------------------------------------------------------------------ small files
+
+    def _info(self, rel: str) -> pafs.FileInfo:
+        return self.fs.get_file_info(self.path(rel))
+
+    def exists(self, rel: str) -> bool:
+        if not self.remote:
+            return (self.local / rel).exists()
+        return self._info(rel).type != pafs.FileType.NotFound
+
+    def is_file(self, rel: str) -> bool:
+        if not self.remote:
+            return (self.local / rel).is_file()
+        return self._info(rel).type == pafs.FileType.File
+
+    def read_text(self, rel: str) -> str | None:
+        """The file's text, or None if there is none."""
+        if not self.remote:
+            try:
+                return (self.local / rel).read_text()
+            except FileNotFoundError:
+                return None
+        try:
+            with self.fs.open_input_stream(self.path(rel)) as f:
+                return f.read().decode()
+        except FileNotFoundError:
+            return None
+
+    def write_text(self, rel: str, text: str) -> None:
+        """Write a small file whole: readers see the old file or the new one, never a part."""
+        if not self.remote:
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+            return
+        with tempfile.NamedTemporaryFile("w", delete=False, suffix=".txt") as f:
+            f.write(text)
+        try:
+            self._put(Path(f.name), self.path(rel))
+        finally:
+            os.unlink(f.name)
+
+    def append_text(self, rel: str, text: str) -> None:
+        """Append to a small file (logs): read, extend and rewrite it on object stores."""
+        if not self.remote:
+            target = self.local / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with target.open("a") as f:
+                f.write(text)
+            return
+        self.write_text(rel, (self.read_text(rel) or "") + text)
+
+    def delete(self, rel: str) -> None:
+        """Remove a file or folder; nothing if it is not there."""
+        if not self.remote:
+            target = self.local / rel
+            if target.is_dir():
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                target.unlink(missing_ok=True)
+            return
+        info = self._info(rel)
+        if info.type == pafs.FileType.Directory:
+            self.fs.delete_dir(self.path(rel))
+        elif info.type == pafs.FileType.File:
+            self.fs.delete_file(self.path(rel))
+
+    def list(self, rel: str = "") -> list[str]:
+        """Names of the entries directly in folder `rel` (empty if there is none)."""
+        if not self.remote:
+            folder = self.local / rel
+            return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        selector = pafs.FileSelector(self.path(rel), allow_not_found=True)
+        return sorted(info.base_name for info in self.fs.get_file_info(selector))
+
+    # ------------------------------------------------------------------ folders
+
+    def _put(self, source: Path, dest: str) -> None:
+        fs = self.fs
+        parent = dest.rsplit("/", 1)[0]
+        if isinstance(fs, pafs.LocalFileSystem):  # a real rename exists: use it
+            fs.create_dir(parent, recursive=True)
+            tmp = f"{parent}/.{dest.rsplit('/', 1)[1]}.tmp-{os.getpid()}"
+            pafs.copy_files(str(source), tmp, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+            fs.move(tmp, dest)
+        else:  # an object appears whole when its upload completes
+            if not isinstance(fs, _OBJECT_STORES):  # S3 would store a marker object per call
+                fs.create_dir(parent, recursive=True)
+            pafs.copy_files(str(source), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+    def upload(self, rel: str = "", *, last: tuple[str, ...] = ()) -> None:
+        """Copy the local file or folder `rel` up; files named in `last` go after all others, in
+        that order. Nothing for a plain local store."""
+        if not self.remote:
+            return
+        source = self.local / rel
+        if source.is_file():
+            self._put(source, self.path(rel))
+            return
+        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        first = [p for p in files if p.name not in last]
+        with ThreadPoolExecutor(_THREADS) as pool:
+            list(pool.map(lambda p: self._put(p, self.path(str(p.relative_to(self.local)))), first))
+        for name in last:
+            for p in files:
+                if p.name == name:
+                    self._put(p, self.path(str(p.relative_to(self.local))))
+
+    def download(self, rel: str = "", *, exclude: tuple[str, ...] = (), last: tuple[str, ...] = ()) -> Path:
+        """Mirror the file or folder `rel` into `local` and return its local path; files already
+        there with the same size are kept. Nothing to do for a plain local store."""
+        target = self.local / rel
+        if not self.remote:
+            return target
+        info = self._info(rel)
+        if info.type == pafs.FileType.File:
+            entries = [info]
+        elif info.type == pafs.FileType.Directory:
+            entries = [e for e in self.fs.get_file_info(pafs.FileSelector(self.path(rel), recursive=True))
+                       if e.type == pafs.FileType.File]
+        else:
+            raise FileNotFoundError(f"{self.url(rel)}: no such file or folder")
+        entries = [e for e in entries if e.base_name not in exclude]
+        ordered = ([e for e in entries if e.base_name not in last]
+                   + [e for name in last for e in entries if e.base_name == name])
+        tmp_dir = cache_root() / ".tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+
+        base = self.base.strip("/")
+
+        def fetch(entry: pafs.FileInfo) -> None:
+            dest = self.local / entry.path.lstrip("/")[len(base) + 1:]
+            if dest.is_file() and dest.stat().st_size == entry.size:
+                return
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=dest.name[:40] + ".")
+            os.close(fd)
+            try:
+                pafs.copy_files(entry.path, tmp, source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                os.replace(tmp, dest)  # the cache and the mirror share a filesystem
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+
+        body = ordered[:len(ordered) - sum(e.base_name in last for e in ordered)]
+        with ThreadPoolExecutor(_THREADS) as pool:
+            list(pool.map(fetch, body))
+        for entry in ordered[len(body):]:
+            fetch(entry)
+        return target
+
+
+def local_copy(location: str, *, exclude: tuple[str, ...] = ()) -> str:
+    """A local folder holding `location`: itself if it is not a URI, else its downloaded mirror.
+    Leaves Hugging Face ids and other non-URIs alone."""
+    if not is_uri(location):
+        return location
+    return str(Store(location).download(exclude=exclude))
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def _step_folders(store: Store, kind: str, marker: str) -> list[tuple[int, bool, str]]:
+    found = []
+    for name in store.list(kind):
+        if name.startswith("step-") and name[5:].isdigit() and store.is_file(f"{kind}/{name}/{marker}"):
+            found.append((int(name[5:]), kind == "checkpoints", f"{kind}/{name}"))
+    return found
+
+
+def push_checkpoint(out: Store, folder: Path) -> None:
+    """Upload a checkpoint folder written under `out.local` (its trainer state last: the marker),
+    then drop the stored resume-only checkpoints it supersedes. Nothing for a plain local store."""
+    from scaling_study.pretrain import STATE_FILE
+
+    if not out.remote:
+        return
+    rel = str(Path(folder).relative_to(out.local))
+    out.upload(rel, last=(STATE_FILE,))
+    step = int(Path(folder).name[5:])
+    for name in out.list("resume"):
+        if name.startswith("step-") and name[5:].isdigit() and int(name[5:]) < step:
+            out.delete(f"resume/{name}")
+
+
+def pull_latest_checkpoint(out: Store) -> Path | None:
+    """Make the local mirror resume from the latest stored checkpoint: download it unless it is
+    there, and drop local checkpoints past it (written, never uploaded: every rank, on every
+    node, must resume from the same step). Returns its local folder, None when storage has none."""
+    from scaling_study.pretrain import STATE_FILE, latest_checkpoint
+
+    if not out.remote:
+        return latest_checkpoint(out.local)
+    found = _step_folders(out, "checkpoints", STATE_FILE) + _step_folders(out, "resume", STATE_FILE)
+    step, _, rel = max(found) if found else (0, False, None)
+    for kind in ("checkpoints", "resume"):
+        for folder in (out.local / kind).glob("step-*"):
+            if folder.name[5:].isdigit() and int(folder.name[5:]) > step:
+                shutil.rmtree(folder, ignore_errors=True)
+    if rel is not None:
+        out.download(rel, last=(STATE_FILE,))  # files already there are kept
+    return latest_checkpoint(out.local)
