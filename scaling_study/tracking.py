@@ -46,13 +46,42 @@ class TrackingError(UserError):
     """The tracking server cannot be reached or used."""
 
 
-_SECRET_QUERY = re.compile(r"((?:token|password|secret|key|sig|signature)=)[^&]+", re.IGNORECASE)
+class TrackingLost(TrackingError):
+    """The tracking server stopped answering during a study: the node fails, a re-run redoes it."""
+
+    exit_code = 1
+
+
+_SECRET_QUERY = re.compile(r"((?:token|password|secret|key|sig|signature)=)[^&\s'\"]+", re.IGNORECASE)
+_USERINFO = re.compile(r"(://[^/:@\s'\"]+:)[^/@\s'\"]+@")
 
 
 def redact_uri(uri: str) -> str:
-    """The URI with any password in it and any token-like query value replaced by ***."""
-    uri = re.sub(r"(://[^/:@]+:)[^/@]+@", r"\1***@", uri)
-    return _SECRET_QUERY.sub(r"\1***", uri)
+    """The URI with any password in it and any token-like query value replaced by ***.
+
+    Works on any text too (a traceback, an error message): every URI in it is redacted.
+    """
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", uri))
+
+
+@contextlib.contextmanager
+def tracking_calls(uri: str):
+    """Turn a failed MLflow call into a one-line `TrackingLost` naming the (redacted) server.
+
+    MLflow's client already retries a refused or failed request with backoff (7 times, about 4
+    minutes by default; MLFLOW_HTTP_REQUEST_MAX_RETRIES), so a short outage passes unnoticed;
+    what reaches here is an outage longer than that.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except TrackingError:
+        raise
+    except (MlflowException, OSError) as exc:
+        first = (redact_uri(str(exc)).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrackingLost(f"MLflow tracking server at {redact_uri(uri)} failed mid-study ({first}); "
+                           "a re-run redoes or re-logs this node") from None
 
 
 def _free_port(host: str) -> int:
