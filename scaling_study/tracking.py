@@ -20,6 +20,7 @@ the rest; `Tracker.search` follows the page tokens.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -29,7 +30,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from urllib.parse import unquote
 from pathlib import Path
 
 from scaling_study._env import QUIET_ENV
@@ -94,8 +97,15 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError (one line) unless an MLflow server answers at an http(s) `uri`."""
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    if parts.username is not None:  # urllib takes user:password@ for part of the host name; MLflow sends Basic auth
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        request = urllib.request.Request(f"{parts._replace(netloc=netloc).geturl().rstrip('/')}/health")
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status == 200:
                 return
             problem = f"HTTP {resp.status}"
