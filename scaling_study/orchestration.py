@@ -500,7 +500,8 @@ def _log_spec_once(tracker: Tracker, run_id: str, study: Study) -> None:
     if not any(a.path == "spec.yaml" for a in tracker.client.list_artifacts(run_id)):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "spec.yaml"
-            shutil.copyfile(study.file, path)
+            # a tracking.uri written with its password stays in the user's file, not in MLflow
+            path.write_text(redact_uri(Path(study.file).read_text(encoding="utf-8")), encoding="utf-8")
             tracker.client.log_artifact(run_id, str(path))
 
 
