@@ -10,13 +10,11 @@ lists every fault with what happens and the test here that proves it.
 from __future__ import annotations
 
 import functools
-import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
