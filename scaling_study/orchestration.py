@@ -51,13 +51,14 @@ from typing import Any, Callable
 
 from ray.tune.search import Searcher
 
+from scaling_study import faults
 from scaling_study._env import QUIET_ENV
 from scaling_study.errors import UserError
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.progress import StudyProgress, throughput_logger
 from scaling_study.spec import Study, expand_env
 from scaling_study.storage import SCHEMES, Store, check_root, is_uri, local_copy
-from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri
+from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
 
 DONE_FILE = "DONE.json"
 FINAL_FILE = "final.json"
@@ -84,13 +85,32 @@ class Layout:
         if problem:  # the spec checks it too; ${VAR} may expand to something else now
             raise UserError(f"{study.file}: storage.root: {problem}; got {root!r}; allowed: a local folder or a "
                             f"URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
-        store = Store(f"{root.rstrip('/')}/{study.spec.name}" if is_uri(root)
-                      else Path(root).expanduser().resolve() / study.spec.name)
-        return cls(store.local, store)
+        if is_uri(root):
+            store = Store(f"{root.rstrip('/')}/{study.spec.name}")
+            return cls(store.local, store)  # object stores have no links to check
+        base = Path(root).expanduser().resolve()
+        layout = cls(base / study.spec.name, Store(base / study.spec.name))
+        layout.check_contained(base, study.file)
+        return layout
 
     def rel(self, plan: Plan, node: Node) -> str:
         """A node's folder, relative to the study's folder."""
         return str(self.node(plan, node).relative_to(self.root))
+
+    def check_contained(self, base: Path, file: str) -> None:
+        """Refuse a study folder (or a folder in it, two levels down) that leads outside `base` by a link.
+
+        The study name is a plain name (spec validation) and node folders are hashes, so only a
+        symbolic link placed in the storage root could send a study's writes elsewhere.
+        """
+        inside = self.root.resolve()
+        if not inside.is_relative_to(base) or inside == base:
+            raise UserError(f"{file}: storage: {self.root} leads to {inside}, outside the storage root {base}; "
+                            "allowed: a real folder inside it (set storage.root to store a study elsewhere)")
+        for path in [*self.root.glob("*"), *self.root.glob("*/*")] if inside.is_dir() else []:
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                raise UserError(f"{file}: storage: {path} is a link to {path.resolve()}, outside the study folder "
+                                f"{self.root}; allowed: folders inside it")
 
     def node(self, plan: Plan, node: Node) -> Path:
         from scaling_study.pretrain import checkpoint_dir
@@ -184,6 +204,12 @@ class StudyState:
             self.state[node.id] = state
             self.failures.append(Failure(node.id, node.kind, what, reason, str(log) if log else ""))
 
+    def tracking_lost(self, node: Node | None, reason: str) -> None:
+        """A node's output is done (or the study ended) but MLflow did not take its record: a re-run logs it."""
+        with self.lock:
+            self.failures.append(Failure(node.id if node else self.plan.study, node.kind if node else "study",
+                                         "tracking", reason, ""))
+
     def counts(self) -> dict[str, dict[str, int]]:
         out = {kind: dict.fromkeys(STATES, 0) for kind in SHOWN}
         with self.lock:
@@ -236,13 +262,15 @@ def _weights(study: Study, plan: Plan) -> dict[str, float]:
 
 
 @contextlib.contextmanager
-def _node_log(location: str):
+def _node_log(location: str | Path):
     """On an exception, write its traceback to the node's log (the summary points there), then re-raise."""
     try:
         yield
     except BaseException:
-        folder, _, name = location.rpartition("/")
-        Store(folder).append_text(name, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n{traceback.format_exc()}\n")
+        folder, _, name = str(location).rpartition("/")
+        # tracebacks can quote a tracking URI: never its password
+        Store(folder).append_text(name, f"--- {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                                        f"{redact_uri(traceback.format_exc())}\n")
         raise
 
 
@@ -271,7 +299,7 @@ def _pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_
         return final
 
 
-def _finetune_trial(config: dict, study: Study | None = None) -> None:
+def _finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> None:
     """One Tune trial: finetune a model on a task with a seed, log each epoch level's cell, mark done."""
     import torch
     from ray import tune
@@ -292,9 +320,11 @@ def _finetune_trial(config: dict, study: Study | None = None) -> None:
         results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
                            config["levels"], config["seed"], out)
         seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
-        tracker_uri, cells = config["uri"], config["cells"]
-        for result in results:
-            _log_cell(tracker_uri, cells[str(result["epochs"])], result, out)
+        cells = config["cells"]
+        faults.point("finetune-log")
+        with tracking_calls(uri):  # a lost server fails the run before DONE.json: a re-run redoes it
+            for result in results:
+                _log_cell(uri, cells[str(result["epochs"])], result, out)
         store.upload()
         store.write_text(DONE_FILE, json.dumps({"cells": cells, "results": results, "seconds": seconds},
                                                indent=1, default=str))
@@ -355,8 +385,13 @@ class ReadyFinetunes(Searcher):
                 self.pending.remove(node)
             elif ready:
                 self.pending.remove(node)
+                try:
+                    config = self.make_config(node)
+                except Exception as exc:  # tracking lost: these cells fail, a re-run redoes them
+                    for cell in self.st.plan.children(node.id):
+                        self.st.fail(cell, _reason(exc), None)
+                    continue
                 self.trials[trial_id] = node
-                config = self.make_config(node)
                 for cell in self.st.plan.children(node.id):
                     self.st.set(cell.id, "running")
                 return config
@@ -427,13 +462,39 @@ def ray_cluster(address: str | None):
         ray.init(address=address, runtime_env={"env_vars": dict(QUIET_ENV)}, **common)
     else:
         temp = tempfile.mkdtemp(prefix="ss-", dir="/tmp")  # Ray's unix sockets need a short path
-        ray.init(num_cpus=os.cpu_count(), _temp_dir=temp, **common)
+        with _loopback_only():
+            ray.init(num_cpus=os.cpu_count(), _temp_dir=temp, _node_ip_address="127.0.0.1", **common)
     try:
         yield
     finally:
         ray.shutdown()
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _loopback_only():
+    """Make a local Ray advertise and bind 127.0.0.1, not the machine's interface address.
+
+    Ray turns `_node_ip_address="127.0.0.1"` into the interface address unless it believes it
+    cannot form a cluster (its macOS/Windows default, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). With
+    that, the GCS, raylet, workers and agents listen on 127.0.0.1 (tests/test_security.py checks
+    every socket). The variable reaches the processes Ray starts through the environment; this
+    process read it at import, so its constant is set for the call too.
+    """
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env
 
 
 def _live(state: StudyState, enabled: bool):
@@ -471,7 +532,11 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
         if work:
             with ray_cluster(address), _live(state, progress), StudyProgress(study, state):
                 trained = _execute(study, plan, layout, tracker, study_run, state)
-        tracker.client.set_terminated(study_run, "FAILED" if state.failures else "FINISHED")
+        try:
+            with tracking_calls(uri):
+                tracker.client.set_terminated(study_run, "FAILED" if state.failures else "FINISHED")
+        except Exception as exc:
+            state.tracking_lost(None, _reason(exc))
     return Summary(study.spec.name, layout.store.location, redact_uri(uri), state.counts(), state.failures,
                    time.monotonic() - started, trained)
 
@@ -480,7 +545,8 @@ def _log_spec_once(tracker: Tracker, run_id: str, study: Study) -> None:
     if not any(a.path == "spec.yaml" for a in tracker.client.list_artifacts(run_id)):
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "spec.yaml"
-            shutil.copyfile(study.file, path)
+            # a tracking.uri written with its password stays in the user's file, not in MLflow
+            path.write_text(redact_uri(Path(study.file).read_text(encoding="utf-8")), encoding="utf-8")
             tracker.client.log_artifact(run_id, str(path))
 
 
@@ -515,7 +581,18 @@ def _factors(node: Node) -> dict:
 
 def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
     """Finished nodes whose MLflow runs are missing or unfinished get them back from storage."""
+    from scaling_study.corpus import MANIFEST
+
     cache: dict[str, str] = {}
+    for node in plan.of_kind("corpus"):  # tracking lost (or the driver killed) after the build finished
+        text = layout.store.read_text(f"{layout.rel(plan, node)}/{MANIFEST}") if state.state[node.id] == "done" \
+            else None
+        existing = tracker.find_run(node.id) if text is not None else None
+        if text is None or (existing is not None and existing.info.status == "FINISHED"):
+            continue
+        run_id = tracker.run_for(node.id, kind="corpus", name=_name(node), factors=_factors(node),
+                                 parent_run_id=study_run)
+        _log_corpus(tracker, run_id, json.loads(text))
     for node in plan.of_kind("pretrain"):  # a driver killed after the last checkpoint leaves it RUNNING
         if state.state[node.id] != "done":
             continue
@@ -564,8 +641,13 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
         if state.state[node.id] == "done":
             continue
         corpus = plan.nodes[node.parents[0]]
-        run_id = tracker.run_for(node.id, kind="pretrain", name=_name(node), factors=_factors(node),
-                                 parent_run_id=study_run, tags={"corpus_id": corpus.id})
+        try:
+            with tracking_calls(tracker.uri):
+                run_id = tracker.run_for(node.id, kind="pretrain", name=_name(node), factors=_factors(node),
+                                         parent_run_id=study_run, tags={"corpus_id": corpus.id})
+        except Exception as exc:  # not started untracked: its finetunes are blocked, a re-run redoes it
+            state.fail(node, _reason(exc), None)
+            continue
         cache[node.id] = run_id
         refs[node.id] = pretrain_task.remote(study_ref, plan_ref, node.id, layout.location(plan, corpus),
                                              layout.location(plan, node), tracker.uri, run_id,
@@ -594,16 +676,21 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
                 else:
                     state.fail(node, _reason(exc), layout.log(nid))
                 if node.kind == "pretrain":
-                    tracker.client.set_terminated(cache[nid], "FAILED")
+                    with contextlib.suppress(Exception):  # a re-run finds the run again either way
+                        tracker.client.set_terminated(cache[nid], "FAILED")
                 continue
             trained += 1
             state.set(nid, "done")
-            if node.kind == "corpus":
-                run_id = tracker.run_for(nid, kind="corpus", name=_name(node), factors=_factors(node),
-                                         parent_run_id=study_run)
-                _log_corpus(tracker, run_id, value)
-            else:
-                _log_final(tracker, cache[nid], value)
+            try:
+                with tracking_calls(tracker.uri):
+                    if node.kind == "corpus":
+                        run_id = tracker.run_for(nid, kind="corpus", name=_name(node), factors=_factors(node),
+                                                 parent_run_id=study_run)
+                        _log_corpus(tracker, run_id, value)
+                    else:
+                        _log_final(tracker, cache[nid], value)
+            except Exception as exc:  # done in storage; the re-run's _repair_tracking logs it
+                state.tracking_lost(node, _reason(exc))
         for ck in plan.of_kind("checkpoint"):
             if state.state[ck.id] != "done" and node_done(layout, plan, ck):
                 state.set(ck.id, "done")
@@ -629,19 +716,20 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
         for cell in plan.children(run_node.id):
             tags = {"finetune_run_id": run_node.id, "model_id": model.id,
                     "model_source": model_source(study, layout, plan, model)}
-            cells[str(cell.inputs["epochs"])] = tracker.run_for(
-                cell.id, kind="finetune", name=_name(cell), factors=_factors(cell), tags=tags,
-                parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
+            with tracking_calls(tracker.uri):
+                cells[str(cell.inputs["epochs"])] = tracker.run_for(
+                    cell.id, kind="finetune", name=_name(cell), factors=_factors(cell), tags=tags,
+                    parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
         return {"node": run_node.id, "model_source": model_source(study, layout, plan, model),
                 "task": run_node.factors["task"], "seed": run_node.inputs["seed"],
                 "levels": sorted(int(e) for e in cells), "out_dir": layout.location(plan, run_node),
-                "log": layout.log(run_node.id),
-                "uri": tracker.uri, "cells": cells, "cpus": spec.finetune.cpus_per_job}
+                "log": layout.log(run_node.id), "cells": cells, "cpus": spec.finetune.cpus_per_job}
 
     pending = [n for n in plan.of_kind("finetune_run") if state.state[n.id] != "done"]
     if pending:
         searcher = ReadyFinetunes(pending, readiness, make_config, state)
-        trainable = tune.with_resources(tune.with_parameters(_finetune_trial, study=study),
+        # the URI (it may hold a password) travels as a parameter, not in the config Tune writes to disk
+        trainable = tune.with_resources(tune.with_parameters(_finetune_trial, study=study, uri=tracker.uri),
                                         {"cpu": spec.finetune.cpus_per_job, "gpu": spec.finetune.gpus_per_job})
         tuner = tune.Tuner(
             trainable,
@@ -676,7 +764,7 @@ def _reason(exc: BaseException) -> str:
         cause = cause.cause
     text = str(cause).strip().splitlines()
     lines = [line for line in text if line.strip() and not line.startswith(("Traceback", "  File", "ray::"))]
-    return (lines[-1] if lines else type(cause).__name__)[:300]
+    return redact_uri(lines[-1] if lines else type(cause).__name__)[:300]
 
 
 def _log_corpus(tracker: Tracker, run_id: str, manifest: dict) -> None:

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scaling_study import faults
 from scaling_study.models import ModelPreset, bert_config, load_devices, mlm_flops_breakdown
 from scaling_study.schedules import Schedule, build_optimizer
 
@@ -425,11 +426,16 @@ class MlflowLogger:
         from mlflow.entities import Metric
         from mlflow.tracking import MlflowClient
 
+        from scaling_study.tracking import tracking_calls
+
         if self._client is None:
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
         now = int(time.time() * 1000)
         rows = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None and math.isfinite(v)]
-        self._client.log_batch(self.run_id, metrics=rows, synchronous=True)
+        # a lost server fails the run (Ray Train restarts it from its checkpoint, up to max_failures),
+        # rather than leaving a silent gap in the curve
+        with tracking_calls(self.tracking_uri):
+            self._client.log_batch(self.run_id, metrics=rows, synchronous=True)
 
     def __getstate__(self) -> dict:  # travels to a Ray worker without its client
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
@@ -537,19 +543,24 @@ def _write_checkpoint(folder: Path, *, model, model_state, optim_state, config, 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    if model_state is None:
-        model.model.save_pretrained(tmp)
-    else:  # FSDP: a plain CPU copy from the gathered full state
-        hf = new_model(config)
-        hf.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items()})
-        hf.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(corpus.tokenizer_dir).save_pretrained(tmp)
-    torch.save({
-        "format": STATE_FORMAT, "step": step, "tokens_seen": step * config.batch_size * config.seq_len,
-        "world_size": world, "config": config.identity(), "optimizer": optim_state,
-        "scheduler": {**dataclasses.asdict(config.schedule_fn()), "step": step, "lr": lr},
-        "rng": [r for r, _ in rng_and_data], "data": [d for _, d in rng_and_data], "metrics": metrics,
-    }, tmp / STATE_FILE)
+    try:
+        if model_state is None:
+            model.model.save_pretrained(tmp)
+        else:  # FSDP: a plain CPU copy from the gathered full state
+            hf = new_model(config)
+            hf.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items()})
+            hf.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(corpus.tokenizer_dir).save_pretrained(tmp)
+        faults.point("checkpoint-write", step)  # weights written, trainer state not yet: a half checkpoint
+        torch.save({
+            "format": STATE_FORMAT, "step": step, "tokens_seen": step * config.batch_size * config.seq_len,
+            "world_size": world, "config": config.identity(), "optimizer": optim_state,
+            "scheduler": {**dataclasses.asdict(config.schedule_fn()), "step": step, "lr": lr},
+            "rng": [r for r, _ in rng_and_data], "data": [d for _, d in rng_and_data], "metrics": metrics,
+        }, tmp / STATE_FILE)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk wants its space back; the old checkpoints stay
+        raise
     _replace_dir(tmp, folder)
 
 
@@ -568,6 +579,11 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
 
 def _remove_partial_writes(out_dir: Path) -> None:
     for kind in ("checkpoints", "resume"):
+        for old in (out_dir / kind).glob(".old-step-*"):
+            # killed between the two renames of a re-save: the old copy is the only complete one
+            final = old.with_name(old.name[len(".old-"):].rsplit("-", 1)[0])
+            if not final.exists() and (old / STATE_FILE).is_file():
+                os.replace(old, final)
         for folder in (out_dir / kind).glob(".*-step-*"):
             shutil.rmtree(folder, ignore_errors=True)
 
@@ -684,6 +700,7 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        faults.point("pretrain-step", step)
 
         if log_now:
             metrics = window.close(step, lr, epoch=stream.epoch)

@@ -20,6 +20,7 @@ the rest; `Tracker.search` follows the page tokens.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import re
@@ -29,7 +30,9 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
+from urllib.parse import unquote
 from pathlib import Path
 
 from scaling_study._env import QUIET_ENV
@@ -46,13 +49,42 @@ class TrackingError(UserError):
     """The tracking server cannot be reached or used."""
 
 
-_SECRET_QUERY = re.compile(r"((?:token|password|secret|key|sig|signature)=)[^&]+", re.IGNORECASE)
+class TrackingLost(TrackingError):
+    """The tracking server stopped answering during a study: the node fails, a re-run redoes it."""
+
+    exit_code = 1
+
+
+_SECRET_QUERY = re.compile(r"((?:token|password|secret|key|sig|signature)=)[^&\s'\"]+", re.IGNORECASE)
+_USERINFO = re.compile(r"(://[^/:@\s'\"]+:)[^/@\s'\"]+@")
 
 
 def redact_uri(uri: str) -> str:
-    """The URI with any password in it and any token-like query value replaced by ***."""
-    uri = re.sub(r"(://[^/:@]+:)[^/@]+@", r"\1***@", uri)
-    return _SECRET_QUERY.sub(r"\1***", uri)
+    """The URI with any password in it and any token-like query value replaced by ***.
+
+    Works on any text too (a traceback, an error message): every URI in it is redacted.
+    """
+    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", uri))
+
+
+@contextlib.contextmanager
+def tracking_calls(uri: str):
+    """Turn a failed MLflow call into a one-line `TrackingLost` naming the (redacted) server.
+
+    MLflow's client already retries a refused or failed request with backoff (7 times, about 4
+    minutes by default; MLFLOW_HTTP_REQUEST_MAX_RETRIES), so a short outage passes unnoticed;
+    what reaches here is an outage longer than that.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except TrackingError:
+        raise
+    except (MlflowException, OSError) as exc:
+        first = (redact_uri(str(exc)).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrackingLost(f"MLflow tracking server at {redact_uri(uri)} failed mid-study ({first}); "
+                           "a re-run redoes or re-logs this node") from None
 
 
 def _free_port(host: str) -> int:
@@ -65,8 +97,15 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
     """Raise TrackingError (one line) unless an MLflow server answers at an http(s) `uri`."""
     if not uri.startswith(("http://", "https://")):
         return
+    parts = urllib.parse.urlsplit(uri)
+    request = urllib.request.Request(f"{uri.rstrip('/')}/health")
+    if parts.username is not None:  # urllib takes user:password@ for part of the host name; MLflow sends Basic auth
+        netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+        request = urllib.request.Request(f"{parts._replace(netloc=netloc).geturl().rstrip('/')}/health")
+        token = base64.b64encode(f"{unquote(parts.username)}:{unquote(parts.password or '')}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status == 200:
                 return
             problem = f"HTTP {resp.status}"

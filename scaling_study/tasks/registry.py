@@ -108,6 +108,10 @@ def load_task(folder: Path) -> TaskInfo:
     missing = {"train", "dev", "test"} - set(task.splits)
     if missing:
         err(("splits",), sorted(task.splits), "train, dev and test", f"missing split(s) {', '.join(sorted(missing))}")
+    for split, info in task.splits.items():  # looked up as <data_dir>/<id>/<file>, downloaded into the cache
+        if info.file in ("", ".", "..") or any(c in info.file for c in "/\\\0"):
+            err(("splits", split, "file"), info.file, "a plain file name (no folders, no ..)",
+                "the file would lie outside the task's data folder")
     extra = set(task.splits) - {"train", "dev", "test"}
     if extra:
         err(("splits",), sorted(extra), "train, dev and test", "unknown split name")

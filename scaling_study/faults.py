@@ -1,0 +1,65 @@
+"""Fault injection for the reliability tests: named points in the code fail when the environment asks.
+
+    SCALING_STUDY_FAULT="pretrain-step=8:kill"          SIGKILL this process right after optimizer step 8
+    SCALING_STUDY_FAULT="checkpoint-write=20:kill"      SIGKILL while step 20's checkpoint is half written
+    SCALING_STUDY_FAULT="checkpoint-write=20:enospc"    raise OSError(ENOSPC) there, as a full disk would
+    SCALING_STUDY_FAULT="finetune-log:kill-pid=PATH"    before a finetune run logs its results, kill the
+                                                        process group whose pid starts the file PATH (the
+                                                        MLflow server's server.pid): tracking lost mid-study
+    SCALING_STUDY_FAULT_ONCE=/tmp/x/fired               fire only if this file does not exist yet, and create it
+                                                        (a restarted worker must not die again at the same step)
+
+The code calls `faults.point("pretrain-step", step)` where a fault may strike; with the variable
+unset that is one dictionary lookup. Ray workers inherit the variables from the process that
+started the local Ray, so a test sets them before `ray.init`. This is the one place the project
+stands in for reality, and only to make a real failure (a real SIGKILL, a real dead server) happen
+at a chosen moment; tests/test_faults.py uses it.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+
+ENV = "SCALING_STUDY_FAULT"
+ENV_ONCE = "SCALING_STUDY_FAULT_ONCE"
+
+
+def _parse(text: str) -> tuple[str, str | None, str, str | None]:
+    """`point[=value]:action[=arg]` -> (point, value, action, arg)."""
+    where, _, action = text.partition(":")
+    point, _, value = where.partition("=")
+    action, _, arg = action.partition("=")
+    return point.strip(), value.strip() or None, action.strip(), arg.strip() or None
+
+
+def _claim_once() -> bool:
+    marker = os.environ.get(ENV_ONCE)
+    if not marker:
+        return True
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def point(name: str, value: object = None) -> None:
+    """Strike here if $SCALING_STUDY_FAULT names this point (and value, when it gives one)."""
+    text = os.environ.get(ENV)
+    if not text:
+        return
+    target, want, action, arg = _parse(text)
+    if target != name or (want is not None and want != str(value)) or not _claim_once():
+        return
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device (injected at {name}={value})")
+    elif action == "kill-pid" and arg:
+        with open(arg) as f:
+            pid = int(f.read().split()[0])
+        os.killpg(pid, signal.SIGKILL)
+    else:
+        raise ValueError(f"${ENV}={text!r}: unknown action {action!r}; allowed: kill, enospc, kill-pid=PATH")
