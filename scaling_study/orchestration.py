@@ -45,7 +45,7 @@ from ray.tune.search import Searcher
 
 from scaling_study._env import QUIET_ENV
 from scaling_study.errors import UserError
-from scaling_study.grid import Node, Plan, expand
+from scaling_study.grid import Node, Plan, cell_factors, expand
 from scaling_study.spec import Study, expand_env
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri
 
@@ -471,6 +471,18 @@ def _factors(node: Node) -> dict:
     return {k: v for k, v in node.factors.items()}
 
 
+def _cell_factors(study: Study, plan: Plan, layout: Layout, cell: Node) -> dict:
+    """A finetune cell's factors plus the derived ones results.load reads (grid.cell_factors)."""
+    from scaling_study.corpus import read_manifest
+
+    model = plan.nodes[plan.nodes[cell.parents[0]].parents[0]]
+    manifest = None
+    if model.kind == "checkpoint":  # the real vocabulary and token count are the corpus build's
+        manifest = read_manifest(layout.node(plan, plan.nodes[plan.nodes[model.parents[0]].parents[0]]))
+    return {**_factors(cell), **cell_factors(study, plan, cell, vocab_size=manifest and manifest.vocab_size,
+                                             volume_tokens=manifest and manifest.tokens)}
+
+
 def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
     """Finished nodes whose MLflow runs are missing or unfinished get them back from storage."""
     cache: dict[str, str] = {}
@@ -494,7 +506,8 @@ def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
             existing = tracker.find_run(cell.id)
             if existing is not None and existing.info.status == "FINISHED":
                 continue
-            run_id = tracker.run_for(cell.id, kind="finetune", name=_name(cell), factors=_factors(cell),
+            run_id = tracker.run_for(cell.id, kind="finetune", name=_name(cell),
+                                     factors=_cell_factors(study, plan, layout, cell),
                                      parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
             _log_cell(tracker.uri, run_id, result, layout.node(plan, run_node))
 
@@ -586,7 +599,7 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
             tags = {"finetune_run_id": run_node.id, "model_id": model.id,
                     "model_source": model_source(study, layout, plan, model)}
             cells[str(cell.inputs["epochs"])] = tracker.run_for(
-                cell.id, kind="finetune", name=_name(cell), factors=_factors(cell), tags=tags,
+                cell.id, kind="finetune", name=_name(cell), factors=_cell_factors(study, plan, layout, cell), tags=tags,
                 parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
         out = layout.node(plan, run_node)
         return {"node": run_node.id, "model_source": model_source(study, layout, plan, model),
