@@ -38,6 +38,7 @@ returns one page and says nothing about the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -66,7 +67,6 @@ PAGE_SIZE = 10_000
 """Runs per page of a search: MLflow servers allow up to 50,000; the client defaults to 1,000."""
 OVERLAP_S = 60.0
 CACHE_FORMAT = 1
-_FINETUNE = f"tags.{KIND_TAG} = 'finetune'"
 
 
 # ----------------------------------------------------------------------------------- where a study is
@@ -110,16 +110,6 @@ def locate(study: str, *, tracking_uri: str | None = None, root: str | Path = "s
     return src.uri, src.experiment
 
 
-def _client_and_experiment(uri: str, name: str):
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(name)
-    if experiment is None:
-        raise UserError(f"study {name!r}: no MLflow experiment of that name at {redact_uri(uri)}")
-    return client, experiment.experiment_id
-
-
 def search_all(client, experiment_id: str, filter_string: str = "", *, page_size: int = PAGE,
                deleted: bool = False) -> list:
     """Every run matching `filter_string`, following page tokens (`deleted`: the deleted ones instead)."""
@@ -136,12 +126,176 @@ def search_all(client, experiment_id: str, filter_string: str = "", *, page_size
             return runs
 
 
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """The parts of an MLflow run results reads, from a REST page or a store's Run entity."""
+
+    run_id: str
+    status: str
+    end_time: int | None
+    tags: dict
+    params: dict
+    metrics: dict
+
+    @classmethod
+    def of(cls, run) -> _Run:
+        return cls(run.info.run_id, run.info.status, run.info.end_time, run.data.tags, run.data.params,
+                   run.data.metrics)
+
+    @classmethod
+    def from_json(cls, run: dict) -> _Run:
+        info, data = run["info"], run.get("data", {})
+        return cls(info["run_id"], info.get("status", ""), int(info["end_time"]) if info.get("end_time") else None,
+                   {t["key"]: t["value"] for t in data.get("tags", [])},
+                   {p["key"]: p["value"] for p in data.get("params", [])},
+                   {m["key"]: float(m["value"]) for m in data.get("metrics", [])})
+
+
+class _Reader:
+    """Searches one experiment, every page.
+
+    Over HTTP it posts to the REST endpoint itself and reads the JSON: `MlflowClient.search_runs`
+    turns every page into protobuf messages and then into entities, which took half the time of a
+    10,000-run load (benchmarks/results_load.py). Credentials come from MLflow's own environment
+    variables, as for the client. A sqlite or other store URI goes through the client's store.
+    """
+
+    def __init__(self, uri: str, experiment: str, page_size: int):
+        self.uri, self.experiment, self.page_size = uri, experiment, page_size
+
+    @functools.cached_property
+    def client(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.uri)
+
+    @functools.cached_property
+    def experiment_id(self) -> str:
+        found = self.client.get_experiment_by_name(self.experiment)
+        if found is None:
+            raise UserError(f"study {self.experiment!r}: no MLflow experiment of that name at {redact_uri(self.uri)}")
+        return found.experiment_id
+
+    def search(self, filter_string: str = "", *, deleted: bool = False) -> list[_Run]:
+        if not self.uri.startswith(("http://", "https://")):
+            return [_Run.of(r) for r in search_all(self.client, self.experiment_id, filter_string,
+                                                   page_size=self.page_size, deleted=deleted)]
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request_safe
+
+        creds = get_default_host_creds(self.uri)
+        body = {"experiment_ids": [self.experiment_id], "filter": filter_string, "max_results": self.page_size,
+                "run_view_type": "DELETED_ONLY" if deleted else "ACTIVE_ONLY"}
+        runs = []
+        while True:
+            page = json.loads(http_request_safe(creds, "/api/2.0/mlflow/runs/search", "POST", json=body).text)
+            runs.extend(_Run.from_json(r) for r in page.get("runs", []))
+            if not page.get("next_page_token"):
+                return runs
+            body["page_token"] = page["next_page_token"]
+
+    def runs(self, kind: str, *, finished: bool = False, ended_after: int | None = None,
+             run_ids: list[str] | None = None, deleted: bool = False) -> list[_Run]:
+        """Runs of one node kind; `finished`: status FINISHED; `ended_after`: end_time above it (ms)."""
+        parts = [f"tags.{KIND_TAG} = '{kind}'"]
+        if finished:
+            parts.append("attributes.status = 'FINISHED'")
+        if ended_after is not None:
+            parts.append(f"attributes.end_time > {int(ended_after)}")
+        if run_ids:
+            parts.append(f"attributes.run_id IN ({', '.join(repr(str(i)) for i in run_ids)})")
+        return self.search(" and ".join(parts), deleted=deleted)
+
+
+class _SqliteReader(_Reader):
+    """Reads a local sqlite tracking store with four SQL queries instead of through MLflow's store.
+
+    An MLflow server (and `SqlAlchemyStore` in process) builds an ORM object for every tag, param
+    and metric of every run, about 50 per finetune run: 10,000 runs took 20-25 s of server CPU,
+    whatever the page size, and the protobuf JSON of the reply a few more. This reads the same
+    tables (`runs`, `tags`, `params`, `latest_metrics`) as they are. It is used only when the
+    database has the columns read here; otherwise, and for anything but sqlite, `_Reader` is.
+    tests/test_results.py checks that both give the same frame.
+    """
+
+    COLUMNS = {"runs": {"run_uuid", "status", "end_time", "experiment_id", "lifecycle_stage"},
+               "tags": {"key", "value", "run_uuid"}, "params": {"key", "value", "run_uuid"},
+               "latest_metrics": {"key", "value", "is_nan", "run_uuid"}}
+
+    def __init__(self, path: Path, *args):
+        super().__init__(*args)
+        self.path = path
+
+    @functools.cached_property
+    def experiment_id(self) -> str:  # without MlflowClient: opening a sqlite store checks its migrations
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)) as con:
+            row = con.execute("SELECT experiment_id FROM experiments WHERE name = ? AND lifecycle_stage = 'active'",
+                              (self.experiment,)).fetchone()
+        if row is None:
+            raise UserError(f"study {self.experiment!r}: no MLflow experiment of that name at {redact_uri(self.uri)}")
+        return str(row[0])
+
+    @classmethod
+    def usable(cls, path: Path) -> bool:
+        import sqlite3
+
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+                return all(cols <= {row[1] for row in con.execute(f"PRAGMA table_info({table})")}
+                           for table, cols in cls.COLUMNS.items())
+        except sqlite3.Error:
+            return False
+
+    def runs(self, kind: str, *, finished: bool = False, ended_after: int | None = None,
+             run_ids: list[str] | None = None, deleted: bool = False) -> list[_Run]:
+        import sqlite3
+
+        where = ["r.experiment_id = ?", "r.lifecycle_stage = ?", "k.value = ?"]
+        args: list = [int(self.experiment_id), "deleted" if deleted else "active", kind]
+        if finished:
+            where.append("r.status = 'FINISHED'")
+        if ended_after is not None:
+            where.append("r.end_time > ?")
+            args.append(int(ended_after))
+        if run_ids:
+            where.append(f"r.run_uuid IN ({', '.join('?' * len(run_ids))})")
+            args.extend(run_ids)
+        chosen = (f"SELECT r.run_uuid FROM runs r JOIN tags k ON k.run_uuid = r.run_uuid AND k.key = '{KIND_TAG}' "
+                  f"WHERE {' AND '.join(where)}")
+        with contextlib.closing(sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None)) as con:
+            con.execute("BEGIN")  # one snapshot for the four queries, while the server may be writing
+            info = con.execute(f"SELECT run_uuid, status, end_time FROM runs WHERE run_uuid IN ({chosen})",
+                               args).fetchall()
+            found = {rid: ({}, {}, {}) for rid, _, _ in info}
+            for slot, query in enumerate((f"SELECT run_uuid, key, value FROM tags WHERE run_uuid IN ({chosen})",
+                                          f"SELECT run_uuid, key, value FROM params WHERE run_uuid IN ({chosen})",
+                                          "SELECT run_uuid, key, CASE WHEN is_nan THEN NULL ELSE value END "
+                                          f"FROM latest_metrics WHERE run_uuid IN ({chosen})")):
+                for rid, key, value in con.execute(query, args):
+                    found[rid][slot][key] = float("nan") if slot == 2 and value is None else value
+            con.execute("COMMIT")
+        return [_Run(rid, status, end, *found[rid]) for rid, status, end in info]
+
+
+def _reader(uri: str, experiment: str, page_size: int = PAGE_SIZE, direct: bool = True) -> _Reader:
+    """A reader of the study's experiment (checked to exist)."""
+    path = Path(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else None
+    if direct and path is not None and _SqliteReader.usable(path):
+        reader = _SqliteReader(path, uri, experiment, page_size)
+    else:
+        reader = _Reader(uri, experiment, page_size)
+    reader.experiment_id  # noqa: B018 - fails here, with a clear message, if there is no such experiment
+    return reader
+
+
 # ----------------------------------------------------------------------------------- rows
 
 
-def _row(run, study: str) -> dict:
-    tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
-    row = {"run_id": run.info.run_id, "node_id": tags.get(NODE_TAG), "study": tags.get(STUDY_TAG, study)}
+def _row(run: _Run, study: str) -> dict:
+    tags, params, metrics = run.tags, run.params, run.metrics
+    row = {"run_id": run.run_id, "node_id": tags.get(NODE_TAG), "study": tags.get(STUDY_TAG, study)}
     for key in LOGGED:
         row[key] = params.get(key, tags.get(key))
     external = row["model_size"] == "external"
@@ -189,11 +343,10 @@ def _registry() -> dict:
 class _Context:
     """What older runs lack, from the study's other runs: corpus builds, pretraining runs, the spec."""
 
-    def __init__(self, client, experiment_id: str, page_size: int):
-        self.client, self.experiment_id = client, experiment_id
-        self.runs = {r.info.run_id: r for kind in ("pretrain", "corpus") for r in
-                     search_all(client, experiment_id, f"tags.{KIND_TAG} = '{kind}'", page_size=page_size)}
-        self.by_node = {r.data.tags.get(NODE_TAG): r for r in self.runs.values()}
+    def __init__(self, reader: _Reader):
+        self.reader = reader
+        self.runs = {r.run_id: r for kind in ("pretrain", "corpus") for r in reader.runs(kind)}
+        self.by_node = {r.tags.get(NODE_TAG): r for r in self.runs.values()}
 
     @functools.cached_property
     def spec(self) -> dict:
@@ -202,10 +355,10 @@ class _Context:
 
         import yaml
 
-        study = search_all(self.client, self.experiment_id, f"tags.{KIND_TAG} = 'study'")
+        study = self.reader.runs("study")
         try:
             with tempfile.TemporaryDirectory() as tmp:
-                path = self.client.download_artifacts(study[0].info.run_id, "spec.yaml", tmp)
+                path = self.reader.client.download_artifacts(study[0].run_id, "spec.yaml", tmp)
                 data = yaml.safe_load(Path(path).read_text())
             return data if isinstance(data, dict) else {}
         except Exception:  # no study run or no artifact: those factors stay NA
@@ -220,8 +373,8 @@ class _Context:
 
     def corpus_metrics(self, parent_run_id: str | None) -> dict:
         parent = self.runs.get(parent_run_id or "")
-        corpus = self.by_node.get(parent.data.tags.get("corpus_id")) if parent is not None else None
-        return corpus.data.metrics if corpus is not None else {}
+        corpus = self.by_node.get(parent.tags.get("corpus_id")) if parent is not None else None
+        return corpus.metrics if corpus is not None else {}
 
     def preset(self, size: str):
         from scaling_study.models import load_presets
@@ -256,11 +409,11 @@ class _Context:
                                                     self.pretrain_setting("mask_rate"))
 
 
-def _rows(runs: list, study: str, client, experiment_id: str, page_size: int) -> pd.DataFrame:
+def _rows(runs: list[_Run], study: str, reader: _Reader) -> pd.DataFrame:
     rows = [_row(run, study) for run in runs]
     wanted = {"pretrained": DERIVED, "external": DERIVED[-2:]}
     if any(row[k] is None for row in rows for k in wanted[row["model_source"]]):
-        context = _Context(client, experiment_id, page_size)
+        context = _Context(reader)
         for row in rows:
             context.fill(row)
     return pd.DataFrame(rows)
@@ -305,10 +458,11 @@ def _write_cache(path: Path, df: pd.DataFrame, meta: dict) -> None:
 
 def load(study: str, tracking_uri: str | None = None, root: str | Path = "studies", refresh: bool = True, *,
          cache_dir: str | Path | None = None, page_size: int = PAGE_SIZE, overlap_s: float = OVERLAP_S,
-         use_cache: bool = True) -> pd.DataFrame:
+         use_cache: bool = True, direct: bool = True) -> pd.DataFrame:
     """Every finished finetune job of a study, one row each (see the module docstring).
 
-    `refresh=False` reads the cache only; `use_cache=False` neither reads nor writes it. The returned
+    `refresh=False` reads the cache only; `use_cache=False` neither reads nor writes it; `direct=False`
+    reads a local sqlite store through MLflow's store rather than with SQL (`_SqliteReader`). The returned
     frame's `attrs` say how it was made: `fetched` (runs read from MLflow), `mode` (full,
     incremental or cache) and `cache` (the file).
     """
@@ -324,33 +478,28 @@ def load(study: str, tracking_uri: str | None = None, root: str | Path = "studie
         df, meta = cached
         return _with_attrs(df, fetched=0, mode="cache", cache=path)
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
-    client, experiment_id = _client_and_experiment(uri, name)
+    reader = _reader(uri, name, page_size, direct)
+    experiment_id = reader.experiment_id
     if cached is not None and cached[1].get("experiment_id") == experiment_id:
         old, meta = cached
         since = int(meta["high_water"] - overlap_s * 1000)
-        changed = search_all(client, experiment_id, f"{_FINETUNE} and attributes.end_time > {since}",
-                             page_size=page_size)
-        deleted = {r.info.run_id for r in search_all(client, experiment_id, _FINETUNE, page_size=page_size,
-                                                     deleted=True)}
-        restored = sorted(set(meta.get("deleted", [])) - deleted - {r.info.run_id for r in changed})
+        changed = reader.runs("finetune", ended_after=since)
+        deleted = {r.run_id for r in reader.runs("finetune", deleted=True)}
+        restored = sorted(set(meta.get("deleted", [])) - deleted - {r.run_id for r in changed})
         if restored:
-            ids = ", ".join(f"'{i}'" for i in restored)
-            changed += search_all(client, experiment_id, f"{_FINETUNE} and attributes.run_id IN ({ids})",
-                                  page_size=page_size)
-        finished = [r for r in changed if r.info.status == "FINISHED"]
-        drop = deleted | {r.info.run_id for r in changed}
-        new = _rows(finished, name, client, experiment_id, page_size)
+            changed += reader.runs("finetune", run_ids=restored)
+        finished = [r for r in changed if r.status == "FINISHED"]
+        drop = deleted | {r.run_id for r in changed}
+        new = _rows(finished, name, reader)
         frames = [f for f in (old[~old["run_id"].isin(drop)], new) if len(f)]
         df = _normalize(pd.concat(frames, ignore_index=True) if frames else old.iloc[:0])
-        high = max([meta["high_water"], *(r.info.end_time or 0 for r in changed)])
+        high = max([meta["high_water"], *(r.end_time or 0 for r in changed)])
         mode, fetched = "incremental", len(changed)
     else:
-        runs = search_all(client, experiment_id, f"{_FINETUNE} and attributes.status = 'FINISHED'",
-                          page_size=page_size)
-        deleted = {r.info.run_id for r in search_all(client, experiment_id, _FINETUNE, page_size=page_size,
-                                                     deleted=True)}  # to notice one restored later
-        df = _normalize(_rows(runs, name, client, experiment_id, page_size))
-        high = max((r.info.end_time or 0 for r in runs), default=0)
+        runs = reader.runs("finetune", finished=True)
+        deleted = {r.run_id for r in reader.runs("finetune", deleted=True)}  # to notice one restored later
+        df = _normalize(_rows(runs, name, reader))
+        high = max((r.end_time or 0 for r in runs), default=0)
         mode, fetched = "full", len(runs)
     df.attrs = {}
     if use_cache:
@@ -425,22 +574,22 @@ def loss_curves(study: str, tracking_uri: str | None = None, root: str | Path = 
     mlm_accuracy where logged.
     """
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
-    client, experiment_id = _client_and_experiment(uri, name)
-    context = _Context(client, experiment_id, page_size)
+    context = _Context(_reader(uri, name, page_size))
+    client = context.reader.client
     frames = []
     for run in context.runs.values():
-        tags, params = run.data.tags, run.data.params
+        tags, params = run.tags, run.params
         if tags.get(KIND_TAG) != "pretrain":
             continue
         series = {}
         for key in CURVE_METRICS:
-            if key in run.data.metrics:  # the latest value is there for every metric ever logged
-                history = client.get_metric_history(run.info.run_id, key)  # the client follows page tokens
+            if key in run.metrics:  # the latest value is there for every metric ever logged
+                history = client.get_metric_history(run.run_id, key)  # the client follows page tokens
                 series[key] = pd.Series({m.step: m.value for m in history}, dtype="float64")
         if "loss" not in series:
             continue
         size = params.get("model_size", tags.get("model_size"))
-        preset, vocab = context.preset(size), context.corpus_metrics(run.info.run_id).get("vocab_size")
+        preset, vocab = context.preset(size), context.corpus_metrics(run.run_id).get("vocab_size")
         frame = pd.DataFrame(series).rename_axis("step").reset_index()
         frame.insert(0, "pretrain_node_id", tags.get(NODE_TAG))
         frame.insert(1, "model_size", size)
@@ -471,9 +620,7 @@ def _parameters(preset, vocab) -> int | None:
 def status(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> pd.DataFrame:
     """Runs of a study by node kind and MLflow status."""
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
-    client, experiment_id = _client_and_experiment(uri, name)
-    rows = [{"kind": r.data.tags.get(KIND_TAG, "?"), "status": r.info.status}
-            for r in search_all(client, experiment_id, page_size=PAGE_SIZE)]
+    rows = [{"kind": r.tags.get(KIND_TAG, "?"), "status": r.status} for r in _reader(uri, name).search()]
     if not rows:
         return pd.DataFrame(columns=["kind"])
     return pd.crosstab(pd.DataFrame(rows)["kind"], pd.DataFrame(rows)["status"]).reset_index()

@@ -240,3 +240,15 @@ def test_cli_errors(logged, server, capsys, args, flag, bad):
     assert len(err.strip().splitlines()) == 1 and flag in err and bad in err and "allowed:" in err
     if "unknown column" in err:
         assert "test_f1" in err and "model_size" in err
+
+
+def test_sqlite_read_directly_equals_mlflow_reads(logged, server):
+    """The SQL reader of a local sqlite store, MLflow's own store, and REST give the same frame."""
+    _, _, df = logged
+    uri = f"sqlite:///{server.root / 'mlflow.db'}"
+    direct = results.load("res", tracking_uri=uri, use_cache=False)
+    assert isinstance(results._reader(uri, "res"), results._SqliteReader)
+    pd.testing.assert_frame_equal(direct, df)
+    pd.testing.assert_frame_equal(results.load("res", tracking_uri=uri, use_cache=False, direct=False), df)
+    curves = results.loss_curves("res", tracking_uri=uri)
+    pd.testing.assert_frame_equal(curves, results.loss_curves("res", tracking_uri=server.uri))
