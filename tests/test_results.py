@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from scaling_study import results
+from scaling_study import results, runreader
 from scaling_study.cli import main
 from scaling_study.grid import cell_factors, expand
 from scaling_study.models import count_parameters, mlm_train_flops
@@ -247,7 +247,7 @@ def test_sqlite_read_directly_equals_mlflow_reads(logged, server):
     _, _, df = logged
     uri = f"sqlite:///{server.root / 'mlflow.db'}"
     direct = results.load("res", tracking_uri=uri, use_cache=False)
-    assert isinstance(results._reader(uri, "res"), results._SqliteReader)
+    assert isinstance(runreader.open_reader(uri, "res"), runreader.SqliteReader)
     pd.testing.assert_frame_equal(direct, df)
     pd.testing.assert_frame_equal(results.load("res", tracking_uri=uri, use_cache=False, direct=False), df)
     curves = results.loss_curves("res", tracking_uri=uri)
