@@ -175,6 +175,8 @@ class _Context:
         import yaml
 
         study = self.reader.runs("study")
+        quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # a bar for one small file, on stderr
         try:
             with tempfile.TemporaryDirectory() as tmp:
                 path = self.reader.client.download_artifacts(study[0].run_id, "spec.yaml", tmp)
@@ -182,6 +184,11 @@ class _Context:
             return data if isinstance(data, dict) else {}
         except Exception:  # no study run or no artifact: those factors stay NA
             return {}
+        finally:
+            if quiet is None:
+                os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+            else:
+                os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
 
     def pretrain_setting(self, key: str):
         from scaling_study.spec import PretrainSpec
