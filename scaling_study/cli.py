@@ -298,12 +298,23 @@ def _write_frame(df, fmt: str, output: str | None) -> None:
 
 def cmd_results(args: argparse.Namespace) -> int:
     from scaling_study import results
+    from scaling_study.errors import UserError
 
-    df = results.load(args.study, tracking_uri=args.tracking_uri, root=args.root)
-    if args.format == "table" and len(df):
-        keep = [c for c in ("model", "model_size", "data_volume", "steps", "task", "epochs", "seed", "test_f1",
-                            "dev_f1", "collapsed") if c in df]
+    if args.format == "parquet" and not args.output:
+        raise UserError("--format parquet: needs -o FILE (Parquet is binary); allowed: -o results.parquet, "
+                        "or --format table|csv|json for stdout")
+    where = results.parse_where(args.where)
+    df = results.load(args.study, tracking_uri=args.tracking_uri, root=args.root, refresh=not args.no_refresh)
+    if where:
+        df = results.select(df, where)
+    if args.pivot:
+        df = results.pivot(df, args.pivot[0], args.pivot[1], args.value)
+    elif args.format == "table" and len(df):
+        keep = [c for c in ("model", "steps", "task", "epochs", "seed", "test_f1", "dev_f1", "collapsed") if c in df]
         df = df[keep]
+    if args.format == "parquet":
+        df.to_parquet(args.output, index=False)
+        return 0
     _write_frame(df, args.format, args.output)
     return 0
 
@@ -431,10 +442,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no live view of the grid")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("results", help="a study's finetune results from MLflow")
+    p = sub.add_parser("results", help="a study's finetune results from MLflow: one row per job, filters, pivots")
     _study_args(p)
-    p.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    p.add_argument("--pivot", nargs=2, metavar=("ROW", "COL"), default=None,
+                   help="a ROW x COL table of --value, the mean over seeds and every factor --where leaves free "
+                        "(e.g. --pivot task model_size)")
+    p.add_argument("--value", default="test_f1", help="the column --pivot averages (default test_f1)")
+    p.add_argument("--where", action="append", default=[], metavar="COLUMN=V1[,V2]",
+                   help="keep rows whose COLUMN is one of the values; repeat for more columns "
+                        "(e.g. --where task=scierc_re --where model_size=tiny,base)")
+    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
+                   help="parquet needs -o")
     p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
+    p.add_argument("--no-refresh", action="store_true",
+                   help="read the results cache (<root>/<study>/cache/) only; do not ask MLflow")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("report", help="a study's results as one self-contained HTML page (tables, plots, verdicts)")

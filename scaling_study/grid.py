@@ -183,3 +183,34 @@ def iter_cells(plan: Plan) -> Iterator[tuple[Node, Node, Node]]:
     for cell in plan.of_kind("finetune"):
         run = plan.nodes[cell.parents[0]]
         yield cell, run, plan.nodes[run.parents[0]]
+
+
+def cell_factors(study: Study, plan: Plan, cell: Node, *, vocab_size: int | None = None,
+                 volume_tokens: int | None = None) -> dict:
+    """The derived factors of a finetune cell, logged with its MLflow run so results need not guess.
+
+    `parameters` (exact, of the pretrained `BertForMaskedLM`), `pretrain_tokens` and
+    `pretrain_flops` up to the checkpoint, `tokens` of its data volume, `task_type`, `domain`.
+    `vocab_size` and `volume_tokens` come from the corpus build's manifest (the real vocabulary
+    can be smaller than the spec's); without them the corpus-dependent factors are left out.
+    """
+    from scaling_study.models import count_parameters, mlm_train_flops
+
+    task = study.tasks[cell.factors["task"]]
+    out: dict = {"task_type": task.type, "domain": task.domain}
+    model = plan.nodes[plan.nodes[cell.parents[0]].parents[0]]
+    if model.kind == "external":
+        ext = next((m for m in study.spec.external_models if m.name == model.factors["model"]), None)
+        if ext is not None and ext.num_parameters:
+            out["parameters"] = int(ext.num_parameters)
+        return out
+    p = study.spec.pretrain
+    out["pretrain_tokens"] = int(model.inputs["step"]) * p.batch_size * p.seq_len
+    if volume_tokens is not None:
+        out["tokens"] = int(volume_tokens)
+    if vocab_size is not None:
+        preset = study.presets[model.factors["model_size"]]
+        out["parameters"] = count_parameters(preset, vocab_size)
+        out["pretrain_flops"] = mlm_train_flops(preset, vocab_size, p.seq_len,
+                                                int(model.inputs["step"]) * p.batch_size, p.mask_rate)
+    return out

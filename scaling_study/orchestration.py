@@ -54,7 +54,7 @@ from ray.tune.search import Searcher
 from scaling_study import faults
 from scaling_study._env import QUIET_ENV
 from scaling_study.errors import UserError
-from scaling_study.grid import Node, Plan, expand
+from scaling_study.grid import Node, Plan, cell_factors, expand
 from scaling_study.progress import StudyProgress, throughput_logger
 from scaling_study.spec import Study, expand_env
 from scaling_study.storage import SCHEMES, Store, check_root, is_uri, local_copy
@@ -579,6 +579,19 @@ def _factors(node: Node) -> dict:
     return {k: v for k, v in node.factors.items()}
 
 
+def _cell_factors(study: Study, plan: Plan, layout: Layout, cell: Node) -> dict:
+    """A finetune cell's factors plus the derived ones results.load reads (grid.cell_factors)."""
+    from scaling_study.corpus import MANIFEST
+
+    model = plan.nodes[plan.nodes[cell.parents[0]].parents[0]]
+    manifest = {}
+    if model.kind == "checkpoint":  # the real vocabulary and token count are the corpus build's
+        corpus = plan.nodes[plan.nodes[model.parents[0]].parents[0]]
+        manifest = json.loads(layout.store.read_text(f"{layout.rel(plan, corpus)}/{MANIFEST}") or "{}")
+    return {**_factors(cell), **cell_factors(study, plan, cell, vocab_size=manifest.get("vocab_size"),
+                                             volume_tokens=manifest.get("tokens"))}
+
+
 def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
     """Finished nodes whose MLflow runs are missing or unfinished get them back from storage."""
     from scaling_study.corpus import MANIFEST
@@ -613,7 +626,8 @@ def _repair_tracking(study, plan, layout, tracker, study_run, state) -> None:
             existing = tracker.find_run(cell.id)
             if existing is not None and existing.info.status == "FINISHED":
                 continue
-            run_id = tracker.run_for(cell.id, kind="finetune", name=_name(cell), factors=_factors(cell),
+            run_id = tracker.run_for(cell.id, kind="finetune", name=_name(cell),
+                                     factors=_cell_factors(study, plan, layout, cell),
                                      parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
             if layout.store.remote:  # its artifacts, for MLflow
                 layout.store.download(layout.rel(plan, run_node))
@@ -718,8 +732,8 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
                     "model_source": model_source(study, layout, plan, model)}
             with tracking_calls(tracker.uri):
                 cells[str(cell.inputs["epochs"])] = tracker.run_for(
-                    cell.id, kind="finetune", name=_name(cell), factors=_factors(cell), tags=tags,
-                    parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
+                    cell.id, kind="finetune", name=_name(cell), factors=_cell_factors(study, plan, layout, cell),
+                    tags=tags, parent_run_id=_parent_run(tracker, plan, cell, study_run, cache))
         return {"node": run_node.id, "model_source": model_source(study, layout, plan, model),
                 "task": run_node.factors["task"], "seed": run_node.inputs["seed"],
                 "levels": sorted(int(e) for e in cells), "out_dir": layout.location(plan, run_node),
