@@ -166,7 +166,10 @@ class RayHead:
                 time.sleep(0.3)
 
     def stop(self) -> None:
-        """End every process of the head's session: SIGTERM, then SIGKILL what is left after a few seconds."""
+        """End every process of the head's session: SIGTERM, then SIGKILL what is left after a few seconds.
+
+        The session holds everything that names the head's temp dir (raylet, GCS, agents, task and actor
+        workers, job drivers: checked with /proc), so no sweep by command line is needed."""
         if self.sid is None:
             return
         for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):
