@@ -36,8 +36,10 @@ def ray_head(tmp_path_factory):
     """A real `ray start --head` on 127.0.0.1 with free ports and token auth, for one test module.
 
     Yields a `ray_head.RayHead`: `.address` (GCS), `.dashboard_url` (Jobs API), `.metrics_url`
-    (Prometheus), `.env` (RAY_AUTH_MODE/RAY_AUTH_TOKEN a client needs), `.headers()`. Jobs run with
-    this venv's commands on PATH and `$SCALING_STUDY_HOME` in a temporary folder. Stopped by PID.
+    (Prometheus, exported every second), `.env` (RAY_AUTH_MODE/RAY_AUTH_TOKEN a client needs),
+    `.headers()`, `.in_this_process()` (this process as a driver). Jobs and workers run with this
+    venv's commands on PATH, this checkout first on PYTHONPATH, `$SCALING_STUDY_HOME` and
+    `$SCALING_STUDY_CACHE` (`.extra_env`) in a temporary folder. Stopped by PID.
     """
     import shutil
     import sys
@@ -48,8 +50,10 @@ def ray_head(tmp_path_factory):
     home = tmp_path_factory.mktemp("cluster-home")
     temp = tempfile.mkdtemp(prefix="ss-", dir="/tmp")  # Ray's unix socket paths must stay < 107 chars
     env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-           "SCALING_STUDY_HOME": str(home)}
-    head = RayHead(temp, env=env).start()
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+           "SCALING_STUDY_HOME": str(home), "SCALING_STUDY_CACHE": str(home / "cache")}
+    # metrics every second, not every 10: the dashboards test scrapes a run of a minute or two
+    head = RayHead(temp, env=env, system_config={"metrics_report_interval_ms": 1000}).start()
     try:
         yield head
     finally:

@@ -6,7 +6,8 @@
         head.dashboard_url      # "http://127.0.0.1:<port>"   (the Jobs API)
         head.metrics_url        # "http://127.0.0.1:<port>/metrics"   (Ray's Prometheus endpoint)
         head.env                # what a client process needs: RAY_AUTH_MODE=token, RAY_AUTH_TOKEN=...
-        head.use_in_this_process(); ray.init(address=head.address)   # in the test's own process
+        with head.in_this_process():      # the test's own process as a driver, e.g. run_study(address=...)
+            ray.init(address=head.address)
 
 The `ray_head` fixture in conftest.py starts one per test module. The machine is shared, so the head
 never touches the default ports and is stopped without `ray stop` (which ends every Ray on the
@@ -16,6 +17,8 @@ raylet, dashboard, workers, job drivers) is ended by PID.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -69,13 +72,22 @@ def process_token() -> str:
     return secrets.token_hex(16)
 
 
+def _reload_ray_auth() -> None:
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 class RayHead:
     """`ray start --head` with its own temp dir and ports; token auth on unless `token=False`."""
 
     def __init__(self, temp_dir: str | Path, *, num_cpus: int = 2, token: bool = True,
-                 env: dict[str, str] | None = None, startup_timeout: float = 120.0):
+                 env: dict[str, str] | None = None, system_config: dict | None = None,
+                 startup_timeout: float = 120.0):
         self.temp_dir = Path(temp_dir)
         self.num_cpus, self.startup_timeout = num_cpus, startup_timeout
+        self.system_config = system_config or {}
         self.port, self.dashboard_port, self.metrics_port = free_port(), free_port(), free_port()
         # explicit either way: with RAY_AUTH_MODE unset, `ray start` turns auth on if ~/.ray/auth_token exists
         self.env = ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": process_token()} if token
@@ -99,14 +111,23 @@ class RayHead:
         token = self.env.get("RAY_AUTH_TOKEN")
         return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def use_in_this_process(self) -> None:
-        """Let this process's Ray talk to the head: its auth settings in os.environ, Ray's cached config
-        re-read (Ray reads RAY_AUTH_MODE when it is imported). Then `ray.init(address=head.address)`."""
+    @contextlib.contextmanager
+    def in_this_process(self):
+        """Let this process's Ray talk to the head while the block runs: the head's auth settings in
+        os.environ and Ray's cached config re-read (Ray reads RAY_AUTH_MODE when it is imported); both
+        restored afterwards, so that later tests in the process see what they saw before."""
+        saved = {key: os.environ.get(key) for key in self.env}
         os.environ.update(self.env)
-        from ray._raylet import AuthenticationTokenLoader, Config
-
-        Config.initialize("")
-        AuthenticationTokenLoader.instance().reset_cache()
+        _reload_ray_auth()
+        try:
+            yield self
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+            _reload_ray_auth()
 
     def start(self) -> RayHead:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
@@ -115,6 +136,8 @@ class RayHead:
                "--metrics-export-port", str(self.metrics_port), "--ray-client-server-port", str(free_port()),
                "--dashboard-agent-listen-port", str(free_port()), "--num-cpus", str(self.num_cpus),
                "--disable-usage-stats", "--temp-dir", str(self.temp_dir)]
+        if self.system_config:
+            cmd += ["--system-config", json.dumps(self.system_config)]
         env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **self.env, **self.extra_env}
         log = self.temp_dir / "ray_start.log"
         with log.open("wb") as out:
@@ -143,7 +166,10 @@ class RayHead:
                 time.sleep(0.3)
 
     def stop(self) -> None:
-        """End every process of the head's session: SIGTERM, then SIGKILL what is left after a few seconds."""
+        """End every process of the head's session: SIGTERM, then SIGKILL what is left after a few seconds.
+
+        The session holds everything that names the head's temp dir (raylet, GCS, agents, task and actor
+        workers, job drivers: checked with /proc), so no sweep by command line is needed."""
         if self.sid is None:
             return
         for sig, wait in ((signal.SIGTERM, 2.0), (signal.SIGKILL, 5.0)):

@@ -6,14 +6,7 @@ a re-run trains nothing, and its checkpoints load after a download.
 
 import contextlib
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -27,7 +20,6 @@ from scaling_study.progress import METRICS, PREFIX
 from conftest import REPO
 
 DASHBOARDS = REPO / "dashboards"
-RAY = Path(sys.executable).with_name("ray")
 
 # ----------------------------------------------------------------------------------- PromQL names
 
@@ -101,70 +93,9 @@ def test_dashboards_read_only_progress_metrics():
             assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
 
 
-# ----------------------------------------------------------------------------------- a Ray head
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def _get(url: str, timeout: float = 5.0) -> str:
     with urllib.request.urlopen(url, timeout=timeout) as response:
         return response.read().decode()
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    """`ray start --head --block` on 127.0.0.1, free ports, its own temp dir; yields (address,
-    metrics URL, env). Stopped by ending the processes it started (never `ray stop`)."""
-    import psutil
-
-    temp = tempfile.mkdtemp(prefix="ss7-", dir="/tmp")  # Ray's unix sockets need a short path
-    gcs, client, agent, agent_grpc, env_agent, metrics, node_manager, object_manager = _free_ports(8)
-    # Token auth off for this throwaway head on 127.0.0.1: otherwise it takes whatever ~/.ray/auth_token
-    # holds, a file other clusters on this machine share.
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled",
-           "SCALING_STUDY_CACHE": os.path.join(temp, "cache"),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
-    cmd = [str(RAY), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", f"--port={gcs}",
-           f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent}",
-           f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={env_agent}",
-           f"--metrics-export-port={metrics}", f"--node-manager-port={node_manager}",
-           f"--object-manager-port={object_manager}", "--include-dashboard=false", "--num-cpus=2",
-           "--disable-usage-stats", f"--temp-dir={temp}",
-           "--system-config", json.dumps({"metrics_report_interval_ms": 1000})]
-    log = open(os.path.join(temp, "ray-start.log"), "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{metrics}/metrics"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(OSError):
-                _get(url, timeout=2)
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start failed: {Path(temp, 'ray-start.log').read_text()[-2000:]}")
-            time.sleep(0.5)
-        yield f"127.0.0.1:{gcs}", url, env
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(3)  # a throwaway head: no need to wait for a graceful stop
-        for p in psutil.process_iter(["pid", "cmdline"]):  # leftovers of this head only: they name its temp dir
-            with contextlib.suppress(psutil.Error):
-                if any(temp in part for part in p.info["cmdline"] or []):
-                    p.kill()
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 class Scraper(threading.Thread):
@@ -203,23 +134,23 @@ def live(test):
 
 @pytest.fixture(scope="module")
 def uri_study(ray_head, tmp_path_factory):
-    """The micro study with storage.root = file://..., run on the Ray head while its metrics are scraped."""
+    """The micro study with storage.root = file://..., run on the Ray head (conftest's, token auth on)
+    with this process as the driver, while the head's metrics are scraped."""
     from test_orchestration import micro_spec
 
     from scaling_study.orchestration import run_study
     from scaling_study.spec import load_spec
 
-    address, url, env = ray_head
+    cache = ray_head.extra_env["SCALING_STUDY_CACHE"]
     folder = tmp_path_factory.mktemp("uri")
     path = micro_spec(folder, name="uri", storage={"root": f"file://{folder}/bucket/studies"})
     study = load_spec(path)
-    scraper = Scraper(url)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCALING_STUDY_CACHE", env["SCALING_STUDY_CACHE"])  # the driver's mirror, as the workers'
-        mp.setenv("RAY_AUTH_MODE", "disabled")
+    scraper = Scraper(ray_head.metrics_url)
+    with pytest.MonkeyPatch.context() as mp, ray_head.in_this_process():
+        mp.setenv("SCALING_STUDY_CACHE", cache)  # the driver's mirror, as the workers'
         scraper.start()
         try:
-            summary = run_study(study, address=address, progress=False)
+            summary = run_study(study, address=ray_head.address, progress=False)
             wanted = set(dashboard_metrics())
             deadline = time.monotonic() + 10  # the last export may still be on its way
             while not wanted <= scraper.names and time.monotonic() < deadline:
@@ -227,7 +158,7 @@ def uri_study(ray_head, tmp_path_factory):
         finally:
             scraper.stop.set()
             scraper.join()
-    yield study, summary, scraper, folder, env
+    yield study, summary, scraper, folder, cache
 
 
 @live
@@ -255,7 +186,7 @@ def test_uri_storage_completes_and_rerun_is_a_noop(uri_study):
     from scaling_study import results
     from scaling_study.orchestration import DONE_FILE, run_study
 
-    study, summary, _, folder, env = uri_study
+    study, summary, _, folder, cache = uri_study
     assert summary.ok, summary.failures
     assert summary.root == f"file://{folder}/bucket/studies/uri"
     stored = folder / "bucket" / "studies" / "uri"
@@ -265,7 +196,7 @@ def test_uri_storage_completes_and_rerun_is_a_noop(uri_study):
     assert len(list(stored.glob("pretrain/*/checkpoints/step-*/trainer_state.pt"))) == 2
     assert not list(stored.rglob(".*tmp*"))  # no temporary upload left behind
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SCALING_STUDY_CACHE", env["SCALING_STUDY_CACHE"])
+        mp.setenv("SCALING_STUDY_CACHE", cache)
         again = run_study(study, progress=False)
         assert again.ok and again.trained == 0
         assert {p: p.stat().st_mtime_ns for p in stored.rglob(DONE_FILE)} == done
