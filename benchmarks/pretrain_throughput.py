@@ -1,7 +1,7 @@
 """MLM pretraining throughput on CPU: Hugging Face Trainer vs our loop vs our loop in Ray Train.
 
     python benchmarks/pretrain_throughput.py               # 5-7 minutes on 2 cores
-    python benchmarks/pretrain_throughput.py --quick       # about 2.5 minutes, noisier
+    python benchmarks/pretrain_throughput.py --quick       # about 3.5 minutes, noisier
     python benchmarks/pretrain_throughput.py --compile     # (b) and (c) with torch.compile
 
 One invocation, one model config and one data set for all three (BERT-mini shape: hidden 256,
@@ -36,10 +36,15 @@ Peak RSS is each training process's own (for (c) the Ray worker's, read inside i
 daemons are not counted).
 
 Measured on the 2-core development machine (torch 2.13 CPU, transformers 5.24, ray 2.60), in
-runs with clean intervals: (a) 1329-1522, (b) 3974-4142, (c) 4011-4126 tokens/s; (b)/(a)
-2.72-2.99, (c)/(b) 1.00-1.01; (b) at 58-61% of the matmul peak. Standalone on an idle machine
-(b) reaches 4480-4590. Where (b)'s time goes: matmuls 66% (at about the 2048^3 peak rate),
-dropout's random numbers 11%, attention's bmm/softmax 7%, the rest element-wise.
+runs with clean intervals, before the CPU kernels: (a) 1329-1522, (b) 3974-4142, (c) 4011-4126
+tokens/s; (b)/(a) 2.72-2.99, (c)/(b) 1.00-1.01; (b) at 58-61% of the matmul peak. Where (b)'s
+time went: matmuls 66% (at about the 2048^3 peak rate), dropout's random numbers 11%,
+attention's bmm/softmax 7%, the cross-entropy's backward allocating and zero-filling two
+logits-sized tensors about 5%, the rest element-wise. `use_cpu_kernels` and the leaner
+cross-entropy backward then measured +8.6% for (b) in CPU seconds per token (one thread,
+interleaved A/B in one process, on a machine loaded by others: 3424 vs 3152 tokens per CPU
+second). torch.compile (`--compile`) measured no faster on CPU (the same A/B: 2873 vs 2867 with
+torch's random numbers, slower with Inductor's own) and takes minutes to compile under load.
 """
 
 from __future__ import annotations
@@ -326,11 +331,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="TrainingArguments.optim for (a) (default: the Trainer's own default)")
     parser.add_argument("--compile", action="store_true", help="(b) and (c) with pretrain.compile (torch.compile)")
     parser.add_argument("--quick", action="store_true",
-                        help="a shorter run: --slice 8 --rounds 2 --min-clean 10 --budget 120")
+                        help="a shorter run: --slice 10 --rounds 2 --min-clean 10 --budget 150")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.quick:
-        args.slice, args.rounds, args.min_clean, args.budget = 8.0, 2, 10.0, 120.0
+        args.slice, args.rounds, args.min_clean, args.budget = 10.0, 2, 10.0, 150.0
 
     import shutil
 
