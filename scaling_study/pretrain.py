@@ -356,8 +356,8 @@ class _CrossEntropy(torch.autograd.Function):
 
     The head's logits are (masked positions x vocabulary), 75 MB per BERT-mini batch: torch's own
     backward allocates and zero-fills a tensor that size for the NLL step, then another for the
-    log-softmax step (together with the forward, about 10% of a CPU step). The gradient,
-    (softmax - one_hot(target)) / n, is written over the saved log-probabilities instead.
+    log-softmax step. The gradient, (softmax - one_hot(target)) / n, is written over the saved
+    log-probabilities instead (a small gain on CPU: under 1% of a step in an A/B under load).
     """
 
     @staticmethod
