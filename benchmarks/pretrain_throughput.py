@@ -1,7 +1,8 @@
 """MLM pretraining throughput on CPU: Hugging Face Trainer vs our loop vs our loop in Ray Train.
 
-    python benchmarks/pretrain_throughput.py               # about 5 minutes on 2 cores
-    python benchmarks/pretrain_throughput.py --rounds 2 --slice 8 --json out.json   # shorter
+    python benchmarks/pretrain_throughput.py               # 5-7 minutes on 2 cores
+    python benchmarks/pretrain_throughput.py --quick       # about 3.5 minutes, noisier
+    python benchmarks/pretrain_throughput.py --compile     # (b) and (c) with torch.compile
 
 One invocation, one model config and one data set for all three (BERT-mini shape: hidden 256,
 4 layers, 4 heads, FFN 1024; vocab 30522; seq 128; batch 32; fp32; 2 torch threads; random
@@ -10,7 +11,8 @@ eps 1e-6, weight decay 0.01, grad clip 1.0):
 
   (a) `transformers.Trainer` + `BertForMaskedLM` + `DataCollatorForLanguageModeling`, with the
       Trainer's defaults otherwise (its default optimizer is printed);
-  (b) `scaling_study.pretrain.train_mlm`, standalone;
+  (b) `scaling_study.pretrain.train_mlm`, standalone (on CPU with `use_cpu_kernels`: the same
+      Bernoulli dropout and attention math, with cheaper random numbers and fewer passes);
   (c) the same inside Ray Train (`train_mlm_ray`, one worker with 2 CPUs, local Ray with
       num_cpus=2 and a short temp dir);
   (p) a loop of 2048^3 fp32 matmuls: this machine's peak, for the FLOP/s shares.
@@ -34,10 +36,19 @@ Peak RSS is each training process's own (for (c) the Ray worker's, read inside i
 daemons are not counted).
 
 Measured on the 2-core development machine (torch 2.13 CPU, transformers 5.24, ray 2.60), in
-runs with clean intervals: (a) 1329-1522, (b) 3974-4142, (c) 4011-4126 tokens/s; (b)/(a)
-2.72-2.99, (c)/(b) 1.00-1.01; (b) at 58-61% of the matmul peak. Standalone on an idle machine
-(b) reaches 4480-4590. Where (b)'s time goes: matmuls 66% (at about the 2048^3 peak rate),
-dropout's random numbers 11%, attention's bmm/softmax 7%, the rest element-wise.
+runs with clean intervals, before the CPU kernels: (a) 1329-1522, (b) 3974-4142, (c) 4011-4126
+tokens/s; (b)/(a) 2.72-2.99, (c)/(b) 1.00-1.01; (b) at 58-61% of the matmul peak. Where (b)'s
+time went: matmuls 66% (at about the 2048^3 peak rate), dropout's random numbers 11%,
+attention's bmm/softmax 7%, the cross-entropy's backward allocating and zero-filling two
+logits-sized tensors about 5%, the rest element-wise. `use_cpu_kernels` and the leaner
+cross-entropy backward then measured +8.6% for (b) in CPU seconds per token (one thread,
+interleaved A/B in one process, on a machine loaded by others: 3424 vs 3152 tokens per CPU
+second). torch.compile (`--compile`) measured no faster on CPU (the same A/B: 2873 vs 2867 with
+torch's random numbers, slower with Inductor's own) and takes minutes to compile under load.
+Two-thread A/B of the step in one process (quieter machine, 8 interleaved rounds): 4987 vs 4198
+tokens/s median (+19%). One `--quick` run after the change (15-17 clean seconds each, the
+machine otherwise at load 2-3; (a) and the matmul peak, 308 GFLOP/s, both higher than in the
+runs above): (a) 1907, (b) 5879, (c) 5376; (b)/(a) 3.08, (c)/(b) 0.91.
 """
 
 from __future__ import annotations
@@ -164,24 +175,24 @@ def run_hf(corpus: str, record_path: str, out: str, optim: str | None) -> None:
     trainer.train()
 
 
-def _config():
+def _config(compile_: bool = False):
     from scaling_study.models import load_presets
     from scaling_study.pretrain import PretrainConfig
 
     return PretrainConfig(preset=load_presets()[PRESET], vocab_size=VOCAB, total_steps=MAX_STEPS, checkpoint_steps=(),
                           seq_len=SEQ_LEN, batch_size=BATCH, lr=LR, schedule="linear", warmup_fraction=0.0,
                           precision="fp32", log_every=LOG_EVERY, num_threads=THREADS, weight_decay=0.01,
-                          betas=(0.9, 0.98), eps=1e-6, grad_clip=1.0)
+                          betas=(0.9, 0.98), eps=1e-6, grad_clip=1.0, compile=compile_)
 
 
-def run_ours(corpus: str, record_path: str, out: str) -> None:
+def run_ours(corpus: str, record_path: str, out: str, compile_: bool) -> None:
     from scaling_study.pretrain import train_mlm
 
     rec = Recorder(record_path)
-    train_mlm(_config(), corpus, out, logger=rec, resume=False)
+    train_mlm(_config(compile_), corpus, out, logger=rec, resume=False)
 
 
-def run_ours_in_ray(corpus: str, record_path: str, out: str) -> None:
+def run_ours_in_ray(corpus: str, record_path: str, out: str, compile_: bool) -> None:
     import ray
 
     from scaling_study.pretrain import train_mlm_ray
@@ -191,7 +202,7 @@ def run_ours_in_ray(corpus: str, record_path: str, out: str) -> None:
     temp = f"/tmp/rs-{os.getpid()}"  # Ray's unix sockets fail past about 107 characters
     ray.init(num_cpus=THREADS, include_dashboard=False, _temp_dir=temp, log_to_driver=False)
     try:
-        train_mlm_ray(_config(), corpus, out, num_workers=1, cpus_per_worker=THREADS,
+        train_mlm_ray(_config(compile_), corpus, out, num_workers=1, cpus_per_worker=THREADS,
                       logger_factory=functools.partial(Recorder, record_path))
     except KeyboardInterrupt:
         pass
@@ -262,6 +273,7 @@ class Participant:
         self.name, self.record_path = name, record_path
         self.proc = mp.get_context("spawn").Process(target=target, args=args, daemon=False)
         self.slices: list[tuple[float, float]] = []
+        self.startup = float("nan")
 
     @property
     def pid(self) -> int | None:
@@ -321,8 +333,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=300.0, help="no new round after this many seconds")
     parser.add_argument("--hf-optim", default=None,
                         help="TrainingArguments.optim for (a) (default: the Trainer's own default)")
+    parser.add_argument("--compile", action="store_true", help="(b) and (c) with pretrain.compile (torch.compile)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a shorter run: --slice 10 --rounds 2 --min-clean 10 --budget 150")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.slice, args.rounds, args.min_clean, args.budget = 10.0, 2, 10.0, 150.0
 
     import shutil
 
@@ -337,8 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                                         num_sequences=BATCH * 64, num_shards=2))
     parts = {
         "a": Participant("a", run_hf, (corpus, f"{tmp}/a.jsonl", f"{tmp}/hf", args.hf_optim), f"{tmp}/a.jsonl"),
-        "b": Participant("b", run_ours, (corpus, f"{tmp}/b.jsonl", f"{tmp}/ours"), f"{tmp}/b.jsonl"),
-        "c": Participant("c", run_ours_in_ray, (corpus, f"{tmp}/c.jsonl", f"{tmp}/ray"), f"{tmp}/c.jsonl"),
+        "b": Participant("b", run_ours, (corpus, f"{tmp}/b.jsonl", f"{tmp}/ours", args.compile), f"{tmp}/b.jsonl"),
+        "c": Participant("c", run_ours_in_ray, (corpus, f"{tmp}/c.jsonl", f"{tmp}/ray", args.compile),
+                         f"{tmp}/c.jsonl"),
         "p": Participant("p", run_peak, (f"{tmp}/p.jsonl",), f"{tmp}/p.jsonl"),
     }
     slice_of = {"a": args.slice, "b": args.slice, "c": args.slice, "p": max(2.0, args.slice / 4)}
@@ -348,12 +366,17 @@ def main(argv: list[str] | None = None) -> int:
             part = parts[name]
             part.proc.start()
             print(f"({name}) starting ...", flush=True)
-            deadline = time.monotonic() + 300
+            begun = time.monotonic()
+            deadline = time.monotonic() + (900 if args.compile else 300)
             while not part.ready():
                 if not part.proc.is_alive() or time.monotonic() > deadline:
                     raise RuntimeError(f"({name}) did not start; see the output above")
                 time.sleep(0.2)
             part.signal(signal.SIGSTOP)
+            part.startup = time.monotonic() - begun
+            print(f"({name}) ready after {part.startup:.0f} s (start-up, model build"
+                  f"{', torch.compile' if args.compile and name in 'bc' else ''} and first steps; not measured)",
+                  flush=True)
         monitor = CpuMonitor()
         round_ = 0
         while True:
@@ -372,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                     break
         results = {k: part.measured(monitor, warmup_slices=1, max_foreign=args.max_foreign)
                    for k, part in parts.items()}
+        for k, part in parts.items():
+            results[k]["startup_s"] = part.startup
     finally:
         if monitor is not None:
             monitor.stop()
@@ -406,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fp32 matmul peak (2048^3, median of the fastest tenth): {peak / 1e9:.1f} GFLOP/s "
           f"(mean over its slices {peak_info['rate'] / 1e9:.1f})")
     print(f"{'':38s} {'tokens/s':>9s} {'GFLOP/s':>8s} {'of peak':>8s} {'clean s':>8s} | {'all':>6s} {'all s':>6s} "
-          f"{'foreign':>7s} | {'peak RSS':>8s}  optimizer")
+          f"{'foreign':>7s} | {'peak RSS':>8s} {'start s':>7s}  optimizer")
     for key, r in results.items():
         per_token = mlm_flops_breakdown(preset, VOCAB, SEQ_LEN, 1, r["mask_rate"])["per_token"]
         r["tokens_per_s"] = r[key_rate]
@@ -414,13 +439,14 @@ def main(argv: list[str] | None = None) -> int:
         r["share_of_peak"] = r["tokens_per_s"] * per_token / peak
         print(f"({key}) {names[key]:34s} {r['tokens_per_s']:9.0f} {r['gflops']:8.1f} {r['share_of_peak']:8.1%} "
               f"{r['clean_seconds']:8.0f} | {r['rate']:6.0f} {r['seconds']:6.0f} {r['foreign_load']:7.2f} | "
-              f"{r['peak_rss_mb']:6.0f}MB  {r['optimizer']}")
+              f"{r['peak_rss_mb']:6.0f}MB {r['startup_s']:7.0f}  {r['optimizer']}")
     ratios = {"b/a": results["b"]["tokens_per_s"] / results["a"]["tokens_per_s"],
               "c/b": results["c"]["tokens_per_s"] / results["b"]["tokens_per_s"]}
     print(f"ratios: (b)/(a) = {ratios['b/a']:.2f} (target >= 3.0), (c)/(b) = {ratios['c/b']:.2f} (target >= 0.9)")
     over = (f"clean intervals (foreign load < {args.max_foreign:g} cores)" if use_clean else
             "ALL intervals: too little clean time (other processes were busy), so these numbers are unreliable")
     print(f"tokens/s over {over}; 'all': over every interval; 'foreign': mean cores used by other processes; "
+          f"'start s': seconds until its first steps (incl. any torch.compile), not in tokens/s; "
           f"total {time.monotonic() - started:.0f} s")
     shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
