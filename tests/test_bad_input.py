@@ -1,7 +1,7 @@
 """Bad input through the command line, as a user meets it: task folders, dataset files, corpus files.
 
     pytest tests/test_bad_input.py
-    python tests/test_bad_input.py     # the rows of docs/bad-input.md: each case and today's message
+    python tests/test_bad_input.py     # the rows of docs/reliability.md: each case and today's message
 
 Every case runs a real `scaling-study` verb (`tasks list|check`, `validate`, `run`) in-process on a
 broken input written into a temporary folder and checks what the user gets: exit code 2, one line
@@ -418,9 +418,9 @@ def test_ctrl_c_is_one_line_and_code_130(monkeypatch, capsys):
 
 
 def test_doc_lists_every_case():
-    doc = (REPO / "docs" / "bad-input.md").read_text()
+    doc = (REPO / "docs" / "reliability.md").read_text()
     missing = [c.id for c in CASES if f"`{c.id}`" not in doc]
-    assert not missing, f"docs/bad-input.md lacks {missing}: regenerate with `python tests/test_bad_input.py`"
+    assert not missing, f"docs/reliability.md lacks {missing}: regenerate with `python tests/test_bad_input.py`"
 
 
 @pytest.mark.parametrize("case_id", ["task-yaml-syntax", "conll-unknown-tag",
@@ -441,7 +441,7 @@ def test_through_the_console_script(case_id, tmp_path):
     assert _tree(tmp_path) == before
 
 
-if __name__ == "__main__":  # print the docs/bad-input.md table of the cases above, with today's messages
+if __name__ == "__main__":  # print the docs/reliability.md table of the cases above, with today's messages
     import tempfile
 
     rows = []

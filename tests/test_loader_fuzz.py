@@ -222,6 +222,6 @@ def test_packaged_tasks_cover_every_format():
      "metadata [None, 2, 4, 4] does not match the marked spans"),
 ])
 def test_found_by_fuzzing(name, raw, fragment):
-    """Inputs the long fuzzing pass found escaping as ValueError/TypeError (see docs/bad-input.md)."""
+    """Inputs the long fuzzing pass found escaping as ValueError/TypeError (see docs/reliability.md)."""
     with pytest.raises(UserError, match=re.escape(fragment)):
         parse_split(TASKS[name], raw.encode(), "fuzz/train.txt", FORMATS[name][1])
