@@ -204,11 +204,14 @@ class StudyState:
             self.state[node.id] = state
             self.failures.append(Failure(node.id, node.kind, what, reason, str(log) if log else ""))
 
-    def tracking_lost(self, node: Node | None, reason: str) -> None:
-        """A node's output is done (or the study ended) but MLflow did not take its record: a re-run logs it."""
+    def tracking_lost(self, node: Node | None, reason: str, *, what: str = "tracking") -> None:
+        """A node's output is done (or the study ended) but MLflow did not take its record: a re-run logs it.
+
+        Also, with `what`, a failure no node can be named for (the summary lists it; the exit is 1).
+        """
         with self.lock:
             self.failures.append(Failure(node.id if node else self.plan.study, node.kind if node else "study",
-                                         "tracking", reason, ""))
+                                         what, reason, ""))
 
     def counts(self) -> dict[str, dict[str, int]]:
         out = {kind: dict.fromkeys(STATES, 0) for kind in SHOWN}
@@ -757,6 +760,9 @@ def _execute(study: Study, plan: Plan, layout: Layout, tracker: Tracker, study_r
         grid = tuner.fit()
         for result in grid:
             if result.error is None:
+                continue
+            if not (result.config or {}).get("node"):  # died before Tune kept its config: no node to name
+                state.tracking_lost(None, _reason(result.error), what="finetune trial")
                 continue
             run_node = plan.nodes[result.config["node"]]
             for cell in plan.children(run_node.id):
