@@ -59,3 +59,12 @@ def ray_head(tmp_path_factory):
     finally:
         head.stop()
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def micro_corpus(folder: Path) -> Path:
+    """A 300-line excerpt of the ../shared science corpus in `folder`: a corpus build of seconds."""
+    corpus = folder / "corpus.txt"
+    if not corpus.exists():
+        lines = (REPO.parent / "shared" / "corpus" / "matsci_glass_abstracts.txt").read_text().splitlines()[:300]
+        corpus.write_text("\n".join(lines) + "\n")
+    return corpus

@@ -21,7 +21,7 @@ from scaling_study.cli import main
 from scaling_study.spec import load_spec
 from scaling_study.submit import EXCLUDES, SPEC_PATH_ENV, SPEC_TEXT_ENV, entrypoint_and_env, submission_id
 
-from conftest import REPO
+from conftest import REPO, micro_corpus
 
 SHARED = REPO.parent / "shared"
 CONFIGS = [REPO / "ray_cluster.yaml", REPO / "ray_cluster.local.yaml"]
@@ -70,10 +70,7 @@ def test_aws_node_types():
 
 
 def _spec(folder: Path, name: str = "clustered", **changes) -> Path:
-    corpus = folder / "corpus.txt"
-    if not corpus.exists():
-        lines = (SHARED / "corpus" / "matsci_glass_abstracts.txt").read_text().splitlines()[:300]
-        corpus.write_text("\n".join(lines) + "\n")
+    corpus = micro_corpus(folder)
     spec = {
         "name": name,
         "corpus": {"name": "sci", "paths": [str(corpus)], "vocab_size": 1500},

@@ -31,26 +31,12 @@ from scaling_study.pretrain import (
     latest_checkpoint,
     train_mlm,
     train_mlm_ray,
-    write_synthetic_corpus,
 )
 
 from conftest import REPO
-from test_pretrain import _config
+from test_pretrain import _config, _restore_threads, synthetic  # noqa: F401 (fixtures, shared)
 
 SHARED = REPO.parent / "shared"
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    return write_synthetic_corpus(tmp_path_factory.mktemp("syn") / "corpus", vocab_size=1000, seq_len=32,
-                                  num_sequences=120, num_shards=3)
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fault(monkeypatch, tmp_path: Path, spec: str) -> Path:
@@ -142,7 +128,7 @@ def test_killed_checkpoint_write_leaves_the_previous_checkpoint_valid(synthetic,
     script = textwrap.dedent(f"""
         import sys
         sys.path.insert(0, {str(REPO / 'tests')!r})
-        from test_pretrain import _config
+        from test_pretrain import _config, _restore_threads, synthetic  # noqa: F401 (fixtures, shared)
         from scaling_study.pretrain import train_mlm
         train_mlm(_config(total_steps=10, checkpoint_steps=(5, 10)), {str(synthetic)!r}, {str(out)!r})
     """)

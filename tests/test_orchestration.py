@@ -22,7 +22,7 @@ from scaling_study.grid import expand
 from scaling_study.orchestration import DONE_FILE, Layout, run_study
 from scaling_study.spec import load_spec
 
-from conftest import REPO
+from conftest import REPO, micro_corpus
 
 SHARED = REPO.parent / "shared"
 pytestmark = [pytest.mark.slow,
@@ -30,10 +30,7 @@ pytestmark = [pytest.mark.slow,
 
 
 def micro_spec(folder: Path, name: str = "micro", **changes) -> Path:
-    corpus = folder / "corpus.txt"
-    if not corpus.exists():
-        lines = (SHARED / "corpus" / "matsci_glass_abstracts.txt").read_text().splitlines()[:300]
-        corpus.write_text("\n".join(lines) + "\n")
+    corpus = micro_corpus(folder)
     spec = {
         "name": name,
         "corpus": {"name": "sci", "paths": ["corpus.txt"], "vocab_size": 1500},
