@@ -150,12 +150,14 @@ def test_failed_node_does_not_stop_others(tmp_path, capsys):
     assert list(df["task"]) == ["bc5cdr_ner"]
 
 
-def _wait_for(predicate, timeout: float, proc) -> None:
+def _wait_for(predicate, timeout: float, proc, log: Path) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
             return
-        assert proc.poll() is None, "the driver ended before the kill"
+        if proc.poll() is not None:  # say why: the driver's own last words
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+            raise AssertionError(f"the driver ended (exit {proc.returncode}) before the kill:\n{tail}")
         time.sleep(0.5)
     raise AssertionError("timed out waiting for the study to make progress")
 
@@ -167,11 +169,13 @@ def test_killed_driver_then_rerun_completes(tmp_path):
     study = load_spec(path)
     layout = Layout.of(study)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "scaling_study.cli", "run", str(path), "--quiet"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    log = tmp_path / "driver.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "scaling_study.cli", "run", str(path), "--quiet"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     children = []
     try:
-        _wait_for(lambda: any(layout.root.rglob(DONE_FILE)), 300, proc)
+        _wait_for(lambda: any(layout.root.rglob(DONE_FILE)), 300, proc, log)
         children = psutil.Process(proc.pid).children(recursive=True)
         os.kill(proc.pid, signal.SIGKILL)  # the driver only, as a crash would
         proc.wait()
