@@ -260,7 +260,10 @@ def summary(verdicts: pd.DataFrame, fits: pd.DataFrame | None, threshold: float)
         ok = fits[fits["status"] == "ok"]
         never = sorted(ok.loc[ok["next_gain_x"] == math.inf, "task"])
         finite = ok[ok["next_gain_x"] < math.inf].sort_values("next_gain_x")
-        parts = [f"{r.task} {_fmt(r.next_gain_x)}x (95% {_fmt(r.next_gain_x_low)}-{_fmt(r.next_gain_x_high)})"
+        # a loose fit's draws can put the interval beside its own estimate (most draws: never): say so
+        parts = [f"{r.task} {_fmt(r.next_gain_x)}x " + (f"(95% {_fmt(r.next_gain_x_low)}-{_fmt(r.next_gain_x_high)})"
+                                                       if r.next_gain_x_low <= r.next_gain_x <= r.next_gain_x_high
+                                                       else "(the fit is too loose for an interval)")
                  for r in finite.itertuples()]
         text = f"Power-law fits against pretraining compute: the next {threshold:g} F1 point costs"
         text += f" {', '.join(parts)} the study's largest compute" if parts else " more compute than any fit can buy"
