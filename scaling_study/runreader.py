@@ -20,26 +20,10 @@ import json
 from pathlib import Path
 
 from scaling_study.errors import UserError
-from scaling_study.tracking import KIND_TAG, PAGE, redact_uri
+from scaling_study.tracking import KIND_TAG, redact_uri, search_all
 
 PAGE_SIZE = 10_000
 """Runs per page of a search: MLflow servers allow up to 50,000; the client defaults to 1,000."""
-
-
-def search_all(client, experiment_id: str, filter_string: str = "", *, page_size: int = PAGE,
-               deleted: bool = False) -> list:
-    """Every run matching `filter_string`, following page tokens (`deleted`: the deleted ones instead)."""
-    from mlflow.entities import ViewType
-
-    view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
-    runs, token = [], None
-    while True:
-        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=view,
-                                  max_results=page_size, page_token=token)
-        runs.extend(page)
-        token = page.token
-        if not token:
-            return runs
 
 
 @dataclasses.dataclass(frozen=True)

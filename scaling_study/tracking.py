@@ -208,6 +208,23 @@ def _tag_value(value: object) -> str:
     return str(value)[:5000]
 
 
+def search_all(client, experiment_id: str, filter_string: str = "", *, page_size: int = PAGE,
+               deleted: bool = False, limit: int | None = None) -> list:
+    """Every run matching `filter_string` (at most `limit`), following page tokens: MLflow's
+    `search_runs` returns one page and says nothing about the rest. `deleted`: the deleted runs instead."""
+    from mlflow.entities import ViewType
+
+    view = ViewType.DELETED_ONLY if deleted else ViewType.ACTIVE_ONLY
+    runs, token = [], None
+    while True:
+        page = client.search_runs([experiment_id], filter_string=filter_string, run_view_type=view,
+                                  max_results=page_size, page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token or (limit and len(runs) >= limit):
+            return runs[:limit] if limit else runs
+
+
 class Tracker:
     """One MLflow experiment (a study) and its runs, one per plan node."""
 
@@ -226,14 +243,7 @@ class Tracker:
 
     def search(self, filter_string: str = "", *, max_results: int | None = None) -> list:
         """Every run of the experiment matching `filter_string`, following page tokens."""
-        runs, token = [], None
-        while True:
-            page = self.client.search_runs([self.experiment_id], filter_string=filter_string,
-                                           max_results=PAGE, page_token=token)
-            runs.extend(page)
-            token = page.token
-            if not token or (max_results and len(runs) >= max_results):
-                return runs[:max_results] if max_results else runs
+        return search_all(self.client, self.experiment_id, filter_string, limit=max_results)
 
     def find_run(self, node_id: str):
         """The run of a node, or None. More than one means something bypassed `run_for`: an error."""
