@@ -14,6 +14,7 @@ os.environ["SCALING_STUDY_OFFLINE"] = "1"  # task data and corpora from local mi
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+SHARED = REPO.parent / "shared"  # the local mirror of corpus and task data (CI lays it beside the clone)
 
 BASE_SPEC = {
     "name": "unit",
@@ -65,6 +66,11 @@ def micro_corpus(folder: Path) -> Path:
     """A 300-line excerpt of the ../shared science corpus in `folder`: a corpus build of seconds."""
     corpus = folder / "corpus.txt"
     if not corpus.exists():
-        lines = (REPO.parent / "shared" / "corpus" / "matsci_glass_abstracts.txt").read_text().splitlines()[:300]
+        lines = (SHARED / "corpus" / "matsci_glass_abstracts.txt").read_text().splitlines()[:300]
         corpus.write_text("\n".join(lines) + "\n")
     return corpus
+
+
+def needs_mirror(part: str = "datasets"):
+    """Skip where the ../shared mirror (its `part`: datasets or corpus) is absent; CI always has it."""
+    return pytest.mark.skipif(not (SHARED / part).is_dir(), reason=f"needs the ../shared mirror ({part}/)")

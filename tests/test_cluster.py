@@ -21,9 +21,8 @@ from scaling_study.cli import main
 from scaling_study.spec import load_spec
 from scaling_study.submit import EXCLUDES, SPEC_PATH_ENV, SPEC_TEXT_ENV, entrypoint_and_env, submission_id
 
-from conftest import REPO, micro_corpus
+from conftest import REPO, SHARED, micro_corpus, needs_mirror
 
-SHARED = REPO.parent / "shared"
 CONFIGS = [REPO / "ray_cluster.yaml", REPO / "ray_cluster.local.yaml"]
 
 
@@ -89,7 +88,7 @@ def _spec(folder: Path, name: str = "clustered", **changes) -> Path:
     return path
 
 
-needs_data = pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")
+needs_data = needs_mirror("datasets")
 
 
 @needs_data

@@ -21,6 +21,8 @@ from scaling_study.errors import UserError
 from scaling_study.grid import expand
 from scaling_study.spec import spec_from_data
 
+from conftest import SHARED, needs_mirror
+
 SEQ_LEN = 32
 N_DOCS = 1000
 
@@ -214,12 +216,9 @@ def test_tokenizer_loads_with_auto_tokenizer(tmp_path, base_spec, cased):
         assert "Protein" not in tok.get_vocab()
 
 
-SHARED = Path("/work/shared/corpus/scitldr_abstracts.txt")
-
-
-@pytest.mark.skipif(not SHARED.is_file(), reason="shared corpus not mirrored here")
+@needs_mirror("corpus")
 def test_real_text_round_trips_cased(tmp_path, base_spec):
-    with open(SHARED, encoding="utf-8") as f:
+    with open(SHARED / "corpus" / "scitldr_abstracts.txt", encoding="utf-8") as f:
         lines = [next(f).rstrip("\n") for _ in range(300)]
     study, nodes = make_study(tmp_path, base_spec, ["100%"], docs=lines, vocab_size=4000)
     manifest, out = build(study, nodes["100%"], tmp_path)

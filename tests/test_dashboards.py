@@ -17,7 +17,7 @@ import pytest
 from scaling_study.grid import expand
 from scaling_study.progress import METRICS, PREFIX
 
-from conftest import REPO
+from conftest import REPO, needs_mirror
 
 DASHBOARDS = REPO / "dashboards"
 
@@ -123,12 +123,10 @@ class Scraper(threading.Thread):
 
 # ----------------------------------------------------------------------------------- the run
 
-SHARED = REPO.parent / "shared"
-
 
 def live(test):
     """End to end on the Ray head: slow, and needs the task data of ../shared."""
-    test = pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")(test)
+    test = needs_mirror("datasets")(test)
     return pytest.mark.slow(test)
 
 

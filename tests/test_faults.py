@@ -33,10 +33,8 @@ from scaling_study.pretrain import (
     train_mlm_ray,
 )
 
-from conftest import REPO
+from conftest import REPO, needs_mirror
 from test_pretrain import _config, _restore_threads, synthetic  # noqa: F401 (fixtures, shared)
-
-SHARED = REPO.parent / "shared"
 
 
 def _fault(monkeypatch, tmp_path: Path, spec: str) -> Path:
@@ -166,7 +164,7 @@ def _small_study(folder: Path, name: str, **tracking) -> Path:
     return path
 
 
-@pytest.mark.skipif(not (SHARED / "corpus").is_dir(), reason="needs the ../shared mirror")
+@needs_mirror("corpus")
 def test_tracking_server_down_at_start_is_one_line_exit_2_before_any_compute(tmp_path):
     from scaling_study.orchestration import Layout
     from scaling_study.spec import load_spec
@@ -187,7 +185,7 @@ def test_tracking_server_down_at_start_is_one_line_exit_2_before_any_compute(tmp
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")
+@needs_mirror("datasets")
 def test_tracking_lost_mid_study_fails_the_node_and_a_rerun_completes(tmp_path, monkeypatch):
     """The MLflow server is killed (SIGKILL of its process group) just before the finetune run logs
     its results. That run fails with a one-line reason and writes no DONE.json; corpus and

@@ -22,11 +22,10 @@ from scaling_study.grid import expand
 from scaling_study.orchestration import DONE_FILE, Layout, run_study
 from scaling_study.spec import load_spec
 
-from conftest import REPO, micro_corpus
+from conftest import REPO, SHARED, micro_corpus, needs_mirror
 
-SHARED = REPO.parent / "shared"
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")]
+              needs_mirror("datasets")]
 
 
 def micro_spec(folder: Path, name: str = "micro", **changes) -> Path:

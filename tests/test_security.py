@@ -19,9 +19,8 @@ import yaml
 from scaling_study.cli import main
 from scaling_study.errors import UserError
 
-from conftest import REPO
+from conftest import REPO, needs_mirror
 
-SHARED = REPO.parent / "shared"
 SECRET = "TOPSECRET-7f3a"
 LOOPBACK = ("127.", "::1", "::ffff:127.")
 
@@ -122,7 +121,7 @@ json.dump({"rc": res.returncode, "stdout": res.stdout, "stderr": res.stderr, "ru
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (SHARED / "datasets").is_dir(), reason="needs the ../shared mirror")
+@needs_mirror("datasets")
 def test_a_study_runs_without_network_listens_on_loopback_and_logs_no_credentials(tmp_path):
     """A one-cell study through the CLI, in a network namespace with only loopback (when
     `unshare -n` is allowed) and with every Python process recording non-loopback connects and
