@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 from scaling_study.grid import expand
 from scaling_study.spec import load_spec, spec_from_data
 
+from conftest import REPO
+
 SIZES = ["debug", "tiny", "mini", "small"]
 VOLUMES = ["1%", "5%", "10%", "50%", "100%"]
 TASKS = ["bc5cdr_ner", "scierc_re", "paper_field_cls", "matsci_ner", "jnlpba_ner"]
@@ -216,3 +218,29 @@ def test_checkpoint_factors(base_spec, protocol):
         assert ck.factors["steps"] <= run.inputs["total_steps"]
         if protocol == "independent":
             assert ck.factors["steps"] == run.inputs["total_steps"]
+
+
+# Digests of the sorted node ids of each kind, per experiment spec. A change here renames nodes, so
+# existing studies would recompute everything and lose their results: only on purpose (a new
+# builder version, say), and then say so in the commit.
+PINNED_IDS = {
+    "baselines.yaml": {"external": "7336c63238f49bae", "finetune_run": "ce79edc73f8b3b5d",
+                       "finetune": "5cfa755edb194eca"},
+    "scholarbert.yaml": {"corpus": "b92e9bec433dc4f2", "pretrain": "b2d734e6c28035d1",
+                         "checkpoint": "4dc8b24165cfe6b8", "finetune_run": "ca0aeca49bb90320",
+                         "finetune": "bb2e41f5be0a0ad9"},
+    "smoke.yaml": {"corpus": "8d3ccd50ffedb5c3", "pretrain": "abca7430f4343488", "checkpoint": "c826f7a3ee2803cf",
+                   "finetune_run": "c18a33c74f19af6c", "finetune": "d60de070a9a8ac88"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(PINNED_IDS))
+def test_experiment_node_ids_are_pinned(name):
+    import hashlib
+
+    from scaling_study.grid import KINDS
+
+    plan = expand(load_spec(REPO / "experiments" / name))
+    digests = {kind: hashlib.sha256(",".join(sorted(n.id for n in plan.of_kind(kind))).encode()).hexdigest()[:16]
+               for kind in KINDS if plan.of_kind(kind)}
+    assert digests == PINNED_IDS[name]
