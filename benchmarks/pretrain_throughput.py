@@ -145,11 +145,11 @@ def run_hf(corpus: str, record_path: str, out: str, optim: str | None) -> None:
     )
 
     from scaling_study.models import bert_config, load_presets
-    from scaling_study.pretrain import CorpusInfo
+    from scaling_study.artifacts import CorpusBuild
 
     torch.set_num_threads(THREADS)
     rec = Recorder(record_path)
-    info = CorpusInfo.read(corpus)
+    info = CorpusBuild.open(corpus)
     rows = np.concatenate([info.load_shard(i) for i in range(len(info.shards))])
 
     class Rows(torch.utils.data.Dataset):

@@ -240,12 +240,13 @@ def cmd_spec_reference(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from scaling_study.orchestration import run_study
+    from scaling_study.orchestration import prepare, run_study
     from scaling_study.spec import load_spec
 
     study = load_spec(args.spec)
-    _check_inputs(study)
-    summary = run_study(study, address=args.address, progress=not args.quiet)
+    prepared = prepare(study)
+    _check_inputs(prepared)
+    summary = run_study(study, address=args.address, progress=not args.quiet, prepared=prepared)
     console = Console(soft_wrap=True)
     c = summary.counts
     done = {k: f"{v['done']}/{sum(v.values())}" for k, v in c.items()}
@@ -266,18 +267,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.ok else 1
 
 
-def _check_inputs(study) -> None:
+def _check_inputs(prepared) -> None:
     """Bad corpus files and task data stop `run` here, before anything is started or written."""
     from scaling_study.corpus import check_corpus
-    from scaling_study.grid import expand
-    from scaling_study.orchestration import Layout, node_done
     from scaling_study.tasks.data import check_task_data
 
-    plan, layout = expand(study), Layout.of(study)
-    if not all(node_done(layout, plan, n) for n in plan.of_kind("corpus")):
-        check_corpus(study)
-    pending = {n.factors["task"] for n in plan.of_kind("finetune_run") if not node_done(layout, plan, n)}
-    for tid, why in check_task_data(study, pending).items():
+    plan, done = prepared.plan, prepared.done
+    if not all(n.id in done for n in plan.of_kind("corpus")):
+        check_corpus(prepared.study)
+    pending = {n.factors["task"] for n in plan.of_kind("finetune_run") if n.id not in done}
+    for tid, why in check_task_data(prepared.study, pending).items():
         print(f"scaling-study: warning: {why}; its finetune runs will fail", file=sys.stderr)
 
 
@@ -394,7 +393,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from scaling_study.tracking import LocalMlflowServer
 
     if args.study.endswith((".yaml", ".yml")):
-        from scaling_study.orchestration import Layout
+        from scaling_study.artifacts import Layout
         from scaling_study.spec import load_spec
 
         folder = Layout.of(load_spec(args.study)).mlflow
@@ -421,13 +420,8 @@ def _study_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
     p.add_argument("--tracking-uri", default=None, help="read from this MLflow server instead")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from scaling_study import __version__
-
-    parser = argparse.ArgumentParser(prog="scaling-study", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"scaling-study {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _study_verbs(sub) -> None:
+    """The study's lifecycle: plan, run, results, report, status."""
     p = sub.add_parser("plan", help="show a study's plan and cost before anything runs")
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--device", default="h100", help="device for the estimate: h100, h200, a100, cpu (default h100)")
@@ -471,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a Ray cluster's dashboard URL: list the study jobs there (all of them without STUDY)")
     p.set_defaults(func=cmd_status)
 
+
+
+def _cluster_verbs(sub) -> None:
+    """A Ray cluster and the MLflow UI: submit, ui."""
     p = sub.add_parser("submit", help="run a study on a Ray cluster as a Ray job; idempotent")
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--address", default=None,
@@ -491,6 +489,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 
+
+
+def _registry_verbs(sub) -> None:
+    """Specs, tasks and presets: validate, tasks, spec-reference, presets."""
     p = sub.add_parser("validate", help="check study specs; write nothing")
     p.add_argument("specs", nargs="+")
     p.set_defaults(func=cmd_validate)
@@ -511,6 +513,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("presets", help="model-size presets and devices")
     p.add_argument("--vocab-size", type=int, default=30522)
     p.set_defaults(func=cmd_presets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from scaling_study import __version__
+
+    parser = argparse.ArgumentParser(prog="scaling-study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"scaling-study {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _study_verbs(sub)
+    _cluster_verbs(sub)
+    _registry_verbs(sub)
     return parser
 
 

@@ -1,11 +1,12 @@
 """Corpus builds: one per data volume (the `corpus` nodes of `grid.expand`).
 
-    from scaling_study.corpus import build_corpus, check_corpus, read_manifest, load_tokenizer, shard_paths
+    from scaling_study.corpus import build_corpus, check_corpus, load_tokenizer
+    from scaling_study.artifacts import CorpusBuild
     check_corpus(study)                                           # bad files raise UserError before any work
     for node in plan.of_kind("corpus"):
         manifest = build_corpus(study, node, root / node.id)     # a no-op once built
     tok = load_tokenizer(root / node.id)                          # AutoTokenizer, adds [CLS] ... [SEP]
-    files = shard_paths(root / node.id)                           # Parquet, one column `input_ids`
+    files = CorpusBuild.open(root / node.id).shard_paths          # Parquet, one column `input_ids`
 
 A build reads the corpus (plain UTF-8, one document per line; blank lines are skipped), keeps a
 nested, seeded subset of its documents, trains a WordPiece tokenizer on that subset, and packs the
@@ -45,7 +46,6 @@ token-count volume keeps 16 bytes per candidate document (key and count) to sort
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import hashlib
 import itertools
@@ -66,15 +66,14 @@ from typing import Any
 
 import numpy as np
 
+from scaling_study.artifacts import Manifest, read_manifest
 from scaling_study.errors import SpecError, UserError
 from scaling_study.grid import Node
 from scaling_study.spec import DataVolume, Study, expand_env
+from scaling_study.storage import replace_dir
 
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 """In id order: the trainer gives them ids 0-4."""
-FORMAT = 1
-"""Version of the build layout; bump when shards or manifest change meaning."""
-MANIFEST = "manifest.json"
 
 _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _BATCH_DOCS = 1024
@@ -91,73 +90,7 @@ PREFLIGHT_SCAN_BYTES = 256 << 20
 """How much of the corpus `check_corpus` reads before a run starts (see there)."""
 
 
-# ----------------------------------------------------------------------------------- manifest
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """What a finished build holds; `manifest.json` in the build folder."""
-
-    node_id: str
-    inputs: dict
-    """The corpus node's inputs (what its id hashes)."""
-    seq_len: int
-    vocab_size: int
-    """Actual vocabulary size (at most `inputs["vocab_size"]`; smaller on a small corpus)."""
-    special_tokens: dict
-    """Ids of pad, unk, cls, sep, mask."""
-    tokenizer_hash: str
-    """sha256 of `tokenizer/tokenizer.json`."""
-    corpus_documents: int
-    """Documents (non-blank lines) in the whole corpus."""
-    tokenizer_documents: int
-    """Documents the tokenizer was trained on (= `documents` for fraction volumes)."""
-    documents: int
-    """Documents in the subset, all packed."""
-    tokens: int
-    """WordPiece tokens of the subset's documents plus one [SEP] each: the packed stream."""
-    sequences: int
-    dropped_tokens: int
-    """Stream tokens after the last full sequence, not written. tokens = sequences*(seq_len-1) + dropped."""
-    shards: list
-    """[{"file": "shards/shard-00000.parquet", "sequences": n}, ...] in stream order."""
-    input_files: list
-    """[{"path", "bytes", "mtime"} (+ "url" for downloads)] as read."""
-    build_seconds: float
-    created: str
-    tokenizer: str = "tokenizer"
-    packing: str = ("each row: [CLS] + seq_len-1 ids of the stream (documents in corpus order, "
-                    "[SEP] after each); the incomplete last row is dropped")
-    format: int = FORMAT
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Manifest:
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-def read_manifest(out_dir: Path | str) -> Manifest | None:
-    """The manifest of a finished build in `out_dir`, or None if there is none (or it is incomplete)."""
-    out_dir = Path(out_dir)
-    try:
-        manifest = Manifest.from_dict(json.loads((out_dir / MANIFEST).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
-    if manifest.format != FORMAT:  # built by an incompatible version: rebuild
-        return None
-    files = [out_dir / s["file"] for s in manifest.shards] + [out_dir / manifest.tokenizer / "tokenizer.json"]
-    return manifest if all(f.is_file() for f in files) else None
-
-
-def shard_paths(out_dir: Path | str) -> list[Path]:
-    """The Parquet shards of a finished build, in stream order."""
-    manifest = read_manifest(out_dir)
-    if manifest is None:
-        raise FileNotFoundError(f"{out_dir}: no finished corpus build (no valid {MANIFEST})")
-    return [Path(out_dir) / s["file"] for s in manifest.shards]
+# ----------------------------------------------------------------------------------- the build's tokenizer
 
 
 def load_tokenizer(out_dir: Path | str):
@@ -652,16 +585,6 @@ def _remove_stale_partials(out_dir: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def build_corpus(study: Study, node: Node, out_dir: Path | str, *, progress: bool = True,
                  shard_sequences: int = 8192, min_shards: int = 16, cache_dir: Path | str | None = None,
                  parallel: bool = True) -> Manifest:
@@ -699,8 +622,7 @@ def build_corpus(study: Study, node: Node, out_dir: Path | str, *, progress: boo
             if read_manifest(out_dir) is not None:  # someone else finished the same node meanwhile
                 shutil.rmtree(tmp, ignore_errors=True)
                 return build_corpus(study, node, out_dir, progress=progress)
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -783,7 +705,7 @@ def _build(study: Study, node: Node, tmp: Path, *, progress: bool, shard_sequenc
         input_files=input_files, build_seconds=round(time.monotonic() - start, 3),
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     assert manifest.tokens == manifest.sequences * (seq_len - 1) + manifest.dropped_tokens
-    _write_json_atomic(tmp / MANIFEST, manifest.to_dict())
+    manifest.write(tmp)
     return manifest
 
 

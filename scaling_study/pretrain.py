@@ -63,15 +63,27 @@ import torch
 from torch import nn
 
 from scaling_study import faults
+from scaling_study.artifacts import (
+    MANIFEST,
+    STATE_FILE,
+    CorpusBuild,
+    Manifest,
+    checkpoint_dir,
+    latest_checkpoint,
+    prune_resume,
+    pull_latest_checkpoint,
+    push_checkpoint,
+    remove_partial_checkpoints,
+)
 from scaling_study.models import ModelPreset, bert_config, load_devices, mlm_flops_breakdown
 from scaling_study.schedules import Schedule, build_optimizer
+from scaling_study.storage import replace_dir
 
 if TYPE_CHECKING:
     from scaling_study.grid import Node, Plan
     from scaling_study.spec import Study
 
 __all__ = [
-    "CorpusInfo",
     "JsonlLogger",
     "MaskedLM",
     "Masker",
@@ -80,8 +92,6 @@ __all__ = [
     "MlflowLogger",
     "PretrainConfig",
     "ShardStream",
-    "checkpoint_dir",
-    "latest_checkpoint",
     "mlm_loss",
     "run_pretraining",
     "train_mlm",
@@ -90,7 +100,6 @@ __all__ = [
     "write_synthetic_corpus",
 ]
 
-STATE_FILE = "trainer_state.pt"
 STATE_FORMAT = 1
 
 
@@ -187,47 +196,6 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------------- data
 
 
-@dataclasses.dataclass(frozen=True)
-class CorpusInfo:
-    """A corpus build folder (scaling_study.corpus), as described by its manifest.json."""
-
-    root: Path
-    seq_len: int
-    vocab_size: int
-    special_ids: dict
-    """pad, unk, cls, sep, mask -> id."""
-    shards: tuple[tuple[str, int], ...]
-    """(file relative to root, number of sequences)."""
-    tokenizer: str = "tokenizer"
-
-    @classmethod
-    def read(cls, root: str | Path) -> CorpusInfo:
-        root = Path(root)
-        path = root / "manifest.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: no corpus manifest (is {root} a finished corpus build?)")
-        m = json.loads(path.read_text())
-        shards = tuple((s["file"] if (root / s["file"]).exists() else f"shards/{s['file']}", int(s["sequences"]))
-                       for s in m["shards"])
-        if not shards:
-            raise ValueError(f"{path}: the corpus has no shards")
-        # corpus.Manifest writes `special_tokens`; the contract's name is `special_ids`
-        special = m.get("special_ids") or m.get("special_tokens")
-        return cls(root, int(m["seq_len"]), int(m["vocab_size"]), dict(special), shards,
-                   m.get("tokenizer", "tokenizer"))
-
-    @property
-    def tokenizer_dir(self) -> Path:
-        return self.root / self.tokenizer
-
-    def load_shard(self, index: int) -> np.ndarray:
-        import pyarrow.parquet as pq
-
-        column = pq.read_table(self.root / self.shards[index][0], columns=["input_ids"]).column(0).combine_chunks()
-        ids = column.flatten().to_numpy(zero_copy_only=False)
-        return ids.reshape(-1, self.seq_len)
-
-
 class ShardStream:
     """This worker's rows, epoch after epoch, in an order fixed by (seed, epoch, rank).
 
@@ -236,9 +204,9 @@ class ShardStream:
     (epoch, shard cursor, row cursor) is all a resume needs: the order is recomputed from the seed.
     """
 
-    def __init__(self, corpus: CorpusInfo, *, rank: int, world: int, seed: int, position: dict | None = None):
+    def __init__(self, corpus: CorpusBuild, *, rank: int, world: int, seed: int, position: dict | None = None):
         self.corpus, self.rank, self.world, self.seed = corpus, rank, world, seed
-        n = len(corpus.shards)
+        n = len(corpus.shard_paths)
         self.split_rows = n < world
         self.mine = list(range(n)) if self.split_rows else list(range(rank, n, world))
         pos = position or {"epoch": 0, "cursor": 0, "row": 0}
@@ -526,30 +494,6 @@ class MlflowLogger:
 # ----------------------------------------------------------------------------------- checkpoints
 
 
-def checkpoint_dir(out_dir: str | Path, step: int, *, kind: Literal["checkpoints", "resume"] = "checkpoints") -> Path:
-    return Path(out_dir) / kind / f"step-{step:08d}"
-
-
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint (level or resume-only) with the most steps, or None."""
-    found = []
-    for kind in ("checkpoints", "resume"):
-        for folder in (Path(out_dir) / kind).glob("step-*"):
-            if (folder / STATE_FILE).is_file() and folder.name[5:].isdigit():
-                found.append((int(folder.name[5:]), kind == "checkpoints", folder))
-    return max(found)[2] if found else None
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    if final.exists():  # a re-save of the same step: move the old one aside first
-        old = final.with_name(f".old-{final.name}-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
-
-
 def _rng_state(device: torch.device) -> dict:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -572,7 +516,7 @@ def _gather(obj: Any, world: int) -> list:
 
 
 def save_checkpoint(folder: Path, *, model: MaskedLM, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: PretrainConfig, corpus: CorpusInfo, step: int, stream: ShardStream,
+                    config: PretrainConfig, corpus: CorpusBuild, step: int, stream: ShardStream,
                     metrics: dict, rank: int, world: int, device: torch.device) -> Path:
     """Collective: every rank calls it. Rank 0 writes `folder` (via a temporary folder).
 
@@ -643,7 +587,7 @@ def _write_checkpoint(folder: Path, *, model, model_state, optim_state, config, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk wants its space back; the old checkpoints stay
         raise
-    _replace_dir(tmp, folder)
+    replace_dir(tmp, folder)
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:
@@ -657,23 +601,6 @@ def _load_weights(model: nn.Module, folder: Path) -> None:
     if unexpected or set(missing) - tied:
         raise ValueError(f"{folder}: checkpoint does not fit the model (missing {sorted(set(missing) - tied)}, "
                          f"unexpected {unexpected})")
-
-
-def _remove_partial_writes(out_dir: Path) -> None:
-    for kind in ("checkpoints", "resume"):
-        for old in (out_dir / kind).glob(".old-step-*"):
-            # killed between the two renames of a re-save: the old copy is the only complete one
-            final = old.with_name(old.name[len(".old-"):].rsplit("-", 1)[0])
-            if not final.exists() and (old / STATE_FILE).is_file():
-                os.replace(old, final)
-        for folder in (out_dir / kind).glob(".*-step-*"):
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def _prune_resume(out_dir: Path, keep_after: int) -> None:
-    for folder in (out_dir / "resume").glob("step-*"):
-        if folder.name[5:].isdigit() and int(folder.name[5:]) < keep_after:
-            shutil.rmtree(folder, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------- the loop
@@ -745,7 +672,7 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
     if device.type == "cpu":
         _keep_freed_memory()
-    corpus = CorpusInfo.read(corpus_dir)
+    corpus = CorpusBuild.open(corpus_dir)
     if corpus.seq_len != config.seq_len or corpus.vocab_size != config.vocab_size:
         raise ValueError(f"{corpus.root}: seq_len {corpus.seq_len} / vocab {corpus.vocab_size}, but the run "
                          f"expects {config.seq_len} / {config.vocab_size}")
@@ -796,7 +723,7 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
                             corpus=corpus, step=step, stream=stream, metrics=metrics, rank=rank, world=world,
                             device=device)
             if rank == 0:
-                _prune_resume(out_dir, step)
+                prune_resume(out_dir, step)
             if on_checkpoint is not None:
                 on_checkpoint(step, folder, metrics)
             window.paused += time.perf_counter() - paused  # keep saving out of tokens_per_s
@@ -810,7 +737,7 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, wo
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = MaskedLM(new_model(config))
     if rank == 0:
-        _remove_partial_writes(out_dir)
+        remove_partial_checkpoints(out_dir)
     start = latest_checkpoint(out_dir) if resume else None
     state = torch.load(start / STATE_FILE, map_location="cpu", weights_only=True) if start else None
     if state is not None:
@@ -912,13 +839,13 @@ def _ray_worker(args: dict) -> dict:
     # URI storage: train in this node's mirror; the corpus and the checkpoint to resume from come
     # down first, and each checkpoint goes up before the report (a plain path: all no-ops)
     out = storage.Store(args["out_dir"])
-    corpus_dir = storage.Store(args["corpus_dir"]).download(last=("manifest.json",))
+    corpus_dir = storage.Store(args["corpus_dir"]).download(last=(MANIFEST,))
     if args.get("resume", True):
-        storage.pull_latest_checkpoint(out)
+        pull_latest_checkpoint(out)
 
     def report(step: int, folder: Path, metrics: dict) -> None:
         if rank == 0:
-            storage.push_checkpoint(out, folder)
+            push_checkpoint(out, folder)
         ray.train.report({**metrics, "step": step, "checkpoint_dir": out.url(str(folder.relative_to(out.local)))})
 
     return train_mlm(args["config"], corpus_dir, out.local, resume=args.get("resume", True),
@@ -976,8 +903,10 @@ def run_pretraining(study: Study, plan: Plan, run_node: Node, corpus_dir: str | 
     from scaling_study.storage import Store
 
     p = study.spec.pretrain
-    corpus = CorpusInfo.read(Store(corpus_dir).download("manifest.json").parent)  # the shards stay where they are
-    config = PretrainConfig.from_study(study, plan, run_node, vocab_size=corpus.vocab_size)
+    manifest = Manifest.parse(Store(corpus_dir).read_text(MANIFEST))  # the shards stay where they are
+    if manifest is None:
+        raise FileNotFoundError(f"{corpus_dir}: no finished corpus build (no valid {MANIFEST})")
+    config = PretrainConfig.from_study(study, plan, run_node, vocab_size=manifest.vocab_size)
     final = train_mlm_ray(config, corpus_dir, out_dir, num_workers=p.num_workers, cpus_per_worker=p.cpus_per_worker,
                           gpus_per_worker=p.gpus_per_worker, name=run_node.id, logger_factory=logger_factory,
                           max_failures=max_failures)
@@ -1016,7 +945,9 @@ def write_synthetic_corpus(root: str | Path, *, vocab_size: int = 30522, seq_len
         file = f"shards/shard-{i:05d}.parquet"
         pq.write_table(pa.table({"input_ids": column}), root / file)
         shards.append({"file": file, "sequences": int(count)})
-    manifest = {"seq_len": seq_len, "vocab_size": vocab_size, "sequences": num_sequences, "shards": shards,
-                "special_tokens": dict(zip(("pad", "unk", "cls", "sep", "mask"), range(5))), "synthetic": True}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    tokens = num_sequences * (seq_len - 1)
+    Manifest(node_id="synthetic", inputs={"synthetic": True, "seed": seed}, seq_len=seq_len, vocab_size=vocab_size,
+             special_tokens=dict(zip(("pad", "unk", "cls", "sep", "mask"), range(5))), tokenizer_hash="",
+             corpus_documents=0, tokenizer_documents=0, documents=0, tokens=tokens, sequences=num_sequences,
+             dropped_tokens=0, shards=shards, input_files=[], build_seconds=0.0, created="").write(root)
     return root

@@ -39,7 +39,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
-    from scaling_study.orchestration import StudyState
+    from scaling_study.studystate import StudyState
     from scaling_study.spec import Study
 
 PREFIX = "ray_"

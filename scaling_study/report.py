@@ -387,7 +387,7 @@ def build(study: str, tracking_uri: str | None = None, root: str | Path = "studi
         raise UserError(f"report: study {study!r} has no finished finetune jobs yet; allowed: a study with results")
     curves = results.loss_curves(study, tracking_uri=tracking_uri, root=root)
     if study.endswith((".yaml", ".yml")):
-        from scaling_study.orchestration import Layout
+        from scaling_study.artifacts import Layout
         from scaling_study.spec import load_spec
 
         folder = Layout.of(load_spec(study)).root

@@ -81,7 +81,7 @@ class Source:
 
 def _source(study: str, tracking_uri: str | None, root: str | Path) -> Source:
     if study.endswith((".yaml", ".yml")):
-        from scaling_study.orchestration import Layout
+        from scaling_study.artifacts import Layout
         from scaling_study.spec import expand_env, load_spec
 
         loaded = load_spec(study)

@@ -38,7 +38,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-__all__ = ["SCHEMES", "Store", "cache_root", "check_root", "is_uri", "local_copy"]
+__all__ = ["SCHEMES", "Store", "cache_root", "check_root", "is_uri", "local_copy", "replace_dir", "restore_replaced",
+           "write_atomic"]
 
 SCHEMES = ("file", "s3", "gs")
 """URI schemes a study's `storage.root` may use (validated with the spec)."""
@@ -154,14 +155,7 @@ class Store:
     def write_text(self, rel: str, text: str) -> None:
         """Write a small file whole: readers see the old file or the new one, never a part."""
         if not self.remote:
-            target = self.local / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-            with open(tmp, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+            write_atomic(self.local / rel, text)
             return
         with tempfile.NamedTemporaryFile("w", delete=False, suffix=".txt") as f:
             f.write(text)
@@ -281,54 +275,49 @@ class Store:
         return target
 
 
+# ----------------------------------------------------------------------------------- local atomic writes
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write a file whole: readers see the old file or the new one, never a part (fsync, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a finished folder into place; an existing `final` is moved aside first and removed after,
+    so at every moment one complete copy exists (`restore_replaced` finishes a killed swap)."""
+    if final.exists():
+        old = final.with_name(f".old-{final.name}-{os.getpid()}")
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def restore_replaced(parent: Path, *, marker: str) -> None:
+    """Undo a `replace_dir` killed between its two renames: the moved-aside copy (complete by its
+    `marker` file) goes back in place when nothing took it."""
+    for old in Path(parent).glob(".old-*"):
+        final = old.with_name(old.name[len(".old-"):].rsplit("-", 1)[0])
+        if not final.exists() and (old / marker).is_file():
+            os.replace(old, final)
+
+
 def local_copy(location: str, *, exclude: tuple[str, ...] = ()) -> str:
     """A local folder holding `location`: itself if it is not a URI, else its downloaded mirror.
     Leaves Hugging Face ids and other non-URIs alone."""
     if not is_uri(location):
         return location
     return str(Store(location).download(exclude=exclude))
-
-
-# ----------------------------------------------------------------------------------- checkpoints
-
-
-def _step_folders(store: Store, kind: str, marker: str) -> list[tuple[int, bool, str]]:
-    found = []
-    for name in store.list(kind):
-        if name.startswith("step-") and name[5:].isdigit() and store.is_file(f"{kind}/{name}/{marker}"):
-            found.append((int(name[5:]), kind == "checkpoints", f"{kind}/{name}"))
-    return found
-
-
-def push_checkpoint(out: Store, folder: Path) -> None:
-    """Upload a checkpoint folder written under `out.local` (its trainer state last: the marker),
-    then drop the stored resume-only checkpoints it supersedes. Nothing for a plain local store."""
-    from scaling_study.pretrain import STATE_FILE
-
-    if not out.remote:
-        return
-    rel = str(Path(folder).relative_to(out.local))
-    out.upload(rel, last=(STATE_FILE,))
-    step = int(Path(folder).name[5:])
-    for name in out.list("resume"):
-        if name.startswith("step-") and name[5:].isdigit() and int(name[5:]) < step:
-            out.delete(f"resume/{name}")
-
-
-def pull_latest_checkpoint(out: Store) -> Path | None:
-    """Make the local mirror resume from the latest stored checkpoint: download it unless it is
-    there, and drop local checkpoints past it (written, never uploaded: every rank, on every
-    node, must resume from the same step). Returns its local folder, None when storage has none."""
-    from scaling_study.pretrain import STATE_FILE, latest_checkpoint
-
-    if not out.remote:
-        return latest_checkpoint(out.local)
-    found = _step_folders(out, "checkpoints", STATE_FILE) + _step_folders(out, "resume", STATE_FILE)
-    step, _, rel = max(found) if found else (0, False, None)
-    for kind in ("checkpoints", "resume"):
-        for folder in (out.local / kind).glob("step-*"):
-            if folder.name[5:].isdigit() and int(folder.name[5:]) > step:
-                shutil.rmtree(folder, ignore_errors=True)
-    if rel is not None:
-        out.download(rel, last=(STATE_FILE,))  # files already there are kept
-    return latest_checkpoint(out.local)

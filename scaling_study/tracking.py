@@ -240,6 +240,20 @@ class Tracker:
         self.experiment_id = found.experiment_id if found else self.client.create_experiment(
             experiment, tags={k: _tag_value(v) for k, v in (tags or {}).items()})
         self.experiment = experiment
+        self._runs: dict | None = None  # node id -> run, once `load_runs` has read them
+
+    def load_runs(self) -> None:
+        """Read every run of the experiment once (one paginated search); `find_run` and `run_for`
+        answer from it afterwards. Only this tracker may create runs in the experiment meanwhile."""
+        runs: dict = {}
+        for run in self.search():
+            node = run.data.tags.get(NODE_TAG)
+            if node in runs:
+                raise TrackingError(f"several MLflow runs carry node id {node} in experiment "
+                                    f"{self.experiment!r}; expected one")
+            if node is not None:
+                runs[node] = run
+        self._runs = runs
 
     def search(self, filter_string: str = "", *, max_results: int | None = None) -> list:
         """Every run of the experiment matching `filter_string`, following page tokens."""
@@ -247,6 +261,8 @@ class Tracker:
 
     def find_run(self, node_id: str):
         """The run of a node, or None. More than one means something bypassed `run_for`: an error."""
+        if self._runs is not None:
+            return self._runs.get(node_id)
         runs = self.search(f"tags.{NODE_TAG} = '{node_id}'")
         if len(runs) > 1:
             raise TrackingError(f"{len(runs)} MLflow runs carry node id {node_id} in experiment "
@@ -270,4 +286,6 @@ class Tracker:
 
             self.client.log_batch(run.info.run_id, params=[Param(k, _tag_value(v)) for k, v in factors.items()
                                                            if v is not None])
+        if self._runs is not None:
+            self._runs[node_id] = run
         return run.info.run_id

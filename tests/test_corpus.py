@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from scaling_study import corpus as corpus_mod
-from scaling_study.corpus import (build_corpus, corpus_files, document_key, load_tokenizer, read_manifest,
-                                  shard_paths)
+from scaling_study.artifacts import CorpusBuild, read_manifest
+from scaling_study.corpus import build_corpus, corpus_files, document_key, load_tokenizer
 from scaling_study.errors import UserError
 from scaling_study.grid import expand
 from scaling_study.spec import spec_from_data
@@ -60,7 +60,7 @@ def build(study, node, tmp_path: Path, **kwargs):
 
 
 def rows(out: Path) -> np.ndarray:
-    tables = [pq.read_table(p) for p in shard_paths(out)]
+    tables = [pq.read_table(p) for p in CorpusBuild.open(out).shard_paths]
     seq_len = tables[0].schema.field("input_ids").type.list_size
     return np.concatenate([t.column("input_ids").combine_chunks().flatten().to_numpy().reshape(-1, seq_len)
                            for t in tables])
@@ -105,7 +105,7 @@ def test_same_seed_same_build_other_seed_other_subset(tmp_path, base_spec):
     second, out2 = build(study, nodes["10%"], tmp_path / "b")
     assert first.tokenizer_hash == second.tokenizer_hash
     assert first.shards == second.shards
-    for a, b in zip(shard_paths(out1), shard_paths(out2)):
+    for a, b in zip(CorpusBuild.open(out1).shard_paths, CorpusBuild.open(out2).shard_paths):
         assert pq.read_table(a).equals(pq.read_table(b))
 
     other, nodes7 = make_study(tmp_path, base_spec, ["10%"], write=False, seed=7)
@@ -138,7 +138,7 @@ def test_token_volumes_are_minimal_key_order_prefixes_and_nested(tmp_path, base_
 def test_rows_are_exact_and_tokens_add_up(tmp_path, base_spec):
     study, nodes = make_study(tmp_path, base_spec, ["100%"])
     manifest, out = build(study, nodes["100%"], tmp_path)
-    for path in shard_paths(out):
+    for path in CorpusBuild.open(out).shard_paths:
         column = pq.read_schema(path).field("input_ids").type
         assert column.list_size == SEQ_LEN and str(column.value_type) == "int32"
     data = rows(out)
@@ -178,7 +178,7 @@ def test_shard_size_and_min_shards_keep_the_stream(tmp_path, base_spec):
     sizes = [s["sequences"] for s in even.shards]
     assert len(sizes) == 7 and max(sizes) - min(sizes) <= 1 and sum(sizes) == one.sequences
     assert (rows(out1) == rows(out2)).all() and (rows(out1) == rows(out3)).all()
-    assert [p.name for p in shard_paths(out3)] == [f"shard-{i:05d}.parquet" for i in range(7)]
+    assert [p.name for p in CorpusBuild.open(out3).shard_paths] == [f"shard-{i:05d}.parquet" for i in range(7)]
 
 
 def test_blank_lines_bom_and_crlf(tmp_path, base_spec):

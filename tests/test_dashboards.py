@@ -182,7 +182,8 @@ def test_every_dashboard_metric_is_exported(uri_study):
 @live
 def test_uri_storage_completes_and_rerun_is_a_noop(uri_study):
     from scaling_study import results
-    from scaling_study.orchestration import DONE_FILE, run_study
+    from scaling_study.artifacts import DONE_FILE
+    from scaling_study.orchestration import run_study
 
     study, summary, _, folder, cache = uri_study
     assert summary.ok, summary.failures
@@ -206,8 +207,7 @@ def test_uri_storage_completes_and_rerun_is_a_noop(uri_study):
 def test_checkpoints_load_after_download(uri_study, tmp_path, monkeypatch):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
-    from scaling_study.orchestration import Layout, model_source
-    from scaling_study.pretrain import STATE_FILE
+    from scaling_study.artifacts import STATE_FILE, Layout, model_source
     from scaling_study.storage import local_copy
 
     study, _, _, _, _ = uri_study

@@ -23,12 +23,10 @@ import torch
 import yaml
 
 from scaling_study import faults
+from scaling_study.artifacts import STATE_FILE, checkpoint_dir, latest_checkpoint
 from scaling_study.pretrain import (
-    STATE_FILE,
     JsonlLogger,
     MemoryLogger,
-    checkpoint_dir,
-    latest_checkpoint,
     train_mlm,
     train_mlm_ray,
 )
@@ -71,7 +69,7 @@ def test_killed_pretraining_worker_restarts_from_its_last_checkpoint(synthetic, 
     the same thread count repeats the same operations in the same order, so the curves agree
     exactly in practice; 1e-6 leaves room for nothing but float printing.
     """
-    from scaling_study.orchestration import ray_cluster
+    from scaling_study.raycluster import ray_cluster
 
     config = _config(total_steps=16, checkpoint_steps=(16,), checkpoint_every=5)
     straight = MemoryLogger()
@@ -140,7 +138,7 @@ def test_killed_checkpoint_write_leaves_the_previous_checkpoint_valid(synthetic,
     assert (half / "config.json").is_file() and not (half / STATE_FILE).exists()  # really half written
     assert latest_checkpoint(out) == checkpoint_dir(out, 5)
     AutoModelForMaskedLM.from_pretrained(checkpoint_dir(out, 5))
-    # orchestration.node_done asks storage the same question: a checkpoint is done iff its state file is there
+    # artifacts.node_done asks storage the same question: a checkpoint is done iff its state file is there
     assert (checkpoint_dir(out, 5) / STATE_FILE).is_file() and not checkpoint_dir(out, 10).exists()
 
     final = train_mlm(config, synthetic, out)
@@ -166,7 +164,7 @@ def _small_study(folder: Path, name: str, **tracking) -> Path:
 
 @needs_mirror("corpus")
 def test_tracking_server_down_at_start_is_one_line_exit_2_before_any_compute(tmp_path):
-    from scaling_study.orchestration import Layout
+    from scaling_study.artifacts import Layout
     from scaling_study.spec import load_spec
     from scaling_study.tracking import _free_port
 
@@ -192,7 +190,8 @@ def test_tracking_lost_mid_study_fails_the_node_and_a_rerun_completes(tmp_path, 
     pretraining, finished before, stay done. A re-run with the server back trains only the
     finetune run and ends with exactly one FINISHED MLflow run per node, each cell with its score."""
     from scaling_study.grid import expand
-    from scaling_study.orchestration import DONE_FILE, Layout, run_study
+    from scaling_study.artifacts import DONE_FILE, Layout
+    from scaling_study.orchestration import run_study
     from scaling_study.spec import load_spec
 
     from test_orchestration import mlflow_runs

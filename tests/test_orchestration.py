@@ -19,7 +19,8 @@ import yaml
 
 from scaling_study import results
 from scaling_study.grid import expand
-from scaling_study.orchestration import DONE_FILE, Layout, run_study
+from scaling_study.artifacts import DONE_FILE, Layout
+from scaling_study.orchestration import run_study
 from scaling_study.spec import load_spec
 
 from conftest import REPO, SHARED, micro_corpus, needs_mirror

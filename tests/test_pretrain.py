@@ -11,10 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from scaling_study.artifacts import STATE_FILE, CorpusBuild, checkpoint_dir, latest_checkpoint
 from scaling_study.models import bert_config, load_presets
 from scaling_study.pretrain import (
-    STATE_FILE,
-    CorpusInfo,
     JsonlLogger,
     MaskedLM,
     Masker,
@@ -22,9 +21,7 @@ from scaling_study.pretrain import (
     MlflowLogger,
     PretrainConfig,
     ShardStream,
-    checkpoint_dir,
     dropout_cpu,
-    latest_checkpoint,
     mlm_loss,
     train_mlm,
     use_cpu_kernels,
@@ -188,13 +185,13 @@ def test_lamb_scales_each_update_by_the_trust_ratio():
 
 
 def test_each_worker_reads_its_own_shards_and_resumes_at_its_position(synthetic):
-    corpus = CorpusInfo.read(synthetic)
+    corpus = CorpusBuild.open(synthetic)
     rows = {tuple(r) for i in range(3) for r in corpus.load_shard(i).tolist()}
     seen = []
     for rank in range(2):
         stream = ShardStream(corpus, rank=rank, world=2, seed=0)
         assert stream.mine == list(range(rank, 3, 2))
-        epoch = stream.next_batch(sum(corpus.shards[i][1] for i in stream.mine))
+        epoch = stream.next_batch(sum(corpus.manifest.shards[i]["sequences"] for i in stream.mine))
         seen += [tuple(r) for r in epoch.tolist()]
         assert stream.position == {"epoch": 1, "cursor": 0, "row": 0}
     assert sorted(seen) == sorted(rows)  # one epoch of both workers = the corpus, once
@@ -386,7 +383,7 @@ def test_ray_train_two_workers_on_a_real_corpus_build(base_spec, tmp_path, local
 
     rows = log.read()
     assert [r["step"] for r in rows] == [50, 100, 150, 200, 250, 300]  # rank 0 only, every log_every
-    vocab = CorpusInfo.read(corpus_dir).vocab_size
+    vocab = CorpusBuild.open(corpus_dir).vocab_size
     assert final["step"] == 300
     # a random init starts at ln(vocab) = 8.3; the run reaches about 6.75 (6.9: unigram level)
     assert final["loss"] < math.log(vocab) - 1.2 and final["loss"] < rows[0]["loss"] - 0.3

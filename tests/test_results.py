@@ -1,7 +1,7 @@
 """results.load, loss_curves and `scaling-study results` against a real local MLflow server.
 
-The runs are logged as the study driver logs them (`Tracker.run_for`, `orchestration._log_cell`,
-`_log_corpus`, the pretraining `MlflowLogger`), with F1 values known in advance; some finetune runs
+The runs are logged as the study driver logs them (`Tracker.run_for`, `records.log_cell`,
+`log_corpus`, the pretraining `MlflowLogger`), with F1 values known in advance; some finetune runs
 carry only the grid's factors, as runs logged before `grid.cell_factors` existed do.
 """
 
@@ -17,7 +17,7 @@ from scaling_study import results, runreader
 from scaling_study.cli import main
 from scaling_study.grid import cell_factors, expand
 from scaling_study.models import count_parameters, mlm_train_flops
-from scaling_study.orchestration import _factors, _log_cell, _log_corpus, _log_final, _parent_run
+from scaling_study.records import log_cell, log_corpus, log_final, parent_run
 from scaling_study.pretrain import MlflowLogger
 from scaling_study.spec import spec_from_data
 from scaling_study.tracking import LocalMlflowServer, Tracker
@@ -52,30 +52,30 @@ def log_study(uri: str, spec: dict, folder, *, seeds=None, old_style=lambda cell
         (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
         tracker.client.log_artifact(study_run, str(folder / "spec.yaml"))
     for node in plan.of_kind("corpus"):
-        run_id = tracker.run_for(node.id, kind="corpus", name="corpus", factors=_factors(node), parent_run_id=study_run)
-        _log_corpus(tracker, run_id, {"tokens": TOKENS[node.factors["data_volume"]], "vocab_size": VOCAB})
+        run_id = tracker.run_for(node.id, kind="corpus", name="corpus", factors=dict(node.factors), parent_run_id=study_run)
+        log_corpus(tracker, run_id, {"tokens": TOKENS[node.factors["data_volume"]], "vocab_size": VOCAB})
     for node in plan.of_kind("pretrain"):
         if tracker.find_run(node.id):
             continue
-        run_id = tracker.run_for(node.id, kind="pretrain", name="pt", factors=_factors(node),
+        run_id = tracker.run_for(node.id, kind="pretrain", name="pt", factors=dict(node.factors),
                                  parent_run_id=study_run, tags={"corpus_id": node.parents[0]})
         for step in (5, 10, 15, 20):
             MlflowLogger(uri, run_id).log_metrics({"loss": 9.0 - step / 10, "tokens_seen": step * 8 * 64.0,
                                                    "mlm_accuracy": step / 100}, step)
-        _log_final(tracker, run_id, {})
+        log_final(tracker, run_id, {})
     runs, anchors = {}, {}
     for cell in plan.of_kind("finetune"):
         if seeds is not None and cell.factors["seed"] not in seeds:
             continue
-        factors = _factors(cell)
+        factors = dict(cell.factors)
         if not old_style(cell):
             volume = cell.factors.get("data_volume")
             factors.update(cell_factors(study, plan, cell, vocab_size=VOCAB, volume_tokens=TOKENS.get(volume)))
         run_id = tracker.run_for(cell.id, kind="finetune", name="ft", factors=factors, tags={"model_source": "/x"},
-                                 parent_run_id=_parent_run(tracker, plan, cell, study_run, anchors))
+                                 parent_run_id=parent_run(tracker, plan, cell, study_run, anchors))
         f1 = true_f1(cell)
         collapse = cell.factors["task"] == "scierc_re" and cell.factors["epochs"] == 1
-        _log_cell(uri, run_id, {"dev": {"f1": f1 - 0.01}, "test": {"f1": f1, "precision": f1}, "train_loss": 0.5,
+        log_cell(uri, run_id, {"dev": {"f1": f1 - 0.01}, "test": {"f1": f1, "precision": f1}, "train_loss": 0.5,
                                 "collapse": collapse, "collapse_reasons": ["majority"] if collapse else []}, folder)
         if end_time is not None:  # a run that ended earlier
             tracker.client.set_terminated(run_id, "FINISHED", end_time=end_time)

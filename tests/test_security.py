@@ -175,7 +175,7 @@ def test_local_ray_and_mlflow_listen_on_loopback_only(tmp_path):
     import psutil
     import ray
 
-    from scaling_study.orchestration import ray_cluster
+    from scaling_study.raycluster import ray_cluster
     from scaling_study.tracking import LocalMlflowServer
 
     with ray_cluster(None), LocalMlflowServer(tmp_path / "mlflow"):
@@ -217,15 +217,15 @@ def test_telemetry_and_usage_stats_are_off_without_any_setting(tmp_path):
 
 
 def test_credentials_are_redacted_in_node_logs_and_failure_reasons(tmp_path):
-    from scaling_study.orchestration import _node_log, _reason
+    from scaling_study.workers import failure_reason, node_log
     from scaling_study.tracking import redact_uri
 
     message = f"API request to http://scaler:{SECRET}@10.1.2.3:5000/api/2.0 failed; see https://h/x?token={SECRET}"
     log = tmp_path / "logs" / "ft-1.log"
-    with pytest.raises(RuntimeError), _node_log(log):
+    with pytest.raises(RuntimeError), node_log(log):
         raise RuntimeError(message)
     assert SECRET not in log.read_text() and "scaler:***@10.1.2.3" in log.read_text()
-    assert SECRET not in _reason(RuntimeError(message)) and "token=***" in _reason(RuntimeError(message))
+    assert SECRET not in failure_reason(RuntimeError(message)) and "token=***" in failure_reason(RuntimeError(message))
     assert redact_uri(f"mlflow at 'http://a:{SECRET}@h:1' down") == "mlflow at 'http://a:***@h:1' down"
 
 
@@ -316,7 +316,7 @@ def test_links_out_of_the_storage_root_are_refused(where, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "storage:" in err[0] and "outside the" in err[0], err
     assert not any(outside.iterdir())
-    from scaling_study.orchestration import Layout
+    from scaling_study.artifacts import Layout
     from scaling_study.spec import load_spec
 
     with pytest.raises(UserError):

@@ -9,7 +9,7 @@ import uuid
 import pytest
 import yaml
 
-from scaling_study import storage
+from scaling_study import artifacts, storage
 from scaling_study.errors import SpecErrors
 from scaling_study.storage import Store, check_root, local_copy
 
@@ -128,14 +128,14 @@ def test_a_killed_download_leaves_no_marker(store, monkeypatch):
 
 
 def test_checkpoints_go_up_and_the_latest_comes_down(store):
-    from scaling_study.pretrain import STATE_FILE, checkpoint_dir
+    from scaling_study.artifacts import STATE_FILE, checkpoint_dir
 
     def save(step, kind):
         folder = checkpoint_dir(store.local, step, kind=kind)
         folder.mkdir(parents=True)
         (folder / "model.safetensors").write_bytes(b"m" * 100)
         (folder / STATE_FILE).write_bytes(b"s" * 10)
-        storage.push_checkpoint(store, folder)
+        artifacts.push_checkpoint(store, folder)
 
     save(5, "resume")
     save(10, "checkpoints")  # drops the stored resume-only step 5
@@ -145,12 +145,12 @@ def test_checkpoints_go_up_and_the_latest_comes_down(store):
 
     shutil.rmtree(store.local)
     store.write_text("resume/step-00000020/model.safetensors", "partial")  # no marker: not a checkpoint
-    latest = storage.pull_latest_checkpoint(store)
+    latest = artifacts.pull_latest_checkpoint(store)
     assert latest == store.local / "resume" / "step-00000015" and (latest / STATE_FILE).is_file()
     never_uploaded = checkpoint_dir(store.local, 18, kind="resume")  # its upload failed: other nodes lack it
     never_uploaded.mkdir(parents=True)
     (never_uploaded / STATE_FILE).write_bytes(b"s")
-    assert storage.pull_latest_checkpoint(store) == latest and not never_uploaded.exists()
+    assert artifacts.pull_latest_checkpoint(store) == latest and not never_uploaded.exists()
 
 
 @pytest.mark.parametrize("root, problem", [
@@ -179,7 +179,7 @@ def test_spec_rejects_an_unknown_scheme_in_one_line(tmp_path, base_spec):
 
 
 def test_layout_of_a_uri_root(tmp_path, base_spec, cache):
-    from scaling_study.orchestration import Layout
+    from scaling_study.artifacts import Layout
     from scaling_study.spec import load_spec
 
     (tmp_path / "corpus.txt").write_text("a b c\n")

@@ -1,0 +1,399 @@
+"""The study's storage layout and the formats its stages hand each other.
+
+    from scaling_study.artifacts import CorpusBuild, Layout, checkpoint_dir, latest_checkpoint, node_done
+    layout = Layout.of(study)                       # <storage.root>/<study name>/, or its local mirror
+    layout.node(plan, node)                         # a node's folder on this machine
+    node_done(layout, plan, node)                   # whether storage holds the node's finished output
+    build = CorpusBuild.open(layout.node(plan, corpus_node))   # a finished corpus build
+    build.manifest.tokens, build.shard_paths, build.tokenizer_dir, build.load_shard(0)
+    checkpoint_dir(out_dir, 500)                    # <out_dir>/checkpoints/step-00000500
+    latest_checkpoint(out_dir)                      # the complete checkpoint with the most steps, or None
+
+A study folder (`<storage.root>/<study name>/`):
+
+    corpus/<cb-id>/                     a corpus build (scaling_study.corpus)
+        manifest.json                   `Manifest`; written last: with it (and a known FORMAT) the build is complete
+        tokenizer/                      an AutoTokenizer.from_pretrained folder
+        shards/shard-00000.parquet      column `input_ids`: fixed_size_list<int32>[seq_len], in stream order
+    pretrain/<pt-id>/                   a pretraining run (scaling_study.pretrain)
+        checkpoints/step-XXXXXXXX/      one per step level: a save_pretrained folder (model and
+                                        tokenizer) + trainer_state.pt, the marker, written last
+        resume/step-XXXXXXXX/           the latest resume-only checkpoint (same files)
+        final.json                      the run's final metrics and checkpoint locations
+    finetune/<fr-id>/                   a finetune run (scaling_study.finetune): epochs_<L>/scores.json,
+                                        predictions; DONE.json, written last, once MLflow has the results
+    logs/<node-id>.log                  tracebacks of a node's failures
+    mlflow/                             the embedded MLflow server's sqlite db and artifacts
+    cache/                              downloaded corpus URLs, the results cache
+
+A stage writes its output out of sight and makes it visible at once (a rename on local disks; the
+marker file uploaded last to object stores, `scaling_study.storage`), so a folder with its marker
+is complete and one without it counts as absent.
+
+This module imports neither torch nor Ray: readers (results, report, the CLI) find files here
+without importing a stage or the study driver.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from scaling_study.errors import UserError
+from scaling_study.spec import Study, expand_env
+from scaling_study.storage import SCHEMES, Store, check_root, is_uri, write_atomic
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from scaling_study.grid import Node, Plan
+
+MANIFEST = "manifest.json"
+"""A corpus build's marker and description (`Manifest`)."""
+CORPUS_FORMAT = 1
+"""Version of the corpus build layout; bump it when shards or manifest change meaning."""
+STATE_FILE = "trainer_state.pt"
+"""A checkpoint's trainer state (optimizer, data position, RNG): what resuming needs; its marker."""
+DONE_FILE = "DONE.json"
+"""A finetune run's marker: its cells' MLflow run ids and results (`write_done`)."""
+FINAL_FILE = "final.json"
+"""A pretraining run's final metrics and checkpoint locations."""
+NODE_FOLDERS = {"corpus": "corpus", "pretrain": "pretrain", "finetune_run": "finetune"}
+
+
+# ----------------------------------------------------------------------------------- corpus builds
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a finished corpus build holds: `manifest.json` in the build folder."""
+
+    node_id: str
+    inputs: dict
+    """The corpus node's inputs (what its id hashes)."""
+    seq_len: int
+    vocab_size: int
+    """Actual vocabulary size (at most `inputs["vocab_size"]`; smaller on a small corpus)."""
+    special_tokens: dict
+    """Ids of pad, unk, cls, sep, mask."""
+    tokenizer_hash: str
+    """sha256 of `tokenizer/tokenizer.json`."""
+    corpus_documents: int
+    """Documents (non-blank lines) in the whole corpus."""
+    tokenizer_documents: int
+    """Documents the tokenizer was trained on (= `documents` for fraction volumes)."""
+    documents: int
+    """Documents in the subset, all packed."""
+    tokens: int
+    """WordPiece tokens of the subset's documents plus one [SEP] each: the packed stream."""
+    sequences: int
+    dropped_tokens: int
+    """Stream tokens after the last full sequence, not written. tokens = sequences*(seq_len-1) + dropped."""
+    shards: list
+    """[{"file": "shards/shard-00000.parquet", "sequences": n}, ...] in stream order."""
+    input_files: list
+    """[{"path", "bytes", "mtime"} (+ "url" for downloads)] as read."""
+    build_seconds: float
+    created: str
+    tokenizer: str = "tokenizer"
+    packing: str = ("each row: [CLS] + seq_len-1 ids of the stream (documents in corpus order, "
+                    "[SEP] after each); the incomplete last row is dropped")
+    format: int = CORPUS_FORMAT
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Manifest:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+    @classmethod
+    def parse(cls, text: str | None) -> Manifest | None:
+        """The manifest in `text`, or None if there is none, it is malformed, or of another FORMAT
+        (built by an incompatible version: a rebuild, not a mix)."""
+        try:
+            manifest = cls.from_dict(json.loads(text)) if text is not None else None
+        except (ValueError, TypeError):
+            return None
+        return manifest if manifest is not None and manifest.format == CORPUS_FORMAT else None
+
+    def write(self, folder: Path) -> None:
+        write_atomic(Path(folder) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return {k: int(v) for k, v in self.special_tokens.items()}
+
+
+def read_manifest(folder: Path | str) -> Manifest | None:
+    """The manifest of a finished build in `folder`, or None (no build, an incomplete one, another FORMAT)."""
+    folder = Path(folder)
+    try:
+        manifest = Manifest.parse((folder / MANIFEST).read_text())
+    except OSError:
+        return None
+    if manifest is None:
+        return None
+    files = [folder / s["file"] for s in manifest.shards] + [folder / manifest.tokenizer / "tokenizer.json"]
+    return manifest if all(f.is_file() for f in files) else None
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusBuild:
+    """A finished corpus build on this machine: its folder and manifest."""
+
+    root: Path
+    manifest: Manifest
+
+    @classmethod
+    def open(cls, root: Path | str) -> CorpusBuild:
+        manifest = read_manifest(root)
+        if manifest is None:
+            raise FileNotFoundError(f"{root}: no finished corpus build (no valid {MANIFEST})")
+        if not manifest.shards:
+            raise ValueError(f"{Path(root) / MANIFEST}: the corpus has no shards")
+        return cls(Path(root), manifest)
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.manifest.seq_len)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.manifest.vocab_size)
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        """pad, unk, cls, sep, mask -> id."""
+        return self.manifest.special_ids
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / self.manifest.tokenizer
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        """The Parquet shards, in stream order."""
+        return [self.root / s["file"] for s in self.manifest.shards]
+
+    def load_shard(self, index: int) -> np.ndarray:
+        """Shard `index` as a (sequences, seq_len) array of token ids."""
+        import pyarrow.parquet as pq
+
+        column = pq.read_table(self.shard_paths[index], columns=["input_ids"]).column(0).combine_chunks()
+        return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.seq_len)
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+
+def checkpoint_dir(out_dir: str | Path, step: int, *, kind: Literal["checkpoints", "resume"] = "checkpoints") -> Path:
+    return Path(out_dir) / kind / f"step-{step:08d}"
+
+
+def _step(name: str) -> int | None:
+    return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The complete checkpoint (level or resume-only) with the most steps, or None."""
+    found = []
+    for kind in ("checkpoints", "resume"):
+        for folder in (Path(out_dir) / kind).glob("step-*"):
+            if _step(folder.name) is not None and (folder / STATE_FILE).is_file():
+                found.append((_step(folder.name), kind == "checkpoints", folder))
+    return max(found)[2] if found else None
+
+
+def remove_partial_checkpoints(out_dir: Path) -> None:
+    """Finish what a killed checkpoint write left: restore a re-saved checkpoint moved aside, drop temp folders."""
+    from scaling_study.storage import restore_replaced
+
+    for kind in ("checkpoints", "resume"):
+        restore_replaced(Path(out_dir) / kind, marker=STATE_FILE)
+        for folder in (Path(out_dir) / kind).glob(".*-step-*"):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def prune_resume(out_dir: Path, keep_after: int) -> None:
+    """Drop resume-only checkpoints older than step `keep_after` (only the latest is kept)."""
+    for folder in (Path(out_dir) / "resume").glob("step-*"):
+        step = _step(folder.name)
+        if step is not None and step < keep_after:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _stored_steps(store: Store, kind: str) -> list[tuple[int, bool, str]]:
+    return [(_step(name), kind == "checkpoints", f"{kind}/{name}") for name in store.list(kind)
+            if _step(name) is not None and store.is_file(f"{kind}/{name}/{STATE_FILE}")]
+
+
+def push_checkpoint(out: Store, folder: Path) -> None:
+    """Upload a checkpoint folder written under `out.local` (its trainer state last: the marker),
+    then drop the stored resume-only checkpoints it supersedes. Nothing for a plain local store."""
+    if not out.remote:
+        return
+    out.upload(str(Path(folder).relative_to(out.local)), last=(STATE_FILE,))
+    step = _step(Path(folder).name)
+    for name in out.list("resume"):
+        if _step(name) is not None and _step(name) < step:
+            out.delete(f"resume/{name}")
+
+
+def pull_latest_checkpoint(out: Store) -> Path | None:
+    """Make the local mirror resume from the latest stored checkpoint: download it unless it is
+    there, and drop local checkpoints past it (written, never uploaded: every rank, on every
+    node, must resume from the same step). Returns its local folder, None when storage has none."""
+    if not out.remote:
+        return latest_checkpoint(out.local)
+    found = _stored_steps(out, "checkpoints") + _stored_steps(out, "resume")
+    step, _, rel = max(found) if found else (0, False, None)
+    for kind in ("checkpoints", "resume"):
+        for folder in (out.local / kind).glob("step-*"):
+            if _step(folder.name) is not None and _step(folder.name) > step:
+                shutil.rmtree(folder, ignore_errors=True)
+    if rel is not None:
+        out.download(rel, last=(STATE_FILE,))  # files already there are kept
+    return latest_checkpoint(out.local)
+
+
+# ----------------------------------------------------------------------------------- finetune runs
+
+
+def write_done(out: Store, *, cells: dict[str, str], results: list[dict], seconds: float) -> None:
+    """Mark a finetune run finished: its cells' MLflow run ids (by epochs level) and results."""
+    out.write_text(DONE_FILE, json.dumps({"cells": cells, "results": results, "seconds": seconds}, indent=1,
+                                         default=str))
+
+
+def read_done(text: str | None) -> dict | None:
+    """A finetune run's DONE.json (`write_done`), or None."""
+    return json.loads(text) if text is not None else None
+
+
+# ----------------------------------------------------------------------------------- the study folder
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each node's output lives under the study's folder.
+
+    `store` is that folder in storage (a local folder, or a URI: `scaling_study.storage`);
+    `root` is where this machine sees it: the folder itself, or its local mirror for a URI.
+    """
+
+    root: Path
+    store: Store
+
+    @classmethod
+    def of(cls, study: Study) -> Layout:
+        root = expand_env(study.spec.storage.root)
+        problem = check_root(root)
+        if problem:  # the spec checks it too; ${VAR} may expand to something else now
+            raise UserError(f"{study.file}: storage.root: {problem}; got {root!r}; allowed: a local folder or a "
+                            f"URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
+        if is_uri(root):
+            store = Store(f"{root.rstrip('/')}/{study.spec.name}")
+            return cls(store.local, store)  # object stores have no links to check
+        base = Path(root).expanduser().resolve()
+        layout = cls(base / study.spec.name, Store(base / study.spec.name))
+        layout.check_contained(base, study.file)
+        return layout
+
+    def check_contained(self, base: Path, file: str) -> None:
+        """Refuse a study folder (or a folder in it, two levels down) that leads outside `base` by a link.
+
+        The study name is a plain name (spec validation) and node folders are hashes, so only a
+        symbolic link placed in the storage root could send a study's writes elsewhere.
+        """
+        inside = self.root.resolve()
+        if not inside.is_relative_to(base) or inside == base:
+            raise UserError(f"{file}: storage: {self.root} leads to {inside}, outside the storage root {base}; "
+                            "allowed: a real folder inside it (set storage.root to store a study elsewhere)")
+        for path in [*self.root.glob("*"), *self.root.glob("*/*")] if inside.is_dir() else []:
+            if path.is_symlink() and not path.resolve().is_relative_to(inside):
+                raise UserError(f"{file}: storage: {path} is a link to {path.resolve()}, outside the study folder "
+                                f"{self.root}; allowed: folders inside it")
+
+    def rel(self, plan: Plan, node: Node) -> str:
+        """A node's folder, relative to the study's folder."""
+        if node.kind == "checkpoint":
+            return str(checkpoint_dir(Path("pretrain") / node.parents[0], node.inputs["step"]))
+        return f"{NODE_FOLDERS[node.kind]}/{node.id}"
+
+    def node(self, plan: Plan, node: Node) -> Path:
+        """A node's folder on this machine."""
+        return self.root / self.rel(plan, node)
+
+    def location(self, plan: Plan, node: Node) -> str:
+        """A node's folder in storage: what Ray tasks get (a path, or a URI they download from)."""
+        return self.store.url(self.rel(plan, node))
+
+    def has(self, plan: Plan, node: Node, name: str) -> bool:
+        return self.store.is_file(f"{self.rel(plan, node)}/{name}")
+
+    def read(self, plan: Plan, node: Node, name: str) -> str | None:
+        """A small file of a node's folder, from storage; None if it is not there."""
+        return self.store.read_text(f"{self.rel(plan, node)}/{name}")
+
+    def manifest(self, plan: Plan, corpus: Node) -> Manifest | None:
+        """A corpus build's manifest, from storage (the marker: uploaded last)."""
+        if not self.store.remote:
+            return read_manifest(self.node(plan, corpus))
+        return Manifest.parse(self.read(plan, corpus, MANIFEST))
+
+    def log(self, node_id: str) -> str:
+        """The node's log in storage (a path, or a URI)."""
+        return self.store.url(f"logs/{node_id}.log")
+
+    @property
+    def mlflow(self) -> Path:
+        return self.root / "mlflow"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+
+def node_done(layout: Layout, plan: Plan, node: Node) -> bool:
+    """Whether storage holds a node's finished output."""
+    if node.kind == "corpus":
+        return layout.manifest(plan, node) is not None
+    if node.kind == "checkpoint":
+        return layout.has(plan, node, STATE_FILE)
+    if node.kind == "pretrain":
+        return all(node_done(layout, plan, ck) for ck in plan.children(node.id))
+    if node.kind == "external":
+        return True
+    if node.kind == "finetune_run":
+        return layout.has(plan, node, DONE_FILE)
+    return node_done(layout, plan, plan.nodes[node.parents[0]])  # a finetune cell: its run
+
+
+def done_nodes(layout: Layout, plan: Plan) -> frozenset[str]:
+    """Every finished node, asking storage once per marker (a request each on object stores)."""
+    done: set[str] = set()
+    for node in plan.nodes.values():  # dependency order: a node's children come after it
+        if node.kind in ("pretrain", "finetune"):
+            continue
+        if node_done(layout, plan, node):
+            done.add(node.id)
+    for node in plan.of_kind("pretrain"):
+        if all(ck.id in done for ck in plan.children(node.id)):
+            done.add(node.id)
+    done.update(cell.id for cell in plan.of_kind("finetune") if cell.parents[0] in done)
+    return frozenset(done)
+
+
+def model_source(study: Study, layout: Layout, plan: Plan, model: Node) -> str:
+    """What a finetune run loads: a checkpoint folder, or an external model's folder or hub id."""
+    if model.kind == "checkpoint":
+        return layout.location(plan, model)
+    source = model.inputs["source"]
+    if source.startswith((".", "/", "~", "$")):
+        return str(study.resolve_path(source))
+    return source

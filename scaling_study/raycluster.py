@@ -1,0 +1,69 @@
+"""The Ray a study runs on: an existing cluster, or a local one started and stopped around the run.
+
+    from scaling_study.raycluster import ray_cluster
+    with ray_cluster(None):              # local Ray on 127.0.0.1 (its temp dir under /tmp), stopped after
+        ...
+    with ray_cluster("ray://head:10001"):  # or $RAY_ADDRESS: connect, and disconnect after
+        ...
+
+Inside an initialised Ray (a submitted job, a test's cluster) it does nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+
+from scaling_study._env import QUIET_ENV
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None):
+    """Connect to `address` (or $RAY_ADDRESS); else start a local Ray for the duration, and stop it."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    common = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="WARNING")
+    temp = None
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": dict(QUIET_ENV)}, **common)
+    else:
+        temp = tempfile.mkdtemp(prefix="ss-", dir="/tmp")  # Ray's unix sockets need a short path
+        with loopback_only():
+            ray.init(num_cpus=os.cpu_count(), _temp_dir=temp, _node_ip_address="127.0.0.1", **common)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """Make a local Ray advertise and bind 127.0.0.1, not the machine's interface address.
+
+    Ray turns `_node_ip_address="127.0.0.1"` into the interface address unless it believes it
+    cannot form a cluster (its macOS/Windows default, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). With
+    that, the GCS, raylet, workers and agents listen on 127.0.0.1 (tests/test_security.py checks
+    every socket). The variable reaches the processes Ray starts through the environment; this
+    process read it at import, so its constant is set for the call too.
+    """
+    from ray._private import ray_constants
+
+    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    saved_env, saved_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
+        if saved_env is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = saved_env

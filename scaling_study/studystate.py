@@ -1,0 +1,131 @@
+"""The state of every node of a running study, and its live view in the terminal.
+
+    from scaling_study.studystate import StudyState, live_view
+    state = StudyState(plan, node_weights(study, plan), done=finished_ids)
+    state.set(node_id, "running"); state.fail(node, "reason", log_path)
+    with live_view(state, enabled=True):      # a rich table of node counts by kind and state, with an ETA
+        ...
+
+One lock guards the states: the study driver, its Ray Tune search algorithm and the metrics
+thread (`scaling_study.progress`) read and write them from different threads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+import time
+from collections.abc import Iterable
+
+from scaling_study.grid import Node, Plan
+
+STATES = ("pending", "running", "done", "failed", "blocked")
+SHOWN = ("corpus", "pretrain", "checkpoint", "finetune")
+WORK = ("corpus", "pretrain", "finetune_run")
+"""The node kinds that compute something; checkpoints and finetune cells are their outputs."""
+
+
+@dataclasses.dataclass
+class Failure:
+    node: str
+    kind: str
+    what: str
+    reason: str
+    log: str
+
+
+def node_weights(study, plan: Plan) -> dict[str, float]:
+    """Estimated FLOPs per node, for the ETA; finetune cells share their run's."""
+    from scaling_study.costs import estimate
+
+    report = estimate(study, plan, "cpu")
+    weights = {run["id"]: run["flops"] for run in report["pretrain_runs"]}
+    per_run = {row["task"]: row["flops"] / max(row["runs"], 1) for row in report["finetune_by_task"]}
+    for node in plan.of_kind("finetune"):
+        run = plan.nodes[node.parents[0]]
+        weights[node.id] = per_run.get(node.factors["task"], 0.0) / max(len(plan.children(run.id)), 1)
+    for node in plan.of_kind("corpus"):
+        weights[node.id] = 1e9
+    return weights
+
+
+class StudyState:
+    """Every node's state, shared by the driver, the Tune searcher and the live view (one lock)."""
+
+    def __init__(self, plan: Plan, weights: dict[str, float], *, done: Iterable[str] = ()):
+        self.plan, self.weights = plan, weights
+        self.state = {nid: "pending" for nid in plan.nodes}
+        self.state.update(dict.fromkeys(done, "done"))
+        self.failures: list[Failure] = []
+        self.lock = threading.Lock()
+        self.started = time.monotonic()
+        self.done_at_start = sum(w for nid, w in weights.items() if self.state[nid] == "done")
+
+    def set(self, nid: str, state: str) -> None:
+        with self.lock:
+            self.state[nid] = state
+
+    def unfinished(self) -> list[Node]:
+        """The nodes that compute something and are not done."""
+        return [n for n in self.plan.nodes.values() if n.kind in WORK and self.state[n.id] != "done"]
+
+    def fail(self, node: Node, reason: str, log: str | None, *, state: str = "failed") -> None:
+        what = " ".join(f"{k}={v}" for k, v in node.factors.items())
+        with self.lock:
+            self.state[node.id] = state
+            self.failures.append(Failure(node.id, node.kind, what, reason, str(log) if log else ""))
+
+    def tracking_lost(self, node: Node | None, reason: str, *, what: str = "tracking") -> None:
+        """A node's output is done (or the study ended) but MLflow did not take its record: a re-run logs it.
+
+        Also, with `what`, a failure no node can be named for (the summary lists it; the exit is 1).
+        """
+        with self.lock:
+            self.failures.append(Failure(node.id if node else self.plan.study, node.kind if node else "study",
+                                         what, reason, ""))
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        out = {kind: dict.fromkeys(STATES, 0) for kind in SHOWN}
+        with self.lock:
+            for nid, state in self.state.items():
+                kind = self.plan.nodes[nid].kind
+                if kind in out:
+                    out[kind][state] += 1
+        return out
+
+    def eta_seconds(self) -> float | None:
+        """Remaining work at the rate of this invocation so far (work = estimated FLOPs)."""
+        with self.lock:
+            done = sum(w for nid, w in self.weights.items() if self.state[nid] == "done")
+            left = sum(w for nid, w in self.weights.items() if self.state[nid] in ("pending", "running"))
+        done -= self.done_at_start
+        elapsed = time.monotonic() - self.started
+        return left * elapsed / done if done > 0 else None
+
+    def table(self):
+        from rich.table import Table
+
+        eta = self.eta_seconds()
+        elapsed = time.monotonic() - self.started
+        title = f"{self.plan.study}: {elapsed / 60:.1f} min" + (f", ETA {eta / 60:.1f} min" if eta is not None else "")
+        table = Table(title=title, title_justify="left")
+        table.add_column("nodes")
+        for state in STATES:
+            table.add_column(state, justify="right")
+        for kind, row in self.counts().items():
+            table.add_row(kind, *(str(row[s]) for s in STATES))
+        return table
+
+
+def live_view(state: StudyState, enabled: bool):
+    """A context in which the terminal shows `state.table()`, refreshed every second."""
+    if not enabled:
+        return contextlib.nullcontext()
+    from rich.live import Live
+
+    class _View:
+        def __rich__(self):
+            return state.table()
+
+    return Live(_View(), refresh_per_second=1, transient=False)
