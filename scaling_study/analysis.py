@@ -22,7 +22,7 @@ independent task means). They are exact for normal seed noise, need no random dr
 `tests/test_analysis.py` checks their coverage over repeated synthetic studies. Bounds are clipped
 to the metric's range ([0, 100] for a cell, [-100, 100] for a change). Below `MIN_SEEDS` (3) usable
 seeds, or when every seed scored the same, there is no interval (NaN bounds, a `reason`): two seeds
-give a t interval of +-12.7 sd, which says nothing.
+give a t interval of ±9 sd (12.7 standard errors), which says nothing.
 
 Collapsed runs (`collapsed`: the model predicted one class) are left out of every statistic by
 default, and counted (`n_collapsed`); `include_collapsed=True` counts them like any other run.

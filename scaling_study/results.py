@@ -5,6 +5,7 @@
     df = results.load("scholarbert", tracking_uri="http://127.0.0.1:5000")
     df = results.load("smoke", refresh=False)        # the Parquet cache only; no tracking server needed
     df.pivot_table(index="task", columns="model_size", values="test_f1")      # mean over seeds
+    results.pivot(df, "task", "model")               # the paper table (the report's), F1 points
     curves = results.loss_curves("smoke")            # pretraining loss against tokens seen
 
 One row per finished finetune job (model x task x epochs x seed). The columns (`COLUMNS`, then the
