@@ -216,7 +216,9 @@ def _verdict_heatmap(verdicts: pd.DataFrame, tasks: list[str], names: dict):
         return None
     kinds = list(VERDICT_COLORS)
     grid = np.full((len(tasks), len(columns)), kinds.index("too few seeds"))
-    fig = Figure(figsize=(1.8 + 1.15 * len(columns), 1.1 + 0.3 * len(tasks)), layout="constrained")
+    width = 1.8 + 1.15 * len(columns)
+    ncols = len(kinds) if width >= 7.5 else 3        # a narrow heatmap stacks its legend instead of cutting it
+    fig = Figure(figsize=(max(width, 4.5), 1.1 + 0.3 * len(tasks) + 0.2 * (ncols < len(kinds))), layout="constrained")
     ax = fig.subplots()
     for i, task in enumerate(tasks):
         for j, col in enumerate(columns):
@@ -238,7 +240,7 @@ def _verdict_heatmap(verdicts: pd.DataFrame, tasks: list[str], names: dict):
     ax.tick_params(which="both", length=0)
     ax.spines[:].set_visible(True)
     fig.legend([Patch(facecolor=c, edgecolor="#999") for c in VERDICT_COLORS.values()], kinds,
-               loc="outside lower center", ncols=len(kinds), frameon=False)
+               loc="outside lower center", ncols=ncols, frameon=False)
     return fig
 
 
