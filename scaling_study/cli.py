@@ -307,7 +307,10 @@ def cmd_results(args: argparse.Namespace) -> int:
     if where:
         df = results.select(df, where)
     if args.pivot:
-        df = results.pivot(df, args.pivot[0], args.pivot[1], args.value)
+        df = results.pivot(df, args.pivot[0], args.pivot[1], args.value, include_collapsed=args.include_collapsed)
+        # the table's definition heads a printed table; machine formats keep stdout parseable
+        print(f"# {df.attrs['definition']}", file=sys.stdout if args.format == "table" and not args.output
+              else sys.stderr)
     elif args.format == "table" and len(df):
         keep = [c for c in ("model", "steps", "task", "epochs", "seed", "test_f1", "dev_f1", "collapsed") if c in df]
         df = df[keep]
@@ -322,7 +325,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from scaling_study import report
 
     out = report.build(args.study, tracking_uri=args.tracking_uri, root=args.root, out=args.output,
-                       threshold=args.threshold)
+                       threshold=args.threshold, include_collapsed=args.include_collapsed)
     print(f"report: {out}")
     return 0
 
@@ -439,8 +442,8 @@ def _study_verbs(sub) -> None:
     p = sub.add_parser("results", help="a study's finetune results from MLflow: one row per job, filters, pivots")
     _study_args(p)
     p.add_argument("--pivot", nargs=2, metavar=("ROW", "COL"), default=None,
-                   help="a ROW x COL table of --value, the mean over seeds and every factor --where leaves free "
-                        "(e.g. --pivot task model_size)")
+                   help="a ROW x COL table of --value: mean over seeds, every other factor at its largest level, "
+                        "scores in points (the report's table is --pivot task model)")
     p.add_argument("--value", default="test_f1", help="the column --pivot averages (default test_f1)")
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=V1[,V2]",
                    help="keep rows whose COLUMN is one of the values; repeat for more columns "
@@ -450,6 +453,7 @@ def _study_verbs(sub) -> None:
     p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
     p.add_argument("--no-refresh", action="store_true",
                    help="read the results cache (<root>/<study>/cache/) only; do not ask MLflow")
+    p.add_argument("--include-collapsed", action="store_true", help="--pivot counts collapsed runs too")
     p.set_defaults(func=cmd_results)
 
     p = sub.add_parser("report", help="a study's results as one self-contained HTML page (tables, plots, verdicts)")
@@ -457,6 +461,8 @@ def _study_verbs(sub) -> None:
     p.add_argument("--output", "-o", default=None, help="HTML file to write (default: ROOT/STUDY/report.html)")
     p.add_argument("--threshold", type=float, default=1.0,
                    help="F1 points a step of a factor must surely buy to count as a gain (default 1.0, the paper's)")
+    p.add_argument("--include-collapsed", action="store_true",
+                   help="count collapsed runs in the table, verdicts and fits (left out by default)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("status", help="a study's MLflow runs by kind and status; with --address, its Ray jobs")

@@ -5,6 +5,7 @@
     df = results.load("scholarbert", tracking_uri="http://127.0.0.1:5000")
     df = results.load("smoke", refresh=False)        # the Parquet cache only; no tracking server needed
     df.pivot_table(index="task", columns="model_size", values="test_f1")      # mean over seeds
+    results.pivot(df, "task", "model")               # the paper table (the report's), F1 points
     curves = results.loss_curves("smoke")            # pretraining loss against tokens seen
 
 One row per finished finetune job (model x task x epochs x seed). The columns (`COLUMNS`, then the
@@ -379,17 +380,31 @@ def parse_where(expressions: list[str], *, flag: str = "--where") -> dict[str, l
     return out
 
 
-def pivot(df: pd.DataFrame, row: str, column: str, value: str = "test_f1") -> pd.DataFrame:
-    """Mean of `value` per (row, column) cell, over seeds and every factor not fixed by a filter."""
+def pivot(df: pd.DataFrame, row: str, column: str, value: str = "test_f1", *,
+          include_collapsed: bool = False) -> pd.DataFrame:
+    """The paper table's definition (`analysis.table_rows`) for any ROW x COL: the mean of `value` over
+    seeds per cell, every factor the table does not show at the study's largest level (after any
+    `select`), collapsed runs left out unless `include_collapsed`, scores (F1, precision, ...) in
+    points. `attrs["definition"]` says so in one sentence; `--pivot task model` is the report's table.
+    """
+    from scaling_study import analysis
+
     for flag, name in (("--pivot", row), ("--pivot", column), ("--value", value)):
         if name not in df:
             raise UserError(f"{flag} {name}: unknown column {name!r}; allowed: {_allowed(df)}")
     if not pd.api.types.is_numeric_dtype(df[value]) or pd.api.types.is_bool_dtype(df[value]):
         numeric = [c for c in df.columns if pd.api.types.is_float_dtype(df[c])]
         raise UserError(f"--value {value}: not a numeric column; allowed: {', '.join(numeric)}")
-    table = df.pivot_table(index=row, columns=column, values=value, aggfunc="mean", observed=True)
+    sel = analysis.table_rows(df, (row, column), include_collapsed=include_collapsed)
+    rows = sel.rows.assign(**{value: sel.rows[value] * (100.0 if analysis.is_score(value) else 1.0)})
+    table = rows.pivot_table(index=row, columns=column, values=value, aggfunc="mean", observed=True)
+    if column == "model" and len(table.columns):
+        order = [m for m in analysis.model_order(rows) if m in set(map(str, table.columns))]
+        table = table[[next(c for c in table.columns if str(c) == m) for m in order]]
     table.columns = [str(c) for c in table.columns]
-    return table.reset_index()
+    table = table.reset_index()
+    table.attrs["definition"] = sel.definition(value)
+    return table
 
 
 def loss_curves(study: str, tracking_uri: str | None = None, root: str | Path = "studies", *,

@@ -1,6 +1,8 @@
-"""The HTML report: rendered for a synthetic study, loaded in headless Chromium with no network."""
+"""The HTML report: rendered for synthetic studies (a power-law one, a flat frontier, two seeds, collapsed
+runs), its figures for a paper, and the page loaded in headless Chromium with no network."""
 
 import base64
+import html
 import json
 import os
 import shutil
@@ -12,10 +14,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from scaling_study import report
+from scaling_study import analysis, report, results
 from scaling_study.cli import main
 
-from test_analysis import SIZES, VOLUMES, synthetic
+from test_analysis import SIZES, TASKS, VOLUMES, synthetic
 
 EXPECTED_PLOTS = list(report.PLOT_IDS)
 
@@ -139,29 +141,151 @@ def load_in_chromium(page: Path, screenshot: Path, profile: Path) -> dict:
     return {**dom, "errors": errors, "requests": requests}
 
 
+def power_law_study(seeds: int = 3) -> pd.DataFrame:
+    """The synthetic grid with pretrained F1 = 100 - (12 + 40 (C / C_min)^-0.4) + 0.2 per data-volume
+    level + N(0, 0.3): size and steps pay through compute, data volume barely. BC5CDR's 3-epoch seed 0
+    collapsed (F1 2)."""
+    df = synthetic(rng=np.random.default_rng(0), seeds=seeds, epochs_gain=0.5)
+    rng = np.random.default_rng(1)
+    pre = df["model_source"] == "pretrained"
+    flops = df.loc[pre, "pretrain_flops"].astype(float)
+    volume = df.loc[pre, "data_volume"].map({v: i for i, v in enumerate(VOLUMES)}).astype(float)
+    base = df.loc[pre, "task"].map({"bc5cdr_ner": 0.0, "scierc_re": -15.0, "paper_field_cls": -8.0})
+    err = 12 + 40 * (flops / flops.min()) ** -0.4 - 0.2 * volume - base - 0.5 * (df.loc[pre, "epochs"] == 3)
+    df.loc[pre, "test_f1"] = (100 - err + rng.normal(0, 0.3, pre.sum())) / 100
+    hit = (df["task"] == "bc5cdr_ner") & (df["epochs"] == 3) & (df["seed"] == 0)
+    df.loc[hit, "test_f1"], df.loc[hit, "collapsed"] = 0.02, True
+    return df
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "synthetic.html"
-    df = synthetic(rng=np.random.default_rng(0), seeds=3)
+    df = power_law_study()
     plots = report.render(df, synthetic_curves(), out, title="Synthetic study")
-    return out, plots
+    return out, plots, df
+
+
+def _summary(text: str) -> str:
+    return text[text.index("<h2>Summary</h2>"):text.index("<h2>Results</h2>")]
 
 
 def test_render_writes_one_self_contained_page(rendered):
-    out, plots = rendered
+    out, plots, _ = rendered
     assert plots == EXPECTED_PLOTS
     text = out.read_text()
-    assert text.count("data:image/png;base64,") == len(EXPECTED_PLOTS)
-    for needle in ("http:", "https:", "<script", "<link", "@import", "url("):
+    assert text.count("data:image/svg+xml;base64,") == len(EXPECTED_PLOTS)
+    for needle in ("http:", "https:", "<script", "<link", "@import", "url(", "could not be"):
         assert needle not in text, needle
-    # The summary comes from the verdicts: size (+3 per level) paid, data (+0.2) did not.
-    summary = text[text.index("<h2>Summary</h2>"):text.index("<h2>Results</h2>")]
-    assert "Model size small → base: a significant gain of more than 1 F1 point in " in summary
-    assert "comparisons (all 3 tasks)" in summary
-    assert "Data volume 1% → 10%: no significant gain of more than 1 F1 point in any of 36 comparisons" in summary
-    assert "Scaling paid" in summary and "model size base → large" in summary.split("Scaling did not pay")[0]
-    assert "data volume 1% → 10%" in summary.split("Scaling did not pay")[1]
-    assert not list(out.parent.glob("*.tmp"))
+    summary = _summary(text)
+    # The summary comes from the verdicts: size and steps pay through compute, data (+0.2) does not.
+    assert "Model size small → base (36 comparisons): a gain above 1 F1 point in " in summary
+    assert "(all 3 tasks)" in summary
+    assert "Scaling paid (a gain above 1 F1 point shown in most comparisons): model size small → base" in summary
+    assert "pretraining steps 1000 → 2000" in summary.split("Scaling paid")[1].split("</li>")[0]
+    undecided = summary.split("Not decided")[1].split("</li>")[0]
+    assert "data volume 1% → 10%" in undecided and "finetuning epochs 1 → 3" in undecided
+    assert "Scaling did not pay" not in summary          # +0.2 is not shown to be below 1 point by 3 seeds
+    assert "no evidence of a gain above 1 F1 point (and none against) in" in summary
+    # BC5CDR's collapsed seed leaves 2 of 3 seeds in its 3-epoch cells: those comparisons cannot decide
+    assert "because collapsed runs were left out" in summary.split("Finetuning epochs 1 → 3")[1].split("</li>")[0]
+    assert "the next 1 F1 point costs" in summary
+    assert not list(out.parent.glob("*.tmp")) and not list(out.parent.glob(".*.tmp"))
+
+
+def test_figures_for_a_paper_beside_the_page(rendered):
+    """SVG and 300-dpi PNG per plot in synthetic-figures/, linked from the page; display names; each
+    legend entry once, in level order."""
+    from PIL import Image
+
+    out, plots, df = rendered
+    folder = out.parent / "synthetic-figures"
+    assert sorted(p.name for p in folder.iterdir()) == sorted(f"{p}.{ext}" for p in plots for ext in ("svg", "png"))
+    for plot in plots:
+        assert (folder / f"{plot}.svg").read_bytes().lstrip().startswith(b"<?xml")
+        with Image.open(folder / f"{plot}.png") as png:
+            assert png.info["dpi"] == pytest.approx((300, 300), abs=0.5) and png.width >= 1500
+    assert "href='synthetic-figures/'" in out.read_text()
+    cells = analysis.cell_stats(df)
+    names = report.task_names(sorted(cells["task"].unique()))
+    assert names == {"bc5cdr_ner": "BC5CDR", "paper_field_cls": "Paper Field", "scierc_re": "SciERC"}
+    assert report.task_names(["scierc_ner", "scierc_re"]) == {"scierc_ner": "SciERC (NER)", "scierc_re": "SciERC (RE)"}
+    fig, _ = report._factor_plot(cells, "epochs", ["model"], sorted(names), names)
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["BC5CDR", "Paper Field", "SciERC"]
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == sorted(set(labels), key=labels.index) and "allenai/scibert" in labels
+    fig, _ = report._factor_plot(cells, "data_volume", ["model_size"], sorted(names), names)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == list(SIZES)          # level order, each once
+    curves = synthetic_curves()
+    twin = curves[curves["pretrain_node_id"] == "pt-small-1%"].assign(pretrain_node_id="pt-small-1%-again")
+    fig = report._loss_plot(pd.concat([curves, twin]))
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert len(labels) == len(set(labels)) == 10             # two runs of one size and volume: told apart
+    assert labels[:4] == ["small · 1% (pt-small-1%)", "small · 1% (pt-small-1%-again)", "small · 10%",
+                          "small · 100%"]
+
+
+def test_one_table_definition_and_unit(rendered):
+    """The report's table is `results.pivot(df, "task", "model")`: the same cells, numbers and sentence."""
+    out, _, df = rendered
+    text = out.read_text()
+    table = results.pivot(df, "task", "model")
+    assert html.escape(table.attrs["definition"]) in text
+    assert table.attrs["definition"].startswith("test_f1 in points (100 x the fraction), mean over seeds; every "
+                                                "factor not in the table at the study's largest level")
+    results_table = text[text.index("<h2>Results</h2>"):text.index("<h2>Collapsed runs</h2>")]
+    names = report.task_names(table["task"])
+    for _, row in table.iterrows():
+        line = results_table.split(f"<td class='name'>{names[row['task']]}</td>")[1].split("</tr>")[0]
+        cells = [td.split(" ±")[0].split("<br>")[0] for td in line.split("<td>")[1:]]
+        assert cells == [f"{v:.1f}" for v in row.drop("task")], row["task"]
+    assert 50 < table.drop(columns="task").to_numpy().mean() < 100        # points, not fractions
+
+
+def test_collapsed_share_per_task_and_cell(rendered):
+    out, _, df = rendered
+    text = out.read_text()
+    section = text[text.index("<h2>Collapsed runs</h2>"):text.index("<h2>F1 against model size</h2>")]
+    n = int(df["collapsed"].sum())
+    assert f"{n} of {len(df)} finetune jobs ({100 * n / len(df):.0f}%) are flagged collapsed" in section
+    assert "<td class='name'>BC5CDR</td><td>" in section
+    assert "<td class='name'>SciERC</td><td>114</td><td>0</td><td>0%</td>" in section
+    assert f"Per cell: the {n} of {len(df) // 3} cells with a collapsed run" in section
+    bc5cdr = text.split("<h2>Results</h2>")[1].split("<td class='name'>BC5CDR</td>")[1].split("</tr>")[0]
+    assert bc5cdr.count("<br><small>2 seeds, 1/3 collapsed</small>") == 10       # every model at 3 epochs
+    assert f"Collapsed runs: {n} of {len(df)} jobs, left out of the table, verdicts and fits." in text
+
+
+def test_including_collapsed_runs_on_request(tmp_path):
+    df = power_law_study()
+    df = df[(df["task"] == "bc5cdr_ner") & (df["steps"].isna() | (df["steps"] == 2000))]
+    report.render(df, None, tmp_path / "with.html", include_collapsed=True)
+    text = (tmp_path / "with.html").read_text()
+    assert "collapsed runs included" in text and "counted like any other (--include-collapsed)" in text
+    assert "because collapsed runs were left out" not in _summary(text)
+
+
+def test_flat_frontier_and_two_seeds_still_give_a_report(tmp_path):
+    """Best F1 31.8-32.8 over 4 compute levels, 2 seeds: no traceback, no band, no made-up fit, no
+    "did not pay" (absence of evidence is not evidence of absence)."""
+    df = synthetic(rng=np.random.default_rng(3), seeds=2, sizes={"small": SIZES["small"], "base": SIZES["base"]},
+                   volumes={"100%": VOLUMES["100%"]}, steps=(1000, 2000), epochs=(1, 3), externals=())
+    pre = df["model_source"] == "pretrained"
+    level = df["pretrain_flops"].rank(method="dense").astype(int) - 1          # 4 compute levels
+    df.loc[pre, "test_f1"] = level.map(dict(enumerate((0.318, 0.328, 0.321, 0.325)))) + 0.001 * df["seed"]
+    df.loc[df["epochs"] == 3, "test_f1"] += 0.087                               # +8.7 points, 2 seeds
+    plots = report.render(df, None, tmp_path / "flat.html")
+    text = (tmp_path / "flat.html").read_text()
+    assert "could not be" not in text and "plot-fit" not in plots
+    summary = _summary(text)
+    assert "Finetuning epochs 1 → 3 (12 comparisons): too few seeds to decide in 12 (fewer than 3); " \
+           "median change +8.7 points." in summary
+    assert "Not decided" in summary and "Scaling did not pay" not in summary and "Scaling paid" not in summary
+    assert "No power-law estimate (not estimable) for BC5CDR, Paper Field, SciERC" in summary
+    assert text.count("not estimable: ") == 3 and "frontier F1 " in text
+    assert "<br><small>2 seeds</small>" in text                                  # the table says so too
+    cells = analysis.cell_stats(df)
+    assert cells["ci_low"].isna().all()                                          # no bands to draw
 
 
 def test_single_level_factors_get_a_note_not_a_plot(tmp_path):
@@ -175,21 +299,33 @@ def test_single_level_factors_get_a_note_not_a_plot(tmp_path):
     plots = report.render(df[df.model_source == "external"], None, tmp_path / "e.html")
     assert plots == ["plot-epochs", "plot-verdicts"]
     text = (tmp_path / "e.html").read_text()
-    assert "Finetuning epochs 1 → 3: one seed only in all 3 comparisons, so no interval and no verdict" in text
-    assert "Too few distinct compute budgets" in text
+    assert "Finetuning epochs 1 → 3 (3 comparisons): too few seeds to decide in 3 (fewer than 3)" in text
+    assert "No pretraining compute in the results: no fit." in text
+
+
+def test_a_section_that_fails_is_a_note_not_a_traceback(tmp_path, monkeypatch):
+    def broken(*args):
+        raise OverflowError("math range error")
+
+    monkeypatch.setattr(report, "_verdict_heatmap", broken)
+    df = synthetic(seeds=3, tasks={"scierc_re": TASKS["scierc_re"]})
+    plots = report.render(df[df["model_source"] == "external"], None, tmp_path / "r.html")
+    text = (tmp_path / "r.html").read_text()
+    assert plots == ["plot-epochs"]
+    assert "could not be computed (OverflowError: math range error)" in text
 
 
 @pytest.mark.skipif(chromium() is None and os.environ.get("CI") != "true",
                     reason="chromium not installed (apt-get install -y chromium); CI=true fails instead")
 def test_report_opens_in_headless_chromium(rendered, tmp_path):
-    out, _ = rendered
+    out, _, _ = rendered
     assert chromium(), "CI=true but no chromium binary: install it with apt-get install -y chromium"
     shot = tmp_path / "report.png"
     got = load_in_chromium(out, shot, tmp_path / "profile")
     assert got["errors"] == []
     assert [p["id"] for p in got["plots"]] == EXPECTED_PLOTS
-    assert all(p["ok"] and p["w"] > 300 and p["src"] == "data:image/png;base64," for p in got["plots"]), got["plots"]
-    assert got["tables"] == 1 and len(got["summary"]) >= 5
+    assert all(p["ok"] and p["w"] > 300 and p["src"] == "data:image/svg+xml;bas" for p in got["plots"]), got["plots"]
+    assert got["tables"] == 4 and len(got["summary"]) >= 5     # results, collapsed per task and per cell, fits
     assert all(url.startswith(("file:", "data:")) for url in got["requests"]), got["requests"]
     from matplotlib.image import imread
 
@@ -202,9 +338,17 @@ def test_report_opens_in_headless_chromium(rendered, tmp_path):
 
 
 def test_cli_report_without_results_is_one_line_exit_2(tmp_path, capsys):
+    assert "--include-collapsed" in [a for act in _report_parser()._actions for a in act.option_strings]
     assert main(["report", "nosuch", "--root", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nosuch" in err[0] and "no results" in err[0]
     assert not (tmp_path / "r.html").exists()
     assert main(["report", "nosuch", "--threshold", "-0.5"]) == 2
     assert "--threshold must be a number of F1 points >= 0" in capsys.readouterr().err
+
+
+def _report_parser():
+    from scaling_study.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
+    return sub.choices["report"]

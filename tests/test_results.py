@@ -186,13 +186,20 @@ def test_loss_curves(logged, server):
 
 
 def test_select_and_pivot(logged):
+    """The paper table's definition: other factors at their largest level, collapsed runs left out, points."""
     _, _, df = logged
     sub = results.select(df, results.parse_where(["task=scierc_re", "model_size=debug", "steps=10,20"]))
     assert len(sub) == 8 and set(sub["task"]) == {"scierc_re"}
     table = results.pivot(sub, "data_volume", "epochs", "test_f1")
-    assert list(table.columns) == ["data_volume", "1", "2"]
-    # mean over steps 10 and 20 (0.40, 0.50) + 0.05 x epochs + 0.1 for scierc_re
-    assert table.set_index("data_volume").loc["50%", "2"] == pytest.approx(0.45 + 0.10 + 0.10)
+    # steps at 20 (the largest): 0.30 + 0.01 x 20 + 0.05 x 2 epochs + 0.1 for scierc_re; 1 epoch collapsed
+    assert list(table.columns) == ["data_volume", "2"]
+    assert table.set_index("data_volume").loc["50%", "2"] == pytest.approx(70.0)
+    assert "pretraining steps 20" in table.attrs["definition"] and "left out (2 of 4 jobs" in table.attrs["definition"]
+    table = results.pivot(sub, "data_volume", "epochs", "test_f1", include_collapsed=True)
+    assert table.set_index("data_volume").loc["50%", "1"] == pytest.approx(65.0)
+    assert "collapsed runs included (2 of 4 jobs)" in table.attrs["definition"]
+    assert results.pivot(sub, "data_volume", "epochs", "train_loss").attrs["definition"].startswith(
+        "train_loss as logged, mean over seeds")
 
 
 def _cli(capsys, *args):
@@ -204,10 +211,12 @@ def _cli(capsys, *args):
 def test_cli_formats(logged, server, capsys, tmp_path):
     folder, _, df = logged
     common = ["res", "--tracking-uri", server.uri, "--root", str(folder / "studies")]
-    code, out, _ = _cli(capsys, *common, "--pivot", "task", "model", "--format", "csv")
-    assert code == 0
+    code, out, err = _cli(capsys, *common, "--pivot", "task", "model", "--format", "csv")
+    assert code == 0 and err.startswith("# test_f1 in points (100 x the fraction)")   # stdout stays CSV
     table = pd.read_csv(io.StringIO(out)).set_index("task")
-    expected = df.groupby(["task", "model"])["test_f1"].mean()
+    top = df[(df["steps"].isna() | (df["steps"] == 20)) & (df["epochs"] == 2) & ~df["collapsed"]]
+    expected = top.groupby(["task", "model"])["test_f1"].mean() * 100
+    assert list(table.columns) == ["debug | 50%", "debug | 100%", "ext-bert"]
     assert table.loc["scierc_re", "ext-bert"] == pytest.approx(expected[("scierc_re", "ext-bert")])
     assert table.loc["bc5cdr_ner", "debug | 100%"] == pytest.approx(expected[("bc5cdr_ner", "debug | 100%")])
 
@@ -221,7 +230,21 @@ def test_cli_formats(logged, server, capsys, tmp_path):
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "r.parquet"), df)
 
     code, out, _ = _cli(capsys, *common, "--no-refresh", "--pivot", "task", "epochs")
-    assert code == 0 and "scierc_re" in out and out.splitlines()[0].split() == ["task", "1", "2"]
+    head, columns = out.splitlines()[:2]
+    assert code == 0 and "scierc_re" in out and columns.split() == ["task", "1", "2"]
+    assert head.startswith("# test_f1 in points") and "model size debug, data volume 100%, pretraining steps 20" in head
+
+
+def test_cli_report_on_a_logged_study(logged, server, capsys, tmp_path):
+    folder, _, df = logged
+    out = tmp_path / "res.html"
+    common = ["report", "res", "--tracking-uri", server.uri, "--root", str(folder / "studies"), "-o", str(out)]
+    assert main(common) == 0 and capsys.readouterr().out.strip() == f"report: {out}"
+    text = out.read_text()
+    assert "left out of the table, verdicts and fits" in text and (tmp_path / "res-figures" / "plot-loss.svg").is_file()
+    assert "SciERC (RE)" not in text and "<td class='name'>SciERC</td>" in text        # display names
+    assert main([*common, "--include-collapsed"]) == 0
+    assert f"Collapsed runs: {int(df['collapsed'].sum())} of {len(df)} jobs, included." in out.read_text()
 
 
 @pytest.mark.parametrize("args, flag, bad", [
