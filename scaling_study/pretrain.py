@@ -65,6 +65,7 @@ from torch import nn
 from scaling_study import faults
 from scaling_study.models import ModelPreset, bert_config, load_devices, mlm_flops_breakdown
 from scaling_study.schedules import Schedule, build_optimizer
+from scaling_study.spec import PretrainRecipe
 
 if TYPE_CHECKING:
     from scaling_study.grid import Node, Plan
@@ -98,8 +99,10 @@ STATE_FORMAT = 1
 
 
 @dataclasses.dataclass(kw_only=True)
-class PretrainConfig:
-    """Everything one pretraining run needs besides its corpus and output folder."""
+class PretrainConfig(PretrainRecipe):
+    """Everything one pretraining run needs besides its corpus and output folder: the spec's recipe
+    (`spec.PretrainRecipe`: batch_size, seq_len, lr, schedule, ..., each documented there), the
+    run's model shape and steps, and the runtime-only settings below."""
 
     preset: ModelPreset
     vocab_size: int
@@ -108,36 +111,11 @@ class PretrainConfig:
     """Optimizer steps the schedule spans (the run's largest step level)."""
     checkpoint_steps: tuple[int, ...] = ()
     """Steps after which a Hugging Face checkpoint is kept (the run's step levels)."""
-    seq_len: int = 128
-    batch_size: int = 256
-    """Global batch in sequences per optimizer step (workers x micro-batch x grad_accum)."""
-    grad_accum: int = 1
-    lr: float = 5e-4
-    schedule: Literal["linear", "cosine", "wsd", "constant"] = "linear"
-    warmup_fraction: float = 0.06
-    decay_fraction: float = 0.2
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
-    mask_rate: float = 0.15
-    optimizer: Literal["adamw", "lamb"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """bf16 autocast (on GPU with TF32 for the matmuls it leaves in fp32; on CPU too) or plain fp32."""
-    seed: int = 0
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    checkpoint_every: int | None = None
-    """Extra resume-only checkpoints (under resume/, only the latest kept); None: levels only."""
-    log_every: int = 50
     # --- runtime only: none of these changes what the run computes
     num_threads: int | None = None
     """torch intra-op threads (None: torch's default; Ray workers: their CPUs)."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None: presets/devices.yaml by the detected device."""
-    compile: bool = False
-    """torch.compile the encoder (static shapes; the head's input size varies with the mask and
-    stays eager). Pays off on GPU; on CPU it measured no faster than the CPU kernels of `use_cpu_kernels`."""
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """Extra `bert_config` settings (e.g. dropout 0 in tests); the default is BERT's."""
 
@@ -172,16 +150,14 @@ class PretrainConfig:
 
     @classmethod
     def from_study(cls, study: Study, plan: Plan, run_node: Node, *, vocab_size: int, **runtime: Any) -> PretrainConfig:
-        """The config of a `pretrain` node: spec.pretrain, its size's preset, its steps and levels."""
+        """The config of a `pretrain` node: spec.pretrain's recipe, its size's preset, its steps and levels."""
         if run_node.kind != "pretrain":
             raise ValueError(f"node {run_node.id} is a {run_node.kind!r} node, not 'pretrain'")
         p = study.spec.pretrain
         levels = sorted(c.inputs["step"] for c in plan.children(run_node.id) if c.kind == "checkpoint")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        shared = {k: getattr(p, k) for k in fields if hasattr(p, k) and k not in ("checkpoint_steps",)}
-        return cls(**{**shared, "betas": tuple(p.betas), "preset": study.presets[run_node.factors["model_size"]],
-                      "vocab_size": vocab_size, "total_steps": run_node.inputs["total_steps"],
-                      "checkpoint_steps": tuple(levels), **runtime})
+        recipe = {f.name: getattr(p, f.name) for f in dataclasses.fields(PretrainRecipe)}
+        return cls(**{**recipe, "preset": study.presets[run_node.factors["model_size"]], "vocab_size": vocab_size,
+                      "total_steps": run_node.inputs["total_steps"], "checkpoint_steps": tuple(levels), **runtime})
 
 
 # ----------------------------------------------------------------------------------- data
@@ -822,7 +798,7 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, wo
     model.to(device)
     if device.type == "cpu" and not config.compile:  # compiled code fuses its own dropout
         use_cpu_kernels(model.model)
-    if config.compile:
+    if config.compile:  # the encoder only: its shapes are static, the head's input varies with the mask
         model.model.bert.compile()
     wrapped = _parallelize(model, config.strategy, world, device)
     optimizer = build_optimizer(wrapped, name=config.optimizer, lr=config.lr, betas=config.betas, eps=config.eps,

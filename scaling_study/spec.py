@@ -194,14 +194,22 @@ class PresetSpec:
 
 
 @dataclass(config=_CONFIG, kw_only=True)
-class PretrainSpec:
-    """MLM pretraining: the steps axis and everything that shapes one run."""
+class _PretrainAxis:
+    """The steps axis (the spec's alone: a run gets its `total_steps` and checkpoint levels from the plan)."""
 
     steps: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
     """Step levels (optimizer steps), strictly increasing. Each level yields a checkpoint."""
     protocol: Literal["trajectory", "independent"] = "trajectory"
     """`trajectory`: one run per size x volume, scheduled over the largest level, with a checkpoint at
     each level. `independent`: one run per level, each with its own full schedule."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class PretrainRecipe:
+    """What shapes one pretraining run, each setting and its default written once: the spec's
+    `pretrain` section validates it, and the runtime `pretrain.PretrainConfig` inherits it (as a
+    plain dataclass, unvalidated, so code and tests construct it directly)."""
+
     batch_size: PosInt = 256
     """Global batch in sequences per optimizer step (across workers and accumulation)."""
     seq_len: PosInt = 128
@@ -236,12 +244,6 @@ class PretrainSpec:
     """Seed of initialisation, masking and data order."""
     grad_accum: PosInt = 1
     """Micro-batches accumulated per optimizer step (batch_size = workers x micro-batch x grad_accum)."""
-    num_workers: PosInt = 1
-    """Ray Train workers (one process each; DDP or FSDP across them)."""
-    gpus_per_worker: NonNegFloat = 0
-    """GPUs per worker; 0 trains on CPU."""
-    cpus_per_worker: PosInt = 1
-    """CPU cores reserved per worker."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallel (DDP) or sharded (FSDP2 `fully_shard`, for large models)."""
     checkpoint_every: PosInt | None = None
@@ -253,6 +255,18 @@ class PretrainSpec:
     bf16 on an H200: +6%); on CPU it measured no faster and the compile takes a minute or more."""
 
 
+@dataclass(config=_CONFIG, kw_only=True)
+class PretrainSpec(PretrainRecipe, _PretrainAxis):
+    """MLM pretraining: the steps axis, the recipe of one run, and the resources it runs on."""
+
+    num_workers: PosInt = 1
+    """Ray Train workers (one process each; DDP or FSDP across them)."""
+    gpus_per_worker: NonNegFloat = 0
+    """GPUs per worker; 0 trains on CPU."""
+    cpus_per_worker: PosInt = 1
+    """CPU cores reserved per worker."""
+
+
 def _pair(value: list, name: str) -> list:
     if len(value) != 2:
         raise ValueError(f"{name} needs exactly two numbers; allowed: [beta1, beta2], e.g. [0.9, 0.98]")
@@ -260,28 +274,42 @@ def _pair(value: list, name: str) -> list:
 
 
 @dataclass(config=_CONFIG, kw_only=True)
-class FinetuneSpec:
-    """Finetuning on the downstream tasks: the finetune-time axis and seeds."""
+class _FinetuneAxes:
+    """The finetune-time and seed axes (the spec's alone: a run gets its epoch levels and seed from the plan)."""
 
     epochs: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
     """Epoch levels, strictly increasing. With `trajectory` one run per (model, task, seed) is
     evaluated after each level; with `independent` each level is its own run."""
-    protocol: Literal["trajectory", "independent"] = "trajectory"
-    """Same choice as for pretraining steps (`trajectory` schedules over the largest level)."""
     seeds: Annotated[list[NonNegInt], AfterValidator(_levels)] = field(default_factory=lambda: [0])
     """Seeds; each fixes head initialisation, data order and dropout, so a seed repeats its score."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class FinetuneRecipe:
+    """What shapes one finetuning run, written once: the spec's `finetune` section validates it,
+    and the runtime `finetune.FinetuneConfig` inherits it (a plain dataclass, unvalidated)."""
+
+    protocol: Literal["trajectory", "independent"] = "trajectory"
+    """Same choice as for pretraining steps: `trajectory` is one run scheduled over the largest level
+    and scored at every level, `independent` one run per level."""
     lr: PosFloat = 2e-5
-    """Peak learning rate."""
+    """Peak learning rate (AdamW)."""
     batch_size: PosInt = 32
     """Examples per optimizer step."""
     max_seq_len: PosInt = 128
-    """Sub-word tokens per example (longer inputs are truncated)."""
+    """Sub-word tokens per example, special tokens included (longer inputs are truncated)."""
     warmup_fraction: Fraction01 = 0.1
     """Share of the run's steps spent in linear warmup; then linear decay to 0."""
     weight_decay: NonNegFloat = 0.01
-    """AdamW weight decay."""
+    """AdamW weight decay (not on biases and LayerNorm weights)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast or fp32."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class FinetuneSpec(FinetuneRecipe, _FinetuneAxes):
+    """Finetuning on the downstream tasks: the finetune-time axis and seeds, the recipe, the resources."""
+
     gpus_per_job: NonNegFloat = 0
     """GPUs per finetune job (Ray Tune trial); 0 runs on CPU."""
     cpus_per_job: PosInt = 1
