@@ -251,8 +251,8 @@ def _weights(study: Study, plan: Plan) -> dict[str, float]:
     from scaling_study.costs import estimate
 
     report = estimate(study, plan, "cpu")
-    weights = {run["id"]: run["flops"] for run in report["pretrain_runs"]}
-    per_run = {row["task"]: row["flops"] / max(row["runs"], 1) for row in report["finetune_by_task"]}
+    weights = {run.id: run.flops for run in report.pretrain_runs}
+    per_run = {row.task: row.flops / max(row.runs, 1) for row in report.finetune_by_task}
     for node in plan.of_kind("finetune"):
         run = plan.nodes[node.parents[0]]
         weights[node.id] = per_run.get(node.factors["task"], 0.0) / max(len(plan.children(run.id)), 1)
