@@ -547,9 +547,33 @@ def _gather(obj: Any, world: int) -> list:
     return out
 
 
-def save_checkpoint(folder: Path, *, model: MaskedLM, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: PretrainConfig, corpus: CorpusInfo, step: int, stream: ShardStream,
-                    metrics: dict, rank: int, world: int, device: torch.device) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its rank among `world` processes, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint saves and a resume restores, besides the config: `_start` returns it."""
+
+    model: MaskedLM
+    """The plain model (its weights are what a checkpoint's safetensors hold)."""
+    wrapped: nn.Module
+    """The same model as it trains: itself, or wrapped for DDP or FSDP."""
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    metrics: dict = dataclasses.field(default_factory=dict)
+    """The last logged metrics."""
+    position: dict | None = None
+    """This rank's data position (`ShardStream.position`); None: the start of the data."""
+
+
+def save_checkpoint(folder: Path, state: TrainState, config: PretrainConfig, corpus: CorpusInfo,
+                    where: Placement) -> Path:
     """Collective: every rank calls it. Rank 0 writes `folder` (via a temporary folder).
 
     trainer_state.pt holds: format, step, tokens_seen, world_size, config (`identity()`), the
@@ -558,8 +582,8 @@ def save_checkpoint(folder: Path, *, model: MaskedLM, wrapped: nn.Module, optimi
     CUDA generator states; masking and data order are seeded per batch and epoch and need none),
     data (per rank: epoch, shard cursor, row cursor) and the last logged metrics.
     """
-    rng_and_data = _gather((_rng_state(device), stream.position), world)
-    if config.strategy == "fsdp" and world > 1:
+    rng_and_data = _gather((_rng_state(where.device), state.position), where.world)
+    if config.strategy == "fsdp" and where.world > 1:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -567,16 +591,17 @@ def save_checkpoint(folder: Path, *, model: MaskedLM, wrapped: nn.Module, optimi
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(wrapped, options=options)
-        optim_state = get_optimizer_state_dict(wrapped, optimizer, options=options)
+        model_state = get_model_state_dict(state.wrapped, options=options)
+        optim_state = get_optimizer_state_dict(state.wrapped, state.optimizer, options=options)
     else:
-        model_state, optim_state = None, optimizer.state_dict()
-    if rank == 0:
+        model_state, optim_state = None, state.optimizer.state_dict()
+    if where.rank == 0:
+        saved = _Saved(model_state=model_state, optimizer=optim_state, step=state.step, world=where.world,
+                       rng=[r for r, _ in rng_and_data], data=[d for _, d in rng_and_data], metrics=state.metrics,
+                       lr=state.optimizer.param_groups[0]["lr"])
         with _quiet_hf():
-            _write_checkpoint(folder, model=model, model_state=model_state, optim_state=optim_state, config=config,
-                              corpus=corpus, step=step, world=world, rng_and_data=rng_and_data, metrics=metrics,
-                              lr=optimizer.param_groups[0]["lr"])
-    if world > 1:
+            _write_checkpoint(folder, saved, state.model, config, corpus)
+    if where.world > 1:
         torch.distributed.barrier()
     return folder
 
@@ -594,28 +619,49 @@ def _quiet_hf():
             hf_logging.enable_progress_bar()
 
 
-def _write_checkpoint(folder: Path, *, model, model_state, optim_state, config, corpus, step, world, rng_and_data,
-                      metrics, lr) -> None:
+@dataclasses.dataclass
+class _Saved:
+    """What rank 0 writes, gathered from every rank."""
+
+    model_state: dict | None
+    """FSDP: the full state dict gathered from the shards; None: the plain model's own weights."""
+    optimizer: dict
+    step: int
+    world: int
+    rng: list
+    """Per rank: torch CPU (and CUDA) generator states."""
+    data: list
+    """Per rank: its data position."""
+    metrics: dict
+    lr: float
+
+    def trainer_state(self, config: PretrainConfig) -> dict:
+        """The contents of trainer_state.pt (see `save_checkpoint`)."""
+        return {
+            "format": STATE_FORMAT, "step": self.step, "tokens_seen": self.step * config.batch_size * config.seq_len,
+            "world_size": self.world, "config": config.identity(), "optimizer": self.optimizer,
+            "scheduler": {**dataclasses.asdict(config.schedule_fn()), "step": self.step, "lr": self.lr},
+            "rng": self.rng, "data": self.data, "metrics": self.metrics,
+        }
+
+
+def _write_checkpoint(folder: Path, saved: _Saved, model: MaskedLM, config: PretrainConfig,
+                      corpus: CorpusInfo) -> None:
     from transformers import AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if model_state is None:
+        if saved.model_state is None:
             model.model.save_pretrained(tmp)
         else:  # FSDP: a plain CPU copy from the gathered full state
             hf = new_model(config)
-            hf.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items()})
+            hf.load_state_dict({k.removeprefix("model."): v for k, v in saved.model_state.items()})
             hf.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(corpus.tokenizer_dir).save_pretrained(tmp)
-        faults.point("checkpoint-write", step)  # weights written, trainer state not yet: a half checkpoint
-        torch.save({
-            "format": STATE_FORMAT, "step": step, "tokens_seen": step * config.batch_size * config.seq_len,
-            "world_size": world, "config": config.identity(), "optimizer": optim_state,
-            "scheduler": {**dataclasses.asdict(config.schedule_fn()), "step": step, "lr": lr},
-            "rng": [r for r, _ in rng_and_data], "data": [d for _, d in rng_and_data], "metrics": metrics,
-        }, tmp / STATE_FILE)
+        faults.point("checkpoint-write", saved.step)  # weights written, trainer state not yet: a half checkpoint
+        torch.save(saved.trainer_state(config), tmp / STATE_FILE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk wants its space back; the old checkpoints stay
         raise
@@ -726,9 +772,10 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         raise ValueError(f"{corpus.root}: seq_len {corpus.seq_len} / vocab {corpus.vocab_size}, but the run "
                          f"expects {config.seq_len} / {config.vocab_size}")
     out_dir = Path(out_dir)
-    run = _start(config, out_dir, resume=resume, rank=rank, world=world, device=device)
-    model, optimizer, step, metrics = run["wrapped"], run["optimizer"], run["step"], run["metrics"]
-    stream = ShardStream(corpus, rank=rank, world=world, seed=config.seed, position=run["position"])
+    where = Placement(rank, world, device)
+    run = _start(config, out_dir, resume=resume, where=where)
+    model, optimizer, step, metrics = run.wrapped, run.optimizer, run.step, run.metrics
+    stream = ShardStream(corpus, rank=rank, world=world, seed=config.seed, position=run.position)
     masker = Masker(vocab_size=config.vocab_size, special_ids=list(corpus.special_ids.values()),
                     mask_id=corpus.special_ids["mask"], rate=config.mask_rate)
     schedule = config.schedule_fn()
@@ -768,9 +815,8 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         if level or (config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.total_steps):
             paused = time.perf_counter()
             folder = checkpoint_dir(out_dir, step, kind="checkpoints" if level else "resume")
-            save_checkpoint(folder, model=run["model"], wrapped=model, optimizer=optimizer, config=config,
-                            corpus=corpus, step=step, stream=stream, metrics=metrics, rank=rank, world=world,
-                            device=device)
+            save_checkpoint(folder, dataclasses.replace(run, step=step, metrics=metrics, position=stream.position),
+                            config, corpus, where)
             if rank == 0:
                 _prune_resume(out_dir, step)
             if on_checkpoint is not None:
@@ -779,10 +825,10 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
     return {"step": step, **metrics, "train_seconds": time.perf_counter() - started}
 
 
-def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, world: int,
-           device: torch.device) -> dict:
+def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, where: Placement) -> TrainState:
     """The model (plain and wrapped for DDP/FSDP), optimizer and position to train from: a fresh
     start, or the latest complete checkpoint in `out_dir`."""
+    rank, world, device = where.rank, where.world, where.device
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = MaskedLM(new_model(config))
     if rank == 0:
@@ -803,7 +849,7 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, wo
     wrapped = _parallelize(model, config.strategy, world, device)
     optimizer = build_optimizer(wrapped, name=config.optimizer, lr=config.lr, betas=config.betas, eps=config.eps,
                                 weight_decay=config.weight_decay, device=device)
-    run = {"model": model, "wrapped": wrapped, "optimizer": optimizer, "step": 0, "metrics": {}, "position": None}
+    run = TrainState(model=model, wrapped=wrapped, optimizer=optimizer)
     if state is None:
         torch.manual_seed(config.seed + 1 + rank)  # dropout masks differ across ranks
         return run
@@ -813,15 +859,15 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, wo
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state["optimizer"])
-    run.update(step=state["step"], metrics=dict(state["metrics"]))
+    run.step, run.metrics = state["step"], dict(state["metrics"])
     if state["world_size"] == world:
         _set_rng_state(state["rng"][rank], device)
-        run["position"] = state["data"][rank]
+        run.position = state["data"][rank]
     else:
         warnings.warn(f"{start}: saved with {state['world_size']} workers, resumed with {world}: the data order "
                       "restarts at the next epoch", stacklevel=3)
         torch.manual_seed(config.seed + 1 + rank)
-        run["position"] = {"epoch": max(d["epoch"] for d in state["data"]) + 1, "cursor": 0, "row": 0}
+        run.position = {"epoch": max(d["epoch"] for d in state["data"]) + 1, "cursor": 0, "row": 0}
     return run
 
 
