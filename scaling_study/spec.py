@@ -159,7 +159,8 @@ class CorpusSpec:
     """Local text files or folders (folders contribute their `*.txt` files, sorted by name). Relative
     paths resolve against the spec's folder. `${VAR}` and `${VAR:-default}` expand from the environment."""
     urls: list[str] = field(default_factory=list)
-    """Public URLs of text files, downloaded once into `<storage.root>/cache` (needs a network)."""
+    """Public URLs of text files, downloaded once into `<storage.root>/cache` (needs a network;
+    `$SCALING_STUDY_OFFLINE=1` refuses the download)."""
     version: str = "1"
     """Bump it when the files change: the corpus is identified by name, version and sources, not content."""
     total_tokens: PosFloat | None = None
