@@ -10,9 +10,10 @@ Lookup, per split: `<dir>/<task id>/<split file>` in each mirror folder in order
 `$SCALING_STUDY_DATA_DIR`, the spec's `tasks.data_dir`), then the download cache
 (`tasks/` in the machine's cache, `$SCALING_STUDY_CACHE`, default `~/.cache/scaling-study`), then
 the split's `url`, downloaded into the cache (`scaling_study.downloads`; `allow_download=False` or
-`$SCALING_STUDY_OFFLINE=1` skips that). When all fail: a `DataNotFound` (a `UserError`) naming the task, every place tried and how to provide the data.
-`check_task_data(study)` reads every split of a study's tasks up front (`scaling-study run` does, so
-a malformed file stops the run before any compute).
+`$SCALING_STUDY_OFFLINE=1` skips that). When all fail: a `DataNotFound` (a `UserError`) naming the
+task, every place tried and how to provide the data. `check_task_data(study)` reads every split of
+a study's tasks up front (`scaling-study run` does, so a malformed file stops the run before any
+compute).
 
 Caps (`TaskCaps`) keep a seeded random sample of each split, in file order. The sample depends only
 on (task id, split, cap, sample_seed), never on the finetuning seed, so every seed and every model
