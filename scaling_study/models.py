@@ -4,7 +4,7 @@ Usage::
 
     from transformers import BertForMaskedLM
     from scaling_study.models import (
-        load_presets, load_devices, bert_config, count_parameters, mlm_train_flops,
+        load_presets, load_devices, bert_config, count_parameters, mlm_train_flops, pretrain_factors,
     )
 
     presets = load_presets()                      # packaged presets/model_sizes.yaml
@@ -13,6 +13,7 @@ Usage::
     count_parameters(large, 50_000)               # == sum(p.numel() for p in model.parameters())
 
     flops = mlm_train_flops(large, 50_000, seq_len=128, num_sequences=1_000_000, mask_rate=0.15)
+    pretrain_factors(large, 50_000, 1_000, study.spec.pretrain)   # tokens, parameters, FLOPs of 1,000 steps
     gpu = load_devices()["h100"]
     gpu.estimate_seconds(flops)                   # flops / (peak_flops * assumed_mfu)
 
