@@ -248,7 +248,8 @@ class PretrainRecipe:
     strategy: Literal["ddp", "fsdp"] = "ddp"
     """Data parallel (DDP) or sharded (FSDP2 `fully_shard`, for large models)."""
     checkpoint_every: PosInt | None = None
-    """Extra resume-only checkpoints every N steps (besides the step levels); null: only the levels."""
+    """Extra resume-only checkpoints every N steps (besides the step levels; under `resume/`, only the
+    latest kept); null: only the levels."""
     log_every: PosInt = 50
     """Steps between metric logs (to MLflow, rank 0) and Ray reports."""
     compile: bool = False
