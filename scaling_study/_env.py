@@ -18,3 +18,8 @@ QUIET_ENV = {
 
 for _key, _value in QUIET_ENV.items():
     os.environ.setdefault(_key, _value)
+
+# The study's offline switch (scaling_study.downloads) covers models too: Hugging Face loads them
+# from its cache only.
+if os.environ.get("SCALING_STUDY_OFFLINE", "") not in ("", "0"):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")

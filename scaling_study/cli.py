@@ -53,7 +53,6 @@ def _hours(value: float) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.table import Table
 
     from scaling_study.costs import estimate
     from scaling_study.grid import expand
@@ -66,15 +65,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UserError(f"--device/--mfu: {exc}") from None
     if args.format == "json":
+        data = report.to_dict()
         if args.nodes:
-            report["nodes"] = plan.to_dict()["nodes"]
-        json.dump(report, sys.stdout, indent=2)
+            data["nodes"] = plan.to_dict()["nodes"]
+        json.dump(data, sys.stdout, indent=2)
         sys.stdout.write("\n")
         return 0
 
     console = Console(width=max(Console().width, 120), soft_wrap=True)  # prose unwrapped; tables fit the width
-    dev = report["device"]
-    c = report["counts"]
+    dev, c = report.device, report.counts
     console.print(f"[bold]Study {study.spec.name}[/bold]  ({args.spec})")
     if study.spec.description:
         console.print(study.spec.description.strip())
@@ -82,49 +81,59 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{c['corpus']} corpus builds, {c['pretrain']} pretraining runs, {c['checkpoint']} checkpoints, "
         f"{c['external']} external models, {len(study.tasks)} tasks, "
         f"{c['finetune_run']} finetune runs -> {c['finetune']} finetune jobs (result cells)")
-    if report["corpus"]:
-        console.print(f"Corpus: {_si(report['corpus']['tokens'])} tokens ({report['corpus']['source']})")
+    if report.corpus:
+        console.print(f"Corpus: {_si(report.corpus.tokens)} tokens ({report.corpus.source})")
+    if report.pretrain_runs:
+        console.print(_pretrain_table(report))
+    console.print(_finetune_table(report))
 
-    if report["pretrain_runs"]:
-        table = Table(title="Pretraining runs", title_justify="left")
-        for col in ("size", "params", "volume", "volume tokens", "steps", "checkpoints at", "tokens",
-                    "epochs", "train FLOPs", f"{dev['name']}-hours"):
-            table.add_column(col, justify="left" if col in ("size", "volume", "checkpoints at") else "right")
-        for r in report["pretrain_runs"]:
-            table.add_row(r["model_size"], _si(r["parameters"]), r["data_volume"], _si(r["volume_tokens"]),
-                          f"{r['steps']:,}", ", ".join(f"{s:,}" for s in r["checkpoints"]), _si(r["tokens"]),
-                          f"{r['epochs_over_data']:.2g}" if r["epochs_over_data"] else "?",
-                          f"{r['flops']:.3g}", _hours(r["device_hours"]))
-        console.print(table)
-
-    table = Table(title="Finetune jobs per task", title_justify="left")
-    for col in ("task", "type", "train ex.", "test ex.", "runs", "jobs", "train FLOPs", f"{dev['name']}-hours"):
-        table.add_column(col, justify="left" if col in ("task", "type") else "right")
-    for r in report["finetune_by_task"]:
-        if r["flops_unknown"] == r["runs"]:
-            flops = hours = "?"
-        else:
-            unknown = " (+?)" if r["flops_unknown"] else ""
-            flops, hours = f"{r['flops']:.3g}{unknown}", _hours(r["device_hours"]) + unknown
-        table.add_row(r["task"], r["type"], _si(r["train_examples"]), _si(r["test_examples"]), str(r["runs"]),
-                      str(r["jobs"]), flops, hours)
-    console.print(table)
-
-    t, s = report["totals"], report["storage"]
-    console.print(f"[bold]Totals[/bold]: {t['flops']:.3g} FLOPs = {_hours(t['device_hours'])} {dev['name']}-hours "
-                  f"(pretraining {_hours(t['pretrain_device_hours'])}, finetuning {_hours(t['finetune_device_hours'])})")
-    if t["finetune_jobs_without_flops"]:
-        console.print(f"  {t['finetune_jobs_without_flops']} finetune runs not costed (unknown split sizes or "
+    t, s = report.totals, report.storage
+    console.print(f"[bold]Totals[/bold]: {t.flops:.3g} FLOPs = {_hours(t.device_hours)} {dev.name}-hours "
+                  f"(pretraining {_hours(t.pretrain_device_hours)}, finetuning {_hours(t.finetune_device_hours)})")
+    if t.finetune_jobs_without_flops:
+        console.print(f"  {t.finetune_jobs_without_flops} finetune runs not costed (unknown split sizes or "
                       "external models without num_parameters)")
-    console.print(f"Storage: checkpoints {_bytes(s['checkpoint_weights_bytes'])} weights + "
-                  f"{_bytes(s['checkpoint_optimizer_bytes'])} optimizer state, corpus shards "
-                  f"<= {_bytes(s['corpus_shards_bytes'])}; total {_bytes(s['total_bytes'])}")
+    console.print(f"Storage: checkpoints {_bytes(s.checkpoint_weights_bytes)} weights + "
+                  f"{_bytes(s.checkpoint_optimizer_bytes)} optimizer state, corpus shards "
+                  f"<= {_bytes(s.corpus_shards_bytes)}; total {_bytes(s.total_bytes)}")
     console.print(
-        f"Assumed: {dev['name']} ({dev['description']}) at {_si(dev['peak_flops'], 'FLOP/s')} {dev['peak_precision']} "
-        f"peak x MFU {dev['assumed_mfu']:.2f} = {_si(dev['throughput_flops'], 'FLOP/s')}. FLOPs count every matmul "
+        f"Assumed: {dev.name} ({dev.description}) at {_si(dev.peak_flops, 'FLOP/s')} {dev.peak_precision} "
+        f"peak x MFU {dev.assumed_mfu:.2f} = {_si(dev.throughput_flops, 'FLOP/s')}. FLOPs count every matmul "
         "of the forward and backward pass (3x forward): the encoder on every token, the MLM head only at masked "
         "positions; finetuning at max_seq_len per example plus dev/test scoring.")
     return 0
+
+
+def _pretrain_table(report):
+    from rich.table import Table
+
+    table = Table(title="Pretraining runs", title_justify="left")
+    for col in ("size", "params", "volume", "volume tokens", "steps", "checkpoints at", "tokens",
+                "epochs", "train FLOPs", f"{report.device.name}-hours"):
+        table.add_column(col, justify="left" if col in ("size", "volume", "checkpoints at") else "right")
+    for r in report.pretrain_runs:
+        table.add_row(r.model_size, _si(r.parameters), r.data_volume, _si(r.volume_tokens),
+                      f"{r.steps:,}", ", ".join(f"{s:,}" for s in r.checkpoints), _si(r.tokens),
+                      f"{r.epochs_over_data:.2g}" if r.epochs_over_data else "?",
+                      f"{r.flops:.3g}", _hours(r.device_hours))
+    return table
+
+
+def _finetune_table(report):
+    from rich.table import Table
+
+    table = Table(title="Finetune jobs per task", title_justify="left")
+    for col in ("task", "type", "train ex.", "test ex.", "runs", "jobs", "train FLOPs", f"{report.device.name}-hours"):
+        table.add_column(col, justify="left" if col in ("task", "type") else "right")
+    for r in report.finetune_by_task:
+        if r.flops_unknown == r.runs:
+            flops = hours = "?"
+        else:
+            unknown = " (+?)" if r.flops_unknown else ""
+            flops, hours = f"{r.flops:.3g}{unknown}", _hours(r.device_hours) + unknown
+        table.add_row(r.task, r.type, _si(r.train_examples), _si(r.test_examples), str(r.runs), str(r.jobs),
+                      flops, hours)
+    return table
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -56,9 +56,7 @@ import shutil
 import socket
 import time
 import unicodedata
-import urllib.error
 import urllib.parse
-import urllib.request
 from array import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -67,6 +65,7 @@ from typing import Any
 import numpy as np
 
 from scaling_study.artifacts import Manifest, read_manifest
+from scaling_study.downloads import ENV_OFFLINE, DownloadError, fetch
 from scaling_study.errors import SpecError, UserError
 from scaling_study.grid import Node
 from scaling_study.spec import DataVolume, Study, expand_env
@@ -122,21 +121,16 @@ def _cached_name(url: str) -> str:
 
 
 def _download(url: str, dest: Path, study: Study) -> None:
-    """Fetch `url` into `dest` once (atomically, so a killed download is fetched again)."""
-    if dest.is_file():
-        return
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(f".{dest.name}.part-{os.getpid()}")
+    """Fetch `url` into `dest` once (scaling_study.downloads: atomic, refused offline)."""
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as out:
-            shutil.copyfileobj(response, out, 1 << 20)
-        os.replace(part, dest)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        part.unlink(missing_ok=True)
-        reason = getattr(exc, "reason", None) or exc
-        raise SpecError(study.file, _source_field(study, url), url,
-                        "a reachable URL of a UTF-8 text file, or download it yourself and list it under corpus.paths",
-                        problem=f"cannot download ({reason})") from None
+        fetch(url, dest)
+    except DownloadError as exc:
+        yourself = "download it yourself and list it under corpus.paths"
+        if exc.offline:
+            allowed, problem = f"unset {ENV_OFFLINE}, or {yourself}", exc.reason
+        else:
+            allowed, problem = f"a reachable URL of a UTF-8 text file, or {yourself}", f"cannot download ({exc.reason})"
+        raise SpecError(study.file, _source_field(study, url), url, allowed, problem=problem) from None
 
 
 def _resolve_sources(study: Study, sources: list[str], cache_dir: Path, download: bool) -> list[Path]:

@@ -1,8 +1,10 @@
 """What a study will cost before it runs: parameters, tokens, FLOPs, device-hours, storage.
 
-    from scaling_study.costs import estimate
-    report = estimate(study, expand(study), device="h100")   # a JSON-able dict
-    report["totals"]["device_hours"]
+    from scaling_study.costs import estimate, node_flops
+    report = estimate(study, expand(study), device="h100")   # a CostReport
+    report.totals.device_hours, report.pretrain_runs[0].flops
+    report.to_dict()                                          # plain JSON-able data (`plan --format json`)
+    node_flops(study, plan)                                   # {node id: FLOPs} of every pretrain and finetune_run node
 
 Parameters are counted exactly (embeddings included) from the presets. Pretraining FLOPs are the
 real forward and backward of the MLM model as we train it: the encoder on every token, the MLM head
@@ -16,9 +18,11 @@ token (measured on the 60 MB science corpus with a cased 16k WordPiece vocabular
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
-from scaling_study.grid import Plan
-from scaling_study.models import count_parameters, finetune_train_flops, load_devices, mlm_flops_breakdown
+
+from scaling_study.grid import KINDS, Node, Plan
+from scaling_study.models import finetune_train_flops, load_devices, pretrain_factors
 from scaling_study.spec import Study
 
 BYTES_PER_TOKEN = 4.6
@@ -54,107 +58,248 @@ def _examples(study: Study, tid: str, split: str) -> int | None:
     return min(info, cap) if cap else info
 
 
-def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None = None) -> dict:
-    """The plan's costs on `device` (a name in presets/devices.yaml); see the module docstring."""
+# ----------------------------------------------------------------------------------- the report
+# Field order is the JSON key order of `plan --format json`.
+
+
+@dataclasses.dataclass
+class DeviceAssumption:
+    """The device the hours are for, and what it is assumed to sustain."""
+
+    name: str
+    description: str
+    peak_flops: float
+    peak_precision: str
+    assumed_mfu: float
+    throughput_flops: float
+    """peak_flops x assumed_mfu."""
+    source: str
+
+
+@dataclasses.dataclass
+class CorpusSize:
+    tokens: float | None
+    source: str
+    """Where the number comes from (declared, or estimated from the files' sizes)."""
+
+
+@dataclasses.dataclass
+class PretrainRunCost:
+    """One `pretrain` node."""
+
+    id: str
+    model_size: str
+    parameters: int
+    data_volume: str
+    volume_tokens: float | None
+    """Tokens of its data volume (None when the corpus size is unknown)."""
+    steps: int
+    checkpoints: list[int]
+    tokens: float
+    """Tokens seen over all steps."""
+    epochs_over_data: float | None
+    flops: float
+    flops_encoder: float
+    flops_head: float
+    device_hours: float
+
+
+@dataclasses.dataclass
+class TaskCost:
+    """The finetune runs of one task, over every model and seed."""
+
+    task: str
+    runs: int = 0
+    jobs: int = 0
+    """Result cells (finetune nodes)."""
+    flops: float = 0.0
+    flops_unknown: int = 0
+    """Runs not costed: unknown split sizes, or an external model without num_parameters."""
+    type: str = ""
+    train_examples: int | None = None
+    test_examples: int | None = None
+    device_hours: float = 0.0
+
+
+@dataclasses.dataclass
+class StorageCost:
+    checkpoint_weights_bytes: float
+    checkpoint_optimizer_bytes: float
+    corpus_shards_bytes: float
+    """An upper bound: int32 token ids before compression."""
+    total_bytes: float
+
+
+@dataclasses.dataclass
+class Totals:
+    pretrain_flops: float
+    finetune_flops: float
+    flops: float
+    pretrain_device_hours: float
+    finetune_device_hours: float
+    device_hours: float
+    finetune_jobs_without_flops: int
+    """Finetune runs not costed (the name is kept for the JSON)."""
+
+
+@dataclasses.dataclass
+class CostReport:
+    """What `estimate` returns; `to_dict()` is the JSON of `plan --format json`."""
+
+    study: str
+    device: DeviceAssumption
+    counts: dict[str, int]
+    """Nodes per kind."""
+    pretrain_runs: list[PretrainRunCost]
+    finetune_by_task: list[TaskCost]
+    """Sorted by task id."""
+    storage: StorageCost
+    corpus: CorpusSize | None
+    """None for a study of external models only."""
+    totals: Totals
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------- FLOPs per node
+
+
+def _children(plan: Plan) -> dict[str, list[Node]]:
+    """Node id -> its children, in plan order (`Plan.children` for every node at once)."""
+    out: dict[str, list[Node]] = defaultdict(list)
+    for node in plan.nodes.values():
+        for parent in node.parents:
+            out[parent].append(node)
+    return out
+
+
+def _pretrain_factors(study: Study, run: Node):
+    vocab = study.spec.corpus.vocab_size
+    return pretrain_factors(study.presets[run.factors["model_size"]], vocab, run.inputs["total_steps"],
+                            study.spec.pretrain)
+
+
+def _finetune_run_flops(study: Study, plan: Plan, run: Node, cells: int) -> float | None:
+    """Training plus dev/test scoring at each of its `cells` levels; None when it cannot be costed."""
+    tid = run.factors["task"]
+    task = study.tasks[tid]
+    train, dev, test = (_examples(study, tid, s) for s in ("train", "dev", "test"))
+    if train is None or dev is None or test is None:
+        return None
+    seen = train * run.inputs["total_epochs"]
+    scored = (dev + test) * cells  # forward only: a third of a training step
+    model = plan.nodes[run.parents[0]]
+    max_seq_len = study.spec.finetune.max_seq_len
+    if model.kind == "checkpoint":
+        preset = study.presets[model.factors["model_size"]]
+        return finetune_train_flops(preset, study.spec.corpus.vocab_size,
+                                    min(max_seq_len, preset.max_position_embeddings), seen + scored / 3,
+                                    _num_labels(task), head="token" if task.type == "ner" else "sequence")
+    ext = next(m for m in study.spec.external_models if m.name == model.factors["model"])
+    if not ext.num_parameters:
+        return None
+    return 6 * ext.num_parameters * max_seq_len * (seen + scored / 3)
+
+
+def node_flops(study: Study, plan: Plan) -> dict[str, float]:
+    """Estimated training FLOPs of every `pretrain` and `finetune_run` node (what `estimate` sums).
+
+    A finetune run that cannot be costed (unknown split sizes, or an external model without
+    `num_parameters`) is left out. The study driver weighs its ETA with these.
+    """
+    children = _children(plan)
+    out = {run.id: _pretrain_factors(study, run).flops for run in plan.of_kind("pretrain")}
+    for run in plan.of_kind("finetune_run"):
+        flops = _finetune_run_flops(study, plan, run, len(children[run.id]))
+        if flops is not None:
+            out[run.id] = flops
+    return out
+
+
+# ----------------------------------------------------------------------------------- the estimate
+
+
+def _device(device: str, mfu: float | None) -> DeviceAssumption:
     devices = load_devices()
     if device not in devices:
         raise ValueError(f"unknown device {device!r}; allowed: {', '.join(devices)}")
     dev = devices[device]
     mfu = mfu or dev.assumed_mfu
-    flops_per_hour = dev.peak_flops * mfu * 3600
-    spec = study.spec
-    out: dict = {
-        "study": spec.name,
-        "device": {"name": device, "description": dev.description, "peak_flops": dev.peak_flops,
-                   "peak_precision": dev.peak_precision, "assumed_mfu": mfu,
-                   "throughput_flops": dev.peak_flops * mfu, "source": dev.source},
-        "counts": {kind: len(plan.of_kind(kind)) for kind in
-                   ("corpus", "pretrain", "checkpoint", "external", "finetune_run", "finetune")},
-        "pretrain_runs": [], "finetune_by_task": [], "storage": {},
-    }
+    return DeviceAssumption(name=device, description=dev.description, peak_flops=dev.peak_flops,
+                            peak_precision=dev.peak_precision, assumed_mfu=mfu, throughput_flops=dev.peak_flops * mfu,
+                            source=dev.source)
 
-    vocab = spec.corpus.vocab_size if spec.corpus else None
-    params_of: dict[str, int | None] = {}
-    total_tokens, tokens_source = corpus_tokens(study) if spec.corpus else (None, "")
-    out["corpus"] = {"tokens": total_tokens, "source": tokens_source} if spec.corpus else None
-    storage_weights = storage_optimizer = storage_corpus = 0.0
-    volume_tokens: dict[str, float | None] = {}
 
+def _volume_tokens(plan: Plan, total_tokens: float | None) -> dict[str, float | None]:
+    """Corpus build id -> tokens of its data volume."""
+    out = {}
     for build in plan.of_kind("corpus"):
         volume = build.inputs["volume"]
-        tokens = volume.get("tokens") or (volume["fraction"] * total_tokens if total_tokens else None)
-        volume_tokens[build.id] = tokens
-        storage_corpus += (tokens or 0) * TOKEN_BYTES
-
-    for run in plan.of_kind("pretrain"):
-        build = plan.nodes[run.parents[0]]
-        preset = study.presets[run.factors["model_size"]]
-        params = count_parameters(preset, vocab)
-        p = spec.pretrain
-        sequences = run.inputs["total_steps"] * p.batch_size
-        flops = mlm_flops_breakdown(preset, vocab, p.seq_len, sequences, p.mask_rate)
-        checkpoints = plan.children(run.id)
-        for ck in checkpoints:
-            params_of[ck.id] = params
-        tokens = volume_tokens[build.id]
-        storage_weights += len(checkpoints) * params * WEIGHT_BYTES
-        storage_optimizer += len(checkpoints) * params * OPTIMIZER_BYTES
-        out["pretrain_runs"].append({
-            "id": run.id, "model_size": run.factors["model_size"], "parameters": params,
-            "data_volume": run.factors["data_volume"], "volume_tokens": tokens,
-            "steps": run.inputs["total_steps"], "checkpoints": sorted(c.inputs["step"] for c in checkpoints),
-            "tokens": flops["tokens"], "epochs_over_data": flops["tokens"] / tokens if tokens else None,
-            "flops": flops["total"], "flops_encoder": flops["encoder"], "flops_head": flops["head"],
-            "device_hours": flops["total"] / flops_per_hour,
-        })
-
-    for ext in plan.of_kind("external"):
-        model = next(m for m in spec.external_models if m.name == ext.factors["model"])
-        params_of[ext.id] = model.num_parameters
-
-    f = spec.finetune
-    by_task: dict[str, dict] = defaultdict(lambda: {"runs": 0, "jobs": 0, "flops": 0.0, "flops_unknown": 0})
-    for run in plan.of_kind("finetune_run"):
-        tid = run.factors["task"]
-        task = study.tasks[tid]
-        row = by_task[tid]
-        cells = plan.children(run.id)
-        row["runs"] += 1
-        row["jobs"] += len(cells)
-        model = plan.nodes[run.parents[0]]
-        train, dev, test = (_examples(study, tid, s) for s in ("train", "dev", "test"))
-        row.update(type=task.type, train_examples=train, test_examples=test)
-        if train is None or dev is None or test is None:
-            row["flops_unknown"] += 1
-            continue
-        seen = train * run.inputs["total_epochs"]
-        scored = (dev + test) * len(cells)  # forward only: a third of a training step
-        if model.kind == "checkpoint":
-            preset = study.presets[model.factors["model_size"]]
-            flops = finetune_train_flops(preset, vocab, min(f.max_seq_len, preset.max_position_embeddings),
-                                         seen + scored / 3, _num_labels(task),
-                                         head="token" if task.type == "ner" else "sequence")
-        elif params_of.get(model.id):
-            flops = 6 * params_of[model.id] * f.max_seq_len * (seen + scored / 3)
-        else:
-            row["flops_unknown"] += 1
-            continue
-        row["flops"] += flops
-    for tid in sorted(by_task):
-        row = by_task[tid]
-        row["device_hours"] = row["flops"] / flops_per_hour
-        out["finetune_by_task"].append({"task": tid, **row})
-
-    pre_flops = sum(r["flops"] for r in out["pretrain_runs"])
-    ft_flops = sum(r["flops"] for r in out["finetune_by_task"])
-    out["storage"] = {"checkpoint_weights_bytes": storage_weights, "checkpoint_optimizer_bytes": storage_optimizer,
-                      "corpus_shards_bytes": storage_corpus,
-                      "total_bytes": storage_weights + storage_optimizer + storage_corpus}
-    out["totals"] = {
-        "pretrain_flops": pre_flops, "finetune_flops": ft_flops, "flops": pre_flops + ft_flops,
-        "pretrain_device_hours": pre_flops / flops_per_hour, "finetune_device_hours": ft_flops / flops_per_hour,
-        "device_hours": (pre_flops + ft_flops) / flops_per_hour,
-        "finetune_jobs_without_flops": sum(r["flops_unknown"] for r in out["finetune_by_task"]),
-    }
+        out[build.id] = volume.get("tokens") or (volume["fraction"] * total_tokens if total_tokens else None)
     return out
 
+
+def _pretrain_runs(study: Study, plan: Plan, flops: dict, volume_tokens: dict, children: dict,
+                   per_hour: float) -> list[PretrainRunCost]:
+    rows = []
+    for run in plan.of_kind("pretrain"):
+        factors = _pretrain_factors(study, run)
+        tokens = volume_tokens[run.parents[0]]
+        rows.append(PretrainRunCost(
+            id=run.id, model_size=run.factors["model_size"], parameters=factors.parameters,
+            data_volume=run.factors["data_volume"], volume_tokens=tokens, steps=run.inputs["total_steps"],
+            checkpoints=sorted(c.inputs["step"] for c in children[run.id]), tokens=float(factors.tokens),
+            epochs_over_data=factors.tokens / tokens if tokens else None, flops=flops[run.id],
+            flops_encoder=factors.flops_encoder, flops_head=factors.flops_head, device_hours=flops[run.id] / per_hour))
+    return rows
+
+
+def _finetune_by_task(study: Study, plan: Plan, flops: dict, children: dict, per_hour: float) -> list[TaskCost]:
+    by_task: dict[str, TaskCost] = {}
+    for run in plan.of_kind("finetune_run"):
+        tid = run.factors["task"]
+        row = by_task.setdefault(tid, TaskCost(task=tid))
+        row.runs += 1
+        row.jobs += len(children[run.id])
+        row.type, row.train_examples, row.test_examples = (study.tasks[tid].type, _examples(study, tid, "train"),
+                                                           _examples(study, tid, "test"))
+        if run.id in flops:
+            row.flops += flops[run.id]
+        else:
+            row.flops_unknown += 1
+    for row in by_task.values():
+        row.device_hours = row.flops / per_hour
+    return [by_task[tid] for tid in sorted(by_task)]
+
+
+def _storage(pretrain_runs: list[PretrainRunCost], volume_tokens: dict) -> StorageCost:
+    weights = optimizer = shards = 0.0
+    for tokens in volume_tokens.values():
+        shards += (tokens or 0) * TOKEN_BYTES
+    for run in pretrain_runs:
+        weights += len(run.checkpoints) * run.parameters * WEIGHT_BYTES
+        optimizer += len(run.checkpoints) * run.parameters * OPTIMIZER_BYTES
+    return StorageCost(checkpoint_weights_bytes=weights, checkpoint_optimizer_bytes=optimizer,
+                       corpus_shards_bytes=shards, total_bytes=weights + optimizer + shards)
+
+
+def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None = None) -> CostReport:
+    """The plan's costs on `device` (a name in presets/devices.yaml); see the module docstring."""
+    dev = _device(device, mfu)
+    per_hour = dev.throughput_flops * 3600
+    spec = study.spec
+    corpus = CorpusSize(*corpus_tokens(study)) if spec.corpus else None
+    volume_tokens = _volume_tokens(plan, corpus.tokens if corpus else None)
+    children = _children(plan)
+    flops = node_flops(study, plan)
+    pretrain_runs = _pretrain_runs(study, plan, flops, volume_tokens, children, per_hour)
+    by_task = _finetune_by_task(study, plan, flops, children, per_hour)
+    pre = sum(r.flops for r in pretrain_runs)
+    ft = sum(r.flops for r in by_task)
+    totals = Totals(pretrain_flops=pre, finetune_flops=ft, flops=pre + ft, pretrain_device_hours=pre / per_hour,
+                    finetune_device_hours=ft / per_hour, device_hours=(pre + ft) / per_hour,
+                    finetune_jobs_without_flops=sum(r.flops_unknown for r in by_task))
+    return CostReport(study=spec.name, device=dev, counts={kind: len(plan.of_kind(kind)) for kind in KINDS},
+                      pretrain_runs=pretrain_runs, finetune_by_task=by_task,
+                      storage=_storage(pretrain_runs, volume_tokens), corpus=corpus, totals=totals)

@@ -63,28 +63,17 @@ from scaling_study.metrics import (
     write_conll_predictions,
     write_jsonl_predictions,
 )
+from scaling_study.spec import FinetuneRecipe
 from scaling_study.tasks.data import TaskData
 from scaling_study.tasks.registry import TaskInfo
 
 
 @dataclasses.dataclass(kw_only=True)
-class FinetuneConfig:
-    """What shapes one finetuning run besides the model, the task, the epochs and the seed."""
+class FinetuneConfig(FinetuneRecipe):
+    """What shapes one finetuning run besides the model, the task, the epochs and the seed: the
+    spec's recipe (`spec.FinetuneRecipe`: protocol, lr, batch_size, max_seq_len, warmup_fraction,
+    weight_decay, precision, each documented there) plus the settings below, which no spec sets."""
 
-    lr: float = 2e-5
-    """Peak learning rate (AdamW)."""
-    batch_size: int = 32
-    """Examples per optimizer step."""
-    max_seq_len: int = 128
-    """Sub-word tokens per example, special tokens included; longer inputs are truncated."""
-    warmup_fraction: float = 0.1
-    """Share of the run's steps in linear warmup; then linear decay to 0."""
-    weight_decay: float = 0.01
-    """AdamW weight decay (not on biases and LayerNorm weights)."""
-    precision: Literal["fp32", "bf16"] = "fp32"
-    """bf16 autocast or fp32."""
-    protocol: Literal["trajectory", "independent"] = "trajectory"
-    """One run scored at every epoch level, or one run per level."""
     select: Literal["best_dev", "last"] = "best_dev"
     """Which epoch's state a level's result uses (see the module docstring)."""
     grad_clip: float | None = 1.0
@@ -95,10 +84,10 @@ class FinetuneConfig:
     """`auto` (CUDA when available), `cpu`, `cuda`, `cuda:1`, ..."""
 
     @classmethod
-    def from_spec(cls, spec: Any, **overrides: Any) -> FinetuneConfig:
-        """From a spec.FinetuneSpec (its lr, batch_size, max_seq_len, warmup, weight decay, precision, protocol)."""
-        keys = ("lr", "batch_size", "max_seq_len", "warmup_fraction", "weight_decay", "precision", "protocol")
-        return cls(**{k: getattr(spec, k) for k in keys}, **overrides)
+    def from_spec(cls, spec: FinetuneRecipe, **overrides: Any) -> FinetuneConfig:
+        """From a spec.FinetuneSpec: every field of its recipe, then `overrides`."""
+        recipe = {f.name: getattr(spec, f.name) for f in dataclasses.fields(FinetuneRecipe)}
+        return cls(**{**recipe, **overrides})
 
 
 def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: FinetuneConfig,

@@ -194,7 +194,7 @@ def cell_factors(study: Study, plan: Plan, cell: Node, *, vocab_size: int | None
     `vocab_size` and `volume_tokens` come from the corpus build's manifest (the real vocabulary
     can be smaller than the spec's); without them the corpus-dependent factors are left out.
     """
-    from scaling_study.models import count_parameters, mlm_train_flops
+    from scaling_study.models import pretrain_factors
 
     task = study.tasks[cell.factors["task"]]
     out: dict = {"task_type": task.type, "domain": task.domain}
@@ -204,13 +204,12 @@ def cell_factors(study: Study, plan: Plan, cell: Node, *, vocab_size: int | None
         if ext is not None and ext.num_parameters:
             out["parameters"] = int(ext.num_parameters)
         return out
-    p = study.spec.pretrain
-    out["pretrain_tokens"] = int(model.inputs["step"]) * p.batch_size * p.seq_len
+    preset = study.presets[model.factors["model_size"]]
+    factors = pretrain_factors(preset, vocab_size, model.inputs["step"], study.spec.pretrain)
+    out["pretrain_tokens"] = factors.tokens
     if volume_tokens is not None:
         out["tokens"] = int(volume_tokens)
     if vocab_size is not None:
-        preset = study.presets[model.factors["model_size"]]
-        out["parameters"] = count_parameters(preset, vocab_size)
-        out["pretrain_flops"] = mlm_train_flops(preset, vocab_size, p.seq_len,
-                                                int(model.inputs["step"]) * p.batch_size, p.mask_rate)
+        out["parameters"] = factors.parameters
+        out["pretrain_flops"] = factors.flops
     return out

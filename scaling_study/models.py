@@ -4,7 +4,7 @@ Usage::
 
     from transformers import BertForMaskedLM
     from scaling_study.models import (
-        load_presets, load_devices, bert_config, count_parameters, mlm_train_flops,
+        load_presets, load_devices, bert_config, count_parameters, mlm_train_flops, pretrain_factors,
     )
 
     presets = load_presets()                      # packaged presets/model_sizes.yaml
@@ -13,6 +13,7 @@ Usage::
     count_parameters(large, 50_000)               # == sum(p.numel() for p in model.parameters())
 
     flops = mlm_train_flops(large, 50_000, seq_len=128, num_sequences=1_000_000, mask_rate=0.15)
+    pretrain_factors(large, 50_000, 1_000, study.spec.pretrain)   # tokens, parameters, FLOPs of 1,000 steps
     gpu = load_devices()["h100"]
     gpu.estimate_seconds(flops)                   # flops / (peak_flops * assumed_mfu)
 
@@ -39,6 +40,7 @@ from transformers import BertConfig
 __all__ = [
     "Device",
     "ModelPreset",
+    "PretrainFactors",
     "bert_config",
     "count_encoder_parameters",
     "count_non_embedding_parameters",
@@ -48,6 +50,7 @@ __all__ = [
     "load_presets",
     "mlm_flops_breakdown",
     "mlm_train_flops",
+    "pretrain_factors",
 ]
 
 # Forward + backward: the backward pass computes a gradient for both the input and the weight
@@ -288,6 +291,39 @@ def mlm_train_flops(
 ) -> float:
     """Training FLOPs (forward + backward) of MLM pretraining; see ``mlm_flops_breakdown``."""
     return mlm_flops_breakdown(preset, vocab_size, seq_len, num_sequences, mask_rate)["total"]
+
+
+@dataclass(frozen=True)
+class PretrainFactors:
+    """What a pretraining run up to some step amounts to: the derived factors of `plan`, the
+    MLflow runs and the results table, computed here only (`pretrain_factors`)."""
+
+    tokens: int
+    """Tokens seen: steps x batch_size x seq_len."""
+    parameters: int | None = None
+    """Exact parameter count of the `BertForMaskedLM` (``count_parameters``)."""
+    flops: float | None = None
+    """Training FLOPs, forward and backward (``mlm_flops_breakdown``'s total) ..."""
+    flops_encoder: float | None = None
+    """... of which the encoder's ..."""
+    flops_head: float | None = None
+    """... and the MLM head's."""
+
+
+def pretrain_factors(preset: ModelPreset | None, vocab_size: int | None, steps: int, recipe: Any) -> PretrainFactors:
+    """Tokens, parameters and FLOPs of `steps` steps of pretraining `preset` with `recipe` (anything
+    with ``batch_size``, ``seq_len`` and ``mask_rate``: a spec.PretrainSpec, a PretrainConfig).
+
+    Without the preset or the vocabulary size (the corpus build's, which can be smaller than the
+    spec's target), only the tokens are known.
+    """
+    sequences = int(steps) * recipe.batch_size
+    tokens = sequences * recipe.seq_len
+    if preset is None or vocab_size is None:
+        return PretrainFactors(tokens=tokens)
+    flops = mlm_flops_breakdown(preset, int(vocab_size), recipe.seq_len, sequences, recipe.mask_rate)
+    return PretrainFactors(tokens=tokens, parameters=count_parameters(preset, int(vocab_size)), flops=flops["total"],
+                           flops_encoder=flops["encoder"], flops_head=flops["head"])
 
 
 def finetune_train_flops(

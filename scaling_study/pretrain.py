@@ -78,6 +78,7 @@ from scaling_study.artifacts import (
 from scaling_study.models import ModelPreset, bert_config, load_devices, mlm_flops_breakdown
 from scaling_study.schedules import Schedule, build_optimizer
 from scaling_study.storage import replace_dir
+from scaling_study.spec import PretrainRecipe
 
 if TYPE_CHECKING:
     from scaling_study.grid import Node, Plan
@@ -107,8 +108,10 @@ STATE_FORMAT = 1
 
 
 @dataclasses.dataclass(kw_only=True)
-class PretrainConfig:
-    """Everything one pretraining run needs besides its corpus and output folder."""
+class PretrainConfig(PretrainRecipe):
+    """Everything one pretraining run needs besides its corpus and output folder: the spec's recipe
+    (`spec.PretrainRecipe`: batch_size, seq_len, lr, schedule, ..., each documented there), the
+    run's model shape and steps, and the runtime-only settings below."""
 
     preset: ModelPreset
     vocab_size: int
@@ -117,36 +120,11 @@ class PretrainConfig:
     """Optimizer steps the schedule spans (the run's largest step level)."""
     checkpoint_steps: tuple[int, ...] = ()
     """Steps after which a Hugging Face checkpoint is kept (the run's step levels)."""
-    seq_len: int = 128
-    batch_size: int = 256
-    """Global batch in sequences per optimizer step (workers x micro-batch x grad_accum)."""
-    grad_accum: int = 1
-    lr: float = 5e-4
-    schedule: Literal["linear", "cosine", "wsd", "constant"] = "linear"
-    warmup_fraction: float = 0.06
-    decay_fraction: float = 0.2
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.01
-    mask_rate: float = 0.15
-    optimizer: Literal["adamw", "lamb"] = "adamw"
-    betas: tuple[float, float] = (0.9, 0.98)
-    eps: float = 1e-6
-    grad_clip: float | None = 1.0
-    precision: Literal["fp32", "bf16"] = "bf16"
-    """bf16 autocast (on GPU with TF32 for the matmuls it leaves in fp32; on CPU too) or plain fp32."""
-    seed: int = 0
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    checkpoint_every: int | None = None
-    """Extra resume-only checkpoints (under resume/, only the latest kept); None: levels only."""
-    log_every: int = 50
     # --- runtime only: none of these changes what the run computes
     num_threads: int | None = None
     """torch intra-op threads (None: torch's default; Ray workers: their CPUs)."""
     peak_flops: float | None = None
     """Peak FLOP/s of one device for MFU; None: presets/devices.yaml by the detected device."""
-    compile: bool = False
-    """torch.compile the encoder (static shapes; the head's input size varies with the mask and
-    stays eager). Pays off on GPU; on CPU it measured no faster than the CPU kernels of `use_cpu_kernels`."""
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """Extra `bert_config` settings (e.g. dropout 0 in tests); the default is BERT's."""
 
@@ -181,16 +159,14 @@ class PretrainConfig:
 
     @classmethod
     def from_study(cls, study: Study, plan: Plan, run_node: Node, *, vocab_size: int, **runtime: Any) -> PretrainConfig:
-        """The config of a `pretrain` node: spec.pretrain, its size's preset, its steps and levels."""
+        """The config of a `pretrain` node: spec.pretrain's recipe, its size's preset, its steps and levels."""
         if run_node.kind != "pretrain":
             raise ValueError(f"node {run_node.id} is a {run_node.kind!r} node, not 'pretrain'")
         p = study.spec.pretrain
         levels = sorted(c.inputs["step"] for c in plan.children(run_node.id) if c.kind == "checkpoint")
-        fields = {f.name for f in dataclasses.fields(cls)}
-        shared = {k: getattr(p, k) for k in fields if hasattr(p, k) and k not in ("checkpoint_steps",)}
-        return cls(**{**shared, "betas": tuple(p.betas), "preset": study.presets[run_node.factors["model_size"]],
-                      "vocab_size": vocab_size, "total_steps": run_node.inputs["total_steps"],
-                      "checkpoint_steps": tuple(levels), **runtime})
+        recipe = {f.name: getattr(p, f.name) for f in dataclasses.fields(PretrainRecipe)}
+        return cls(**{**recipe, "preset": study.presets[run_node.factors["model_size"]], "vocab_size": vocab_size,
+                      "total_steps": run_node.inputs["total_steps"], "checkpoint_steps": tuple(levels), **runtime})
 
 
 # ----------------------------------------------------------------------------------- data
@@ -515,9 +491,33 @@ def _gather(obj: Any, world: int) -> list:
     return out
 
 
-def save_checkpoint(folder: Path, *, model: MaskedLM, wrapped: nn.Module, optimizer: torch.optim.Optimizer,
-                    config: PretrainConfig, corpus: CorpusBuild, step: int, stream: ShardStream,
-                    metrics: dict, rank: int, world: int, device: torch.device) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where this process trains: its rank among `world` processes, and its device."""
+
+    rank: int
+    world: int
+    device: torch.device
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint saves and a resume restores, besides the config: `_start` returns it."""
+
+    model: MaskedLM
+    """The plain model (its weights are what a checkpoint's safetensors hold)."""
+    wrapped: nn.Module
+    """The same model as it trains: itself, or wrapped for DDP or FSDP."""
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    metrics: dict = dataclasses.field(default_factory=dict)
+    """The last logged metrics."""
+    position: dict | None = None
+    """This rank's data position (`ShardStream.position`); None: the start of the data."""
+
+
+def save_checkpoint(folder: Path, state: TrainState, config: PretrainConfig, corpus: CorpusBuild,
+                    where: Placement) -> Path:
     """Collective: every rank calls it. Rank 0 writes `folder` (via a temporary folder).
 
     trainer_state.pt holds: format, step, tokens_seen, world_size, config (`identity()`), the
@@ -526,8 +526,8 @@ def save_checkpoint(folder: Path, *, model: MaskedLM, wrapped: nn.Module, optimi
     CUDA generator states; masking and data order are seeded per batch and epoch and need none),
     data (per rank: epoch, shard cursor, row cursor) and the last logged metrics.
     """
-    rng_and_data = _gather((_rng_state(device), stream.position), world)
-    if config.strategy == "fsdp" and world > 1:
+    rng_and_data = _gather((_rng_state(where.device), state.position), where.world)
+    if config.strategy == "fsdp" and where.world > 1:
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -535,16 +535,17 @@ def save_checkpoint(folder: Path, *, model: MaskedLM, wrapped: nn.Module, optimi
         )
 
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model_state = get_model_state_dict(wrapped, options=options)
-        optim_state = get_optimizer_state_dict(wrapped, optimizer, options=options)
+        model_state = get_model_state_dict(state.wrapped, options=options)
+        optim_state = get_optimizer_state_dict(state.wrapped, state.optimizer, options=options)
     else:
-        model_state, optim_state = None, optimizer.state_dict()
-    if rank == 0:
+        model_state, optim_state = None, state.optimizer.state_dict()
+    if where.rank == 0:
+        saved = _Saved(model_state=model_state, optimizer=optim_state, step=state.step, world=where.world,
+                       rng=[r for r, _ in rng_and_data], data=[d for _, d in rng_and_data], metrics=state.metrics,
+                       lr=state.optimizer.param_groups[0]["lr"])
         with _quiet_hf():
-            _write_checkpoint(folder, model=model, model_state=model_state, optim_state=optim_state, config=config,
-                              corpus=corpus, step=step, world=world, rng_and_data=rng_and_data, metrics=metrics,
-                              lr=optimizer.param_groups[0]["lr"])
-    if world > 1:
+            _write_checkpoint(folder, saved, state.model, config, corpus)
+    if where.world > 1:
         torch.distributed.barrier()
     return folder
 
@@ -562,28 +563,49 @@ def _quiet_hf():
             hf_logging.enable_progress_bar()
 
 
-def _write_checkpoint(folder: Path, *, model, model_state, optim_state, config, corpus, step, world, rng_and_data,
-                      metrics, lr) -> None:
+@dataclasses.dataclass
+class _Saved:
+    """What rank 0 writes, gathered from every rank."""
+
+    model_state: dict | None
+    """FSDP: the full state dict gathered from the shards; None: the plain model's own weights."""
+    optimizer: dict
+    step: int
+    world: int
+    rng: list
+    """Per rank: torch CPU (and CUDA) generator states."""
+    data: list
+    """Per rank: its data position."""
+    metrics: dict
+    lr: float
+
+    def trainer_state(self, config: PretrainConfig) -> dict:
+        """The contents of trainer_state.pt (see `save_checkpoint`)."""
+        return {
+            "format": STATE_FORMAT, "step": self.step, "tokens_seen": self.step * config.batch_size * config.seq_len,
+            "world_size": self.world, "config": config.identity(), "optimizer": self.optimizer,
+            "scheduler": {**dataclasses.asdict(config.schedule_fn()), "step": self.step, "lr": self.lr},
+            "rng": self.rng, "data": self.data, "metrics": self.metrics,
+        }
+
+
+def _write_checkpoint(folder: Path, saved: _Saved, model: MaskedLM, config: PretrainConfig,
+                      corpus: CorpusBuild) -> None:
     from transformers import AutoTokenizer
 
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(f".tmp-{folder.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        if model_state is None:
+        if saved.model_state is None:
             model.model.save_pretrained(tmp)
         else:  # FSDP: a plain CPU copy from the gathered full state
             hf = new_model(config)
-            hf.load_state_dict({k.removeprefix("model."): v for k, v in model_state.items()})
+            hf.load_state_dict({k.removeprefix("model."): v for k, v in saved.model_state.items()})
             hf.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(corpus.tokenizer_dir).save_pretrained(tmp)
-        faults.point("checkpoint-write", step)  # weights written, trainer state not yet: a half checkpoint
-        torch.save({
-            "format": STATE_FORMAT, "step": step, "tokens_seen": step * config.batch_size * config.seq_len,
-            "world_size": world, "config": config.identity(), "optimizer": optim_state,
-            "scheduler": {**dataclasses.asdict(config.schedule_fn()), "step": step, "lr": lr},
-            "rng": [r for r, _ in rng_and_data], "data": [d for _, d in rng_and_data], "metrics": metrics,
-        }, tmp / STATE_FILE)
+        faults.point("checkpoint-write", saved.step)  # weights written, trainer state not yet: a half checkpoint
+        torch.save(saved.trainer_state(config), tmp / STATE_FILE)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk wants its space back; the old checkpoints stay
         raise
@@ -677,9 +699,10 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         raise ValueError(f"{corpus.root}: seq_len {corpus.seq_len} / vocab {corpus.vocab_size}, but the run "
                          f"expects {config.seq_len} / {config.vocab_size}")
     out_dir = Path(out_dir)
-    run = _start(config, out_dir, resume=resume, rank=rank, world=world, device=device)
-    model, optimizer, step, metrics = run["wrapped"], run["optimizer"], run["step"], run["metrics"]
-    stream = ShardStream(corpus, rank=rank, world=world, seed=config.seed, position=run["position"])
+    where = Placement(rank, world, device)
+    run = _start(config, out_dir, resume=resume, where=where)
+    model, optimizer, step, metrics = run.wrapped, run.optimizer, run.step, run.metrics
+    stream = ShardStream(corpus, rank=rank, world=world, seed=config.seed, position=run.position)
     masker = Masker(vocab_size=config.vocab_size, special_ids=list(corpus.special_ids.values()),
                     mask_id=corpus.special_ids["mask"], rate=config.mask_rate)
     schedule = config.schedule_fn()
@@ -719,9 +742,8 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         if level or (config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.total_steps):
             paused = time.perf_counter()
             folder = checkpoint_dir(out_dir, step, kind="checkpoints" if level else "resume")
-            save_checkpoint(folder, model=run["model"], wrapped=model, optimizer=optimizer, config=config,
-                            corpus=corpus, step=step, stream=stream, metrics=metrics, rank=rank, world=world,
-                            device=device)
+            save_checkpoint(folder, dataclasses.replace(run, step=step, metrics=metrics, position=stream.position),
+                            config, corpus, where)
             if rank == 0:
                 prune_resume(out_dir, step)
             if on_checkpoint is not None:
@@ -730,10 +752,10 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
     return {"step": step, **metrics, "train_seconds": time.perf_counter() - started}
 
 
-def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, world: int,
-           device: torch.device) -> dict:
+def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, where: Placement) -> TrainState:
     """The model (plain and wrapped for DDP/FSDP), optimizer and position to train from: a fresh
     start, or the latest complete checkpoint in `out_dir`."""
+    rank, world, device = where.rank, where.world, where.device
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     model = MaskedLM(new_model(config))
     if rank == 0:
@@ -749,12 +771,12 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, wo
     model.to(device)
     if device.type == "cpu" and not config.compile:  # compiled code fuses its own dropout
         use_cpu_kernels(model.model)
-    if config.compile:
+    if config.compile:  # the encoder only: its shapes are static, the head's input varies with the mask
         model.model.bert.compile()
     wrapped = _parallelize(model, config.strategy, world, device)
     optimizer = build_optimizer(wrapped, name=config.optimizer, lr=config.lr, betas=config.betas, eps=config.eps,
                                 weight_decay=config.weight_decay, device=device)
-    run = {"model": model, "wrapped": wrapped, "optimizer": optimizer, "step": 0, "metrics": {}, "position": None}
+    run = TrainState(model=model, wrapped=wrapped, optimizer=optimizer)
     if state is None:
         torch.manual_seed(config.seed + 1 + rank)  # dropout masks differ across ranks
         return run
@@ -764,15 +786,15 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, rank: int, wo
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
     else:
         optimizer.load_state_dict(state["optimizer"])
-    run.update(step=state["step"], metrics=dict(state["metrics"]))
+    run.step, run.metrics = state["step"], dict(state["metrics"])
     if state["world_size"] == world:
         _set_rng_state(state["rng"][rank], device)
-        run["position"] = state["data"][rank]
+        run.position = state["data"][rank]
     else:
         warnings.warn(f"{start}: saved with {state['world_size']} workers, resumed with {world}: the data order "
                       "restarts at the next epoch", stacklevel=3)
         torch.manual_seed(config.seed + 1 + rank)
-        run["position"] = {"epoch": max(d["epoch"] for d in state["data"]) + 1, "cursor": 0, "row": 0}
+        run.position = {"epoch": max(d["epoch"] for d in state["data"]) + 1, "cursor": 0, "row": 0}
     return run
 
 

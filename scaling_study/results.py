@@ -212,7 +212,9 @@ class _Context:
             return None
 
     def fill(self, row: dict) -> None:
-        from scaling_study.models import count_parameters, mlm_train_flops
+        import types
+
+        from scaling_study.models import pretrain_factors
 
         task = _registry().get(row["task"])
         if task is not None:
@@ -223,17 +225,12 @@ class _Context:
         corpus = self.corpus_metrics(row["_parent"])
         if row["tokens"] is None and "tokens" in corpus:
             row["tokens"] = corpus["tokens"]
-        batch, seq_len = self.pretrain_setting("batch_size"), self.pretrain_setting("seq_len")
-        if row["pretrain_tokens"] is None:
-            row["pretrain_tokens"] = int(row["steps"]) * batch * seq_len
-        preset, vocab = self.preset(row["model_size"]), corpus.get("vocab_size")
-        if preset is None or vocab is None:
-            return
-        if row["parameters"] is None:
-            row["parameters"] = count_parameters(preset, int(vocab))
-        if row["pretrain_flops"] is None:
-            row["pretrain_flops"] = mlm_train_flops(preset, int(vocab), seq_len, int(row["steps"]) * batch,
-                                                    self.pretrain_setting("mask_rate"))
+        recipe = types.SimpleNamespace(**{k: self.pretrain_setting(k) for k in ("batch_size", "seq_len", "mask_rate")})
+        factors = pretrain_factors(self.preset(row["model_size"]), corpus.get("vocab_size"), row["steps"], recipe)
+        for column, value in (("pretrain_tokens", factors.tokens), ("parameters", factors.parameters),
+                              ("pretrain_flops", factors.flops)):
+            if row[column] is None:
+                row[column] = value
 
 
 def _rows(runs: list[RunRecord], study: str, reader: Reader) -> pd.DataFrame:

@@ -159,7 +159,8 @@ class CorpusSpec:
     """Local text files or folders (folders contribute their `*.txt` files, sorted by name). Relative
     paths resolve against the spec's folder. `${VAR}` and `${VAR:-default}` expand from the environment."""
     urls: list[str] = field(default_factory=list)
-    """Public URLs of text files, downloaded once into `<storage.root>/cache` (needs a network)."""
+    """Public URLs of text files, downloaded once into `<storage.root>/cache` (needs a network;
+    `$SCALING_STUDY_OFFLINE=1` refuses the download)."""
     version: str = "1"
     """Bump it when the files change: the corpus is identified by name, version and sources, not content."""
     total_tokens: PosFloat | None = None
@@ -194,14 +195,22 @@ class PresetSpec:
 
 
 @dataclass(config=_CONFIG, kw_only=True)
-class PretrainSpec:
-    """MLM pretraining: the steps axis and everything that shapes one run."""
+class _PretrainAxis:
+    """The steps axis (the spec's alone: a run gets its `total_steps` and checkpoint levels from the plan)."""
 
     steps: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
     """Step levels (optimizer steps), strictly increasing. Each level yields a checkpoint."""
     protocol: Literal["trajectory", "independent"] = "trajectory"
     """`trajectory`: one run per size x volume, scheduled over the largest level, with a checkpoint at
     each level. `independent`: one run per level, each with its own full schedule."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class PretrainRecipe:
+    """What shapes one pretraining run, each setting and its default written once: the spec's
+    `pretrain` section validates it, and the runtime `pretrain.PretrainConfig` inherits it (as a
+    plain dataclass, unvalidated, so code and tests construct it directly)."""
+
     batch_size: PosInt = 256
     """Global batch in sequences per optimizer step (across workers and accumulation)."""
     seq_len: PosInt = 128
@@ -236,21 +245,28 @@ class PretrainSpec:
     """Seed of initialisation, masking and data order."""
     grad_accum: PosInt = 1
     """Micro-batches accumulated per optimizer step (batch_size = workers x micro-batch x grad_accum)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallel (DDP) or sharded (FSDP2 `fully_shard`, for large models)."""
+    checkpoint_every: PosInt | None = None
+    """Extra resume-only checkpoints every N steps (besides the step levels; under `resume/`, only the
+    latest kept); null: only the levels."""
+    log_every: PosInt = 50
+    """Steps between metric logs (to MLflow, rank 0) and Ray reports."""
+    compile: bool = False
+    """`torch.compile` the encoder (not part of the run's id: the same math). Faster on GPU (BERT-large
+    bf16 on an H200: +6%); on CPU it measured no faster and the compile takes a minute or more."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class PretrainSpec(PretrainRecipe, _PretrainAxis):
+    """MLM pretraining: the steps axis, the recipe of one run, and the resources it runs on."""
+
     num_workers: PosInt = 1
     """Ray Train workers (one process each; DDP or FSDP across them)."""
     gpus_per_worker: NonNegFloat = 0
     """GPUs per worker; 0 trains on CPU."""
     cpus_per_worker: PosInt = 1
     """CPU cores reserved per worker."""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    """Data parallel (DDP) or sharded (FSDP2 `fully_shard`, for large models)."""
-    checkpoint_every: PosInt | None = None
-    """Extra resume-only checkpoints every N steps (besides the step levels); null: only the levels."""
-    log_every: PosInt = 50
-    """Steps between metric logs (to MLflow, rank 0) and Ray reports."""
-    compile: bool = False
-    """`torch.compile` the encoder (not part of the run's id: the same math). Faster on GPU (BERT-large
-    bf16 on an H200: +6%); on CPU it measured no faster and the compile takes a minute or more."""
 
 
 def _pair(value: list, name: str) -> list:
@@ -260,28 +276,42 @@ def _pair(value: list, name: str) -> list:
 
 
 @dataclass(config=_CONFIG, kw_only=True)
-class FinetuneSpec:
-    """Finetuning on the downstream tasks: the finetune-time axis and seeds."""
+class _FinetuneAxes:
+    """The finetune-time and seed axes (the spec's alone: a run gets its epoch levels and seed from the plan)."""
 
     epochs: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
     """Epoch levels, strictly increasing. With `trajectory` one run per (model, task, seed) is
     evaluated after each level; with `independent` each level is its own run."""
-    protocol: Literal["trajectory", "independent"] = "trajectory"
-    """Same choice as for pretraining steps (`trajectory` schedules over the largest level)."""
     seeds: Annotated[list[NonNegInt], AfterValidator(_levels)] = field(default_factory=lambda: [0])
     """Seeds; each fixes head initialisation, data order and dropout, so a seed repeats its score."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class FinetuneRecipe:
+    """What shapes one finetuning run, written once: the spec's `finetune` section validates it,
+    and the runtime `finetune.FinetuneConfig` inherits it (a plain dataclass, unvalidated)."""
+
+    protocol: Literal["trajectory", "independent"] = "trajectory"
+    """Same choice as for pretraining steps: `trajectory` is one run scheduled over the largest level
+    and scored at every level, `independent` one run per level."""
     lr: PosFloat = 2e-5
-    """Peak learning rate."""
+    """Peak learning rate (AdamW)."""
     batch_size: PosInt = 32
     """Examples per optimizer step."""
     max_seq_len: PosInt = 128
-    """Sub-word tokens per example (longer inputs are truncated)."""
+    """Sub-word tokens per example, special tokens included (longer inputs are truncated)."""
     warmup_fraction: Fraction01 = 0.1
     """Share of the run's steps spent in linear warmup; then linear decay to 0."""
     weight_decay: NonNegFloat = 0.01
-    """AdamW weight decay."""
+    """AdamW weight decay (not on biases and LayerNorm weights)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast or fp32."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class FinetuneSpec(FinetuneRecipe, _FinetuneAxes):
+    """Finetuning on the downstream tasks: the finetune-time axis and seeds, the recipe, the resources."""
+
     gpus_per_job: NonNegFloat = 0
     """GPUs per finetune job (Ray Tune trial); 0 runs on CPU."""
     cpus_per_job: PosInt = 1
@@ -433,69 +463,107 @@ def load_spec(file: str | Path, text: str | None = None) -> Study:
 
 
 def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -> Study:
-    """Validate plain data (as parsed from YAML) into a `Study`."""
-    from scaling_study.models import ModelPreset, load_presets
-    from scaling_study.tasks.registry import discover, resolve_names
+    """Validate plain data (as parsed from YAML) into a `Study`.
 
+    The types and ranges come from the dataclasses above; then one check per section, in this
+    order, for what spans fields or needs the presets, the storage schemes or the task registry.
+    Every problem found is collected; `SpecErrors` lists them all.
+    """
     lines = lines or {}
     spec: StudySpec = validate(StudySpec, data, file, lines)
-    errors: list[SpecError] = []
-
-    def err(path: tuple, value: Any = SpecError._MISSING, allowed: str = "", problem: str = "") -> None:
-        errors.append(SpecError(file, format_path(path), value, allowed, problem=problem, line=line_of(lines, path)))
-
+    err = _Problems(file, lines)
     base_dir = Path(file).resolve().parent
-    pretraining = spec.model_sizes is not None
-    presets: dict[str, ModelPreset] = {}
-    volumes: tuple[DataVolume, ...] = ()
+    _check_sections(spec, err)
+    presets = _check_model_sizes(spec, err)
+    volumes = _check_data_volumes(spec, err)
+    _check_storage(spec, err)
+    _check_corpus(spec, err)
+    _check_pretrain(spec, err)
+    _check_external_models(spec, presets, err)
+    tasks = _check_tasks(spec, base_dir, err)
+    if err.errors:
+        raise SpecErrors(err.errors)
+    return Study(spec=spec, file=file, presets=presets, volumes=volumes, tasks=tasks, caps=_task_caps(spec, tasks),
+                 folder=str(base_dir))
 
-    if pretraining:
-        for key in ("corpus", "data_volumes", "pretrain"):
+
+class _Problems:
+    """Collects one `SpecError` per call, with the line of the field it names."""
+
+    def __init__(self, file: str, lines: dict):
+        self.file, self.lines, self.errors = file, lines, []
+
+    def __call__(self, path: tuple, value: Any = SpecError._MISSING, allowed: str = "", problem: str = "") -> None:
+        self.errors.append(SpecError(self.file, format_path(path), value, allowed, problem=problem,
+                                     line=line_of(self.lines, path)))
+
+
+_PRETRAINING_SECTIONS = ("corpus", "data_volumes", "pretrain")
+
+
+def _check_sections(spec: StudySpec, err: _Problems) -> None:
+    """The pretraining sections come with model_sizes, and a study evaluates something."""
+    if spec.model_sizes is not None:
+        for key in _PRETRAINING_SECTIONS:
             if getattr(spec, key) is None:
                 err((key,), problem="required when model_sizes is set",
                     allowed="a corpus, data_volumes and pretrain section, or no model_sizes (external models only)")
-    else:
-        for key in ("corpus", "data_volumes", "pretrain"):
-            if getattr(spec, key) is not None:
-                err((key,), problem="set without model_sizes",
-                    allowed="model_sizes with it, or remove it for a study of external models only")
-        if not spec.external_models:
-            err(("model_sizes",), problem="nothing to evaluate",
-                allowed="model_sizes (pretrain models) and/or external_models")
-        if spec.model_presets:
-            err(("model_presets",), problem="set without model_sizes", allowed="model_sizes that use them")
+        return
+    for key in _PRETRAINING_SECTIONS:
+        if getattr(spec, key) is not None:
+            err((key,), problem="set without model_sizes",
+                allowed="model_sizes with it, or remove it for a study of external models only")
+    if not spec.external_models:
+        err(("model_sizes",), problem="nothing to evaluate",
+            allowed="model_sizes (pretrain models) and/or external_models")
+    if spec.model_presets:
+        err(("model_presets",), problem="set without model_sizes", allowed="model_sizes that use them")
+
+
+def _check_model_sizes(spec: StudySpec, err: _Problems) -> dict:
+    """The presets of the study's sizes (name -> models.ModelPreset); pretrain.seq_len fits them all."""
+    from scaling_study.models import load_presets
 
     try:
         available = load_presets({k: dataclasses.asdict(v) for k, v in spec.model_presets.items()})
     except ValueError as exc:
         err(("model_presets",), problem=str(exc), allowed="num_layers, hidden_size a multiple of num_heads, ...")
         available = load_presets()
+    presets = {}
     for i, size in enumerate(spec.model_sizes or []):
         if size not in available:
             err(("model_sizes", i), size, f"a preset name: {', '.join(available)} (or define it in model_presets)",
                 problem="unknown model size")
         else:
             presets[size] = available[size]
-    if pretraining and spec.pretrain and presets:
+    if spec.model_sizes is not None and spec.pretrain and presets:
         limit = min(p.max_position_embeddings for p in presets.values())
         if spec.pretrain.seq_len > limit:
             names = ", ".join(n for n, p in presets.items() if p.max_position_embeddings == limit)
             err(("pretrain", "seq_len"), spec.pretrain.seq_len, f"<= {limit} (max_position_embeddings of {names})",
                 problem="longer than the model takes")
+    return presets
 
-    if spec.data_volumes is not None:
-        kinds = {v.fraction is None for v in spec.data_volumes}
-        if len(kinds) > 1:
-            err(("data_volumes",), [v.label for v in spec.data_volumes],
-                "all fractions/percentages, or all token counts", problem="mixes fractions and token counts")
-        else:
-            volumes = tuple(sorted(spec.data_volumes, key=lambda v: v.fraction or v.tokens))
-        total = spec.corpus.total_tokens if spec.corpus else None
-        for i, v in enumerate(spec.data_volumes):
-            if v.tokens is not None and total is not None and v.tokens > total:
-                err(("data_volumes", i), v.label, f"<= corpus.total_tokens ({total:.3g})",
-                    problem="more tokens than the corpus has")
 
+def _check_data_volumes(spec: StudySpec, err: _Problems) -> tuple[DataVolume, ...]:
+    """The volumes, smallest first: all of one kind, none larger than a declared corpus size."""
+    if spec.data_volumes is None:
+        return ()
+    volumes: tuple[DataVolume, ...] = ()
+    if len({v.fraction is None for v in spec.data_volumes}) > 1:
+        err(("data_volumes",), [v.label for v in spec.data_volumes],
+            "all fractions/percentages, or all token counts", problem="mixes fractions and token counts")
+    else:
+        volumes = tuple(sorted(spec.data_volumes, key=lambda v: v.fraction or v.tokens))
+    total = spec.corpus.total_tokens if spec.corpus else None
+    for i, v in enumerate(spec.data_volumes):
+        if v.tokens is not None and total is not None and v.tokens > total:
+            err(("data_volumes", i), v.label, f"<= corpus.total_tokens ({total:.3g})",
+                problem="more tokens than the corpus has")
+    return volumes
+
+
+def _check_storage(spec: StudySpec, err: _Problems) -> None:
     from scaling_study.storage import SCHEMES, check_root
 
     problem = check_root(expand_env(spec.storage.root))
@@ -503,22 +571,31 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
         err(("storage", "root"), spec.storage.root, "a local folder or a URI of scheme "
             + ", ".join(f"{s}://" for s in SCHEMES), problem=problem)
 
+
+def _check_corpus(spec: StudySpec, err: _Problems) -> None:
     if spec.corpus is not None and not spec.corpus.paths and not spec.corpus.urls:
         err(("corpus",), problem="no sources", allowed="corpus.paths (local files/folders) and/or corpus.urls")
 
-    if spec.pretrain is not None:
-        p = spec.pretrain
-        if p.batch_size % (p.num_workers * p.grad_accum):
-            err(("pretrain", "batch_size"), p.batch_size,
-                f"a multiple of num_workers x grad_accum = {p.num_workers * p.grad_accum}",
-                problem="does not split evenly over workers and accumulation steps")
-        if p.schedule == "wsd" and p.warmup_fraction + p.decay_fraction > 1:
-            err(("pretrain", "decay_fraction"), p.decay_fraction, f"<= 1 - warmup_fraction = {1 - p.warmup_fraction:g}",
-                problem="warmup and decay overlap")
-        if p.strategy == "fsdp" and p.num_workers < 2:
-            err(("pretrain", "strategy"), p.strategy, "ddp with one worker, or num_workers >= 2",
-                problem="fsdp shards across workers")
 
+def _check_pretrain(spec: StudySpec, err: _Problems) -> None:
+    """What spans fields: the batch splits over workers, wsd's phases fit, fsdp has workers to shard over."""
+    p = spec.pretrain
+    if p is None:
+        return
+    if p.batch_size % (p.num_workers * p.grad_accum):
+        err(("pretrain", "batch_size"), p.batch_size,
+            f"a multiple of num_workers x grad_accum = {p.num_workers * p.grad_accum}",
+            problem="does not split evenly over workers and accumulation steps")
+    if p.schedule == "wsd" and p.warmup_fraction + p.decay_fraction > 1:
+        err(("pretrain", "decay_fraction"), p.decay_fraction, f"<= 1 - warmup_fraction = {1 - p.warmup_fraction:g}",
+            problem="warmup and decay overlap")
+    if p.strategy == "fsdp" and p.num_workers < 2:
+        err(("pretrain", "strategy"), p.strategy, "ddp with one worker, or num_workers >= 2",
+            problem="fsdp shards across workers")
+
+
+def _check_external_models(spec: StudySpec, presets: dict, err: _Problems) -> None:
+    """Each external model once, under a name no other model or model size has."""
     seen_names: dict[str, int] = {}
     seen_sources: dict[tuple, int] = {}
     for i, model in enumerate(spec.external_models):
@@ -531,6 +608,11 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
         seen_names.setdefault(model.name, i)
         seen_sources.setdefault((model.source, model.revision), i)
 
+
+def _check_tasks(spec: StudySpec, base_dir: Path, err: _Problems) -> dict:
+    """The included tasks (id -> tasks.registry.TaskInfo, sorted by id), from the registry and its extra folders."""
+    from scaling_study.tasks.registry import discover, resolve_names
+
     registry_dirs = [resolve_path(p, base_dir) for p in spec.tasks.registry_paths]
     for i, d in enumerate(registry_dirs):
         if not d.is_dir():
@@ -539,23 +621,24 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
     registry = discover([d for d in registry_dirs if d.is_dir()])
     task_ids, unknown = resolve_names(spec.tasks.include, registry)
     for name in unknown:
-        i = spec.tasks.include.index(name)
-        err(("tasks", "include", i), name, f"a task id or suite: {registry.describe_names()}",
-            problem="unknown task or suite")
+        err(("tasks", "include", spec.tasks.include.index(name)), name,
+            f"a task id or suite: {registry.describe_names()}", problem="unknown task or suite")
     tasks = {tid: registry.tasks[tid] for tid in sorted(task_ids)}
     for tid in spec.tasks.per_task:
         if tid not in tasks:
             err(("tasks", "per_task", tid), tid, f"one of the included tasks: {', '.join(tasks) or '(none)'}",
                 problem="caps for a task the study does not include")
+    return tasks
+
+
+def _task_caps(spec: StudySpec, tasks: dict) -> dict:
+    """Per task: its own caps where `per_task` sets them, else the section's."""
     caps = {}
     for tid in tasks:
         own = spec.tasks.per_task.get(tid, TaskCaps())
         caps[tid] = TaskCaps(**{f.name: getattr(own, f.name) if getattr(own, f.name) is not None
                                 else getattr(spec.tasks, f.name) for f in dataclasses.fields(TaskCaps)})
-
-    if errors:
-        raise SpecErrors(errors)
-    return Study(spec=spec, file=file, presets=presets, volumes=volumes, tasks=tasks, caps=caps, folder=str(base_dir))
+    return caps
 
 
 def _doc(cls: type, name: str) -> str:

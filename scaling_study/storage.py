@@ -38,6 +38,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from scaling_study.downloads import cache_root
+
 __all__ = ["SCHEMES", "Store", "cache_root", "check_root", "is_uri", "local_copy", "replace_dir", "restore_replaced",
            "write_atomic"]
 
@@ -64,11 +66,6 @@ def check_root(root: str) -> str | None:
     if scheme.lower() == "file" and not rest.startswith("/"):
         return "a file:// URI needs an absolute path (file:///abs/path)"
     return None
-
-
-def cache_root() -> Path:
-    """This machine's cache folder: `$SCALING_STUDY_CACHE`, or `~/.cache/scaling-study`."""
-    return Path(os.environ.get("SCALING_STUDY_CACHE") or "~/.cache/scaling-study").expanduser().resolve()
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,17 +36,15 @@ class Failure:
 
 
 def node_weights(study, plan: Plan) -> dict[str, float]:
-    """Estimated FLOPs per node, for the ETA; finetune cells share their run's."""
-    from scaling_study.costs import estimate
+    """Estimated FLOPs per node, for the ETA (`costs.node_flops`); finetune cells share their run's."""
+    from scaling_study.costs import node_flops
 
-    report = estimate(study, plan, "cpu")
-    weights = {run["id"]: run["flops"] for run in report["pretrain_runs"]}
-    per_run = {row["task"]: row["flops"] / max(row["runs"], 1) for row in report["finetune_by_task"]}
-    for node in plan.of_kind("finetune"):
-        run = plan.nodes[node.parents[0]]
-        weights[node.id] = per_run.get(node.factors["task"], 0.0) / max(len(plan.children(run.id)), 1)
-    for node in plan.of_kind("corpus"):
-        weights[node.id] = 1e9
+    flops = node_flops(study, plan)
+    weights = {node.id: flops.get(node.id, 0.0) for node in plan.of_kind("pretrain")}
+    for run in plan.of_kind("finetune_run"):
+        cells = plan.children(run.id)
+        weights.update({cell.id: flops.get(run.id, 0.0) / len(cells) for cell in cells})
+    weights.update({node.id: 1e9 for node in plan.of_kind("corpus")})  # builds take minutes: a token weight
     return weights
 
 

@@ -41,7 +41,7 @@ LONG = MAX_LINE_CHARS + 10
 @pytest.fixture(autouse=True)
 def _no_downloads(monkeypatch, tmp_path):
     monkeypatch.setenv("SCALING_STUDY_OFFLINE", "1")
-    monkeypatch.setenv("SCALING_STUDY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SCALING_STUDY_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SCALING_STUDY_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
 
@@ -450,7 +450,7 @@ if __name__ == "__main__":  # print the docs/reliability.md table of the cases a
             root = Path(tmp).resolve()
             mp.chdir(root)
             mp.setenv("SCALING_STUDY_OFFLINE", "1")
-            mp.setenv("SCALING_STUDY_CACHE_DIR", str(root / "cache"))
+            mp.setenv("SCALING_STUDY_CACHE", str(root / "cache"))
             argv = case.setup(root)
             if case.fault:
                 unreadable(root / case.fault, mp)

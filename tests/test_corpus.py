@@ -3,7 +3,9 @@
 import functools
 import http.server
 import json
+import os
 import random
+import re
 import subprocess
 import sys
 import threading
@@ -21,7 +23,7 @@ from scaling_study.errors import UserError
 from scaling_study.grid import expand
 from scaling_study.spec import spec_from_data
 
-from conftest import SHARED, needs_mirror
+from conftest import REPO, SHARED, needs_mirror
 
 SEQ_LEN = 32
 N_DOCS = 1000
@@ -320,7 +322,7 @@ def test_folders_env_and_file_urls(tmp_path, base_spec, monkeypatch):
     assert corpus_files(study, cache_dir=cache)[2] == Path(manifest.input_files[2]["path"])
 
 
-def test_http_url_is_downloaded_once_into_the_cache(tmp_path, base_spec):
+def test_http_url_is_downloaded_once_into_the_cache(tmp_path, base_spec, monkeypatch):
     served = tmp_path / "www"
     served.mkdir()
     (served / "corpus.txt").write_text("\n".join(synthetic_docs(200)) + "\n")
@@ -335,6 +337,12 @@ def test_http_url_is_downloaded_once_into_the_cache(tmp_path, base_spec):
     try:
         url = f"http://127.0.0.1:{server.server_port}/corpus.txt"
         study, nodes = make_study(tmp_path, base_spec, ["10%", "100%"], write=False, paths=[], urls=[url])
+        # conftest sets SCALING_STUDY_OFFLINE=1: refused with one line naming the URL, nothing fetched
+        with pytest.raises(UserError, match=r"corpus\.urls\[0\]: not downloaded: \$SCALING_STUDY_OFFLINE=1; got "
+                                            rf"'{re.escape(url)}'; allowed: unset SCALING_STUDY_OFFLINE") as offline:
+            build(study, nodes["10%"], tmp_path)
+        assert "\n" not in str(offline.value) and requests == []
+        monkeypatch.delenv("SCALING_STUDY_OFFLINE")
         for label in ("10%", "100%"):
             manifest, out = build(study, nodes[label], tmp_path)
         assert manifest.documents == 200 and requests == ["/corpus.txt"]
@@ -345,6 +353,14 @@ def test_http_url_is_downloaded_once_into_the_cache(tmp_path, base_spec):
             build(study, nodes["100%"], tmp_path)
     finally:
         server.shutdown()
+
+
+def test_the_offline_switch_covers_model_downloads():
+    code = "import os, scaling_study; print(os.environ.get('HF_HUB_OFFLINE'))"
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    seen = [subprocess.run([sys.executable, "-c", code], env={**env, "SCALING_STUDY_OFFLINE": value}, cwd=REPO,
+                           capture_output=True, text=True, check=True).stdout.strip() for value in ("1", "0")]
+    assert seen == ["1", "None"]
 
 
 # ----------------------------------------------------------------------------------- errors

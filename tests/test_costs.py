@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from scaling_study.costs import estimate
+from scaling_study.costs import estimate, node_flops
 from scaling_study.grid import expand
 from scaling_study.models import count_parameters, load_devices, load_presets
 from scaling_study.spec import spec_from_data
@@ -22,7 +22,7 @@ LARGE = {
 
 def test_bert_large_flops_match_hand_count():
     study = spec_from_data(copy.deepcopy(LARGE))
-    run = estimate(study, expand(study), "h100")["pretrain_runs"][0]
+    run = estimate(study, expand(study), "h100").pretrain_runs[0]
     # By hand, BERT-large (24 layers, h 1024, FFN 4096), vocab 50,000, seq 128, 15% masked:
     #   encoder forward per token: 24 * (2 * (4 * 1024^2 + 2 * 1024 * 4096) + 4 * 128 * 1024)
     #                            = 24 * (2 * (4,194,304 + 8,388,608) + 524,288) = 24 * 25,690,112 = 616,562,688
@@ -30,19 +30,19 @@ def test_bert_large_flops_match_hand_count():
     #   per token, fwd + bwd: 3 * (616,562,688 + 0.15 * 104,497,152) = 3 * 632,237,260.8 = 1,896,711,782.4
     #   tokens: 1,000 steps * 256 sequences * 128 = 32,768,000
     hand = 1_896_711_782.4 * 32_768_000  # = 6.2152e16
-    assert run["flops"] == pytest.approx(hand, rel=0.02)
-    assert run["tokens"] == 32_768_000
-    assert run["parameters"] == 355_139_408
-    assert run["volume_tokens"] == pytest.approx(2.21e9)
+    assert run.flops == pytest.approx(hand, rel=0.02)
+    assert run.tokens == 32_768_000
+    assert run.parameters == 355_139_408
+    assert run.volume_tokens == pytest.approx(2.21e9)
     h100 = load_devices()["h100"]
-    assert run["device_hours"] == pytest.approx(hand / (h100.peak_flops * h100.assumed_mfu) / 3600, rel=0.02)
+    assert run.device_hours == pytest.approx(hand / (h100.peak_flops * h100.assumed_mfu) / 3600, rel=0.02)
 
 
 def test_mfu_override_scales_hours():
     study = spec_from_data(copy.deepcopy(LARGE))
     plan = expand(study)
-    a = estimate(study, plan, "h100", mfu=0.2)["totals"]["device_hours"]
-    b = estimate(study, plan, "h100", mfu=0.4)["totals"]["device_hours"]
+    a = estimate(study, plan, "h100", mfu=0.2).totals.device_hours
+    b = estimate(study, plan, "h100", mfu=0.4).totals.device_hours
     assert a == pytest.approx(2 * b)
 
 
@@ -52,16 +52,16 @@ def test_storage_and_counts(tmp_path):
     data["corpus"]["paths"] = [str(tmp_path / "corpus.txt")]
     study = spec_from_data(data)
     report = estimate(study, expand(study), "cpu")
-    assert report["corpus"]["tokens"] == pytest.approx(5000)
+    assert report.corpus.tokens == pytest.approx(5000)
     presets = load_presets()
     params = sum(count_parameters(presets[s], 1000) for s in ("debug", "tiny"))
     checkpoints_per_run = 2
     volumes = 2
-    assert report["storage"]["checkpoint_weights_bytes"] == params * checkpoints_per_run * volumes * 4
-    assert report["counts"]["finetune"] == 2 * 2 * 2 * 2 * 3
-    assert all(r["flops"] > 0 for r in report["finetune_by_task"])
+    assert report.storage.checkpoint_weights_bytes == params * checkpoints_per_run * volumes * 4
+    assert report.counts["finetune"] == 2 * 2 * 2 * 2 * 3
+    assert all(r.flops > 0 for r in report.finetune_by_task)
     # capped: 50 training examples per task
-    assert {r["train_examples"] for r in report["finetune_by_task"]} == {50}
+    assert {r.train_examples for r in report.finetune_by_task} == {50}
 
 
 def test_estimate_is_pure(tmp_path):
@@ -70,3 +70,39 @@ def test_estimate_is_pure(tmp_path):
     before = plan.to_dict()
     estimate(study, plan, "a100")
     assert plan.to_dict() == before
+
+
+def test_node_flops_are_what_estimate_sums():
+    data = copy.deepcopy(LARGE)
+    data["external_models"] = [{"name": "known", "source": "x/known", "num_parameters": 110_000_000},
+                               {"name": "unknown", "source": "x/unknown"}]
+    study = spec_from_data(data)
+    plan = expand(study)
+    flops = node_flops(study, plan)
+    report = estimate(study, plan, "h100")
+    unknown = {n.id for n in plan.of_kind("finetune_run") if plan.nodes[n.parents[0]].factors["model"] == "unknown"}
+    assert set(flops) == {n.id for n in plan.nodes.values() if n.kind in ("pretrain", "finetune_run")} - unknown
+    assert all(v > 0 for v in flops.values())
+    assert {r.id: r.flops for r in report.pretrain_runs} == {k: v for k, v in flops.items() if k.startswith("pt-")}
+    assert sum(flops.values()) == pytest.approx(report.totals.flops)
+    assert report.totals.finetune_jobs_without_flops == len(unknown) == 1
+
+
+def test_report_json_keys():
+    # `plan --format json` is read by scripts: the keys and their order stay as they are
+    study = spec_from_data(copy.deepcopy(LARGE))
+    data = estimate(study, expand(study), "h100").to_dict()
+    assert list(data) == ["study", "device", "counts", "pretrain_runs", "finetune_by_task", "storage", "corpus",
+                          "totals"]
+    assert list(data["device"]) == ["name", "description", "peak_flops", "peak_precision", "assumed_mfu",
+                                    "throughput_flops", "source"]
+    assert list(data["pretrain_runs"][0]) == ["id", "model_size", "parameters", "data_volume", "volume_tokens",
+                                              "steps", "checkpoints", "tokens", "epochs_over_data", "flops",
+                                              "flops_encoder", "flops_head", "device_hours"]
+    assert list(data["finetune_by_task"][0]) == ["task", "runs", "jobs", "flops", "flops_unknown", "type",
+                                                 "train_examples", "test_examples", "device_hours"]
+    assert list(data["storage"]) == ["checkpoint_weights_bytes", "checkpoint_optimizer_bytes", "corpus_shards_bytes",
+                                     "total_bytes"]
+    assert list(data["corpus"]) == ["tokens", "source"]
+    assert list(data["totals"]) == ["pretrain_flops", "finetune_flops", "flops", "pretrain_device_hours",
+                                    "finetune_device_hours", "device_hours", "finetune_jobs_without_flops"]

@@ -54,7 +54,7 @@ README = {
 def _offline(monkeypatch, tmp_path):
     """No test reaches the internet; the download cache is a temporary folder."""
     monkeypatch.setenv("SCALING_STUDY_OFFLINE", "1")
-    monkeypatch.setenv("SCALING_STUDY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SCALING_STUDY_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("SCALING_STUDY_DATA_DIR", raising=False)
 
 

@@ -230,3 +230,51 @@ def test_every_field_documented_and_reference_current():
     assert [r["field"] for r in rows if not r["doc"]] == []
     assert (REPO / "docs" / "spec.md").read_text() == spec_reference_markdown(), \
         "docs/spec.md is stale: run `scaling-study spec-reference > docs/spec.md`"
+
+
+# Every spec field of pretrain and finetune either reaches the runtime config (set here to a value
+# that is not its default) or is named here as not a runtime setting: a field added, renamed or
+# dropped on one side only fails this test.
+PRETRAIN_NOT_RUNTIME = {"steps", "protocol",  # the plan's: a run gets total_steps and checkpoint_steps
+                        "num_workers", "gpus_per_worker", "cpus_per_worker"}  # resources, for Ray Train
+PRETRAIN_VALUES = {"batch_size": 12, "seq_len": 32, "lr": 3e-4, "schedule": "wsd", "warmup_fraction": 0.1,
+                   "decay_fraction": 0.3, "min_lr_ratio": 0.1, "weight_decay": 0.05, "mask_rate": 0.2,
+                   "optimizer": "lamb", "betas": [0.8, 0.9], "eps": 1e-8, "grad_clip": 0.5, "precision": "fp32",
+                   "seed": 7, "grad_accum": 3, "strategy": "fsdp", "checkpoint_every": 5, "log_every": 3,
+                   "compile": True}
+FINETUNE_NOT_RUNTIME = {"epochs", "seeds",  # the plan's: a run gets its epoch levels and seed
+                        "gpus_per_job", "cpus_per_job", "max_concurrent"}  # resources, for Ray Tune
+FINETUNE_VALUES = {"protocol": "independent", "lr": 1e-4, "batch_size": 16, "max_seq_len": 64,
+                   "warmup_fraction": 0.2, "weight_decay": 0.1, "precision": "bf16"}
+
+
+def _defaults(cls) -> dict:
+    import dataclasses
+
+    return {f.name: f.default if f.default is not dataclasses.MISSING else
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+            for f in dataclasses.fields(cls)}
+
+
+@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+def test_every_spec_field_reaches_the_runtime_config(base_spec, section):
+    from scaling_study.finetune import FinetuneConfig
+    from scaling_study.grid import expand
+    from scaling_study.pretrain import PretrainConfig
+    from scaling_study.spec import FinetuneSpec, PretrainSpec
+
+    cls, values, not_runtime = {"pretrain": (PretrainSpec, PRETRAIN_VALUES, PRETRAIN_NOT_RUNTIME),
+                                "finetune": (FinetuneSpec, FINETUNE_VALUES, FINETUNE_NOT_RUNTIME)}[section]
+    defaults = _defaults(cls)
+    assert set(values) | not_runtime == set(defaults) and not set(values) & not_runtime
+    assert [k for k, v in values.items() if v == defaults[k]] == []
+    base_spec[section].update(values)
+    base_spec["pretrain"]["num_workers"] = 2  # fsdp shards across workers; 12 = 2 workers x 2 x grad_accum 3
+    study = spec_from_data(base_spec)
+    if section == "pretrain":
+        plan = expand(study)
+        config = PretrainConfig.from_study(study, plan, plan.of_kind("pretrain")[0], vocab_size=900)
+    else:
+        config = FinetuneConfig.from_spec(study.spec.finetune)
+    got = {k: getattr(config, k, "missing") for k in values}
+    assert got == {**values, **({"betas": (0.8, 0.9)} if section == "pretrain" else {})}

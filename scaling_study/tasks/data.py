@@ -8,11 +8,12 @@
 
 Lookup, per split: `<dir>/<task id>/<split file>` in each mirror folder in order (`--data-dir`,
 `$SCALING_STUDY_DATA_DIR`, the spec's `tasks.data_dir`), then the download cache
-(`$SCALING_STUDY_CACHE_DIR`, default `~/.cache/scaling-study/tasks`), then the split's `url`,
-downloaded into the cache (`download=False` or `$SCALING_STUDY_OFFLINE=1` skips that). When all
-fail: a `DataNotFound` (a `UserError`) naming the task, every place tried and how to provide the data.
-`check_task_data(study)` reads every split of a study's tasks up front (`scaling-study run` does, so
-a malformed file stops the run before any compute).
+(`tasks/` in the machine's cache, `$SCALING_STUDY_CACHE`, default `~/.cache/scaling-study`), then
+the split's `url`, downloaded into the cache (`scaling_study.downloads`; `allow_download=False` or
+`$SCALING_STUDY_OFFLINE=1` skips that). When all fail: a `DataNotFound` (a `UserError`) naming the
+task, every place tried and how to provide the data. `check_task_data(study)` reads every split of
+a study's tasks up front (`scaling-study run` does, so a malformed file stops the run before any
+compute).
 
 Caps (`TaskCaps`) keep a seeded random sample of each split, in file order. The sample depends only
 on (task id, split, cap, sample_seed), never on the finetuning seed, so every seed and every model
@@ -25,21 +26,16 @@ import dataclasses
 import hashlib
 import os
 import random
-import shutil
-import tempfile
-import urllib.error
-import urllib.request
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+from scaling_study import downloads
 from scaling_study.errors import UserError
 from scaling_study.tasks.loaders import SPLITS, LoadedSplit, load_split, tag_set
 from scaling_study.tasks.registry import TaskInfo
 
 ENV_DATA_DIR = "SCALING_STUDY_DATA_DIR"
-ENV_CACHE_DIR = "SCALING_STUDY_CACHE_DIR"
-ENV_OFFLINE = "SCALING_STUDY_OFFLINE"
 DOWNLOAD_TIMEOUT_S = 30
 
 
@@ -87,12 +83,8 @@ def mirror_dirs(data_dir: str | Path | None = None, study=None) -> list[Path]:
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
-    if cache_dir:
-        return Path(cache_dir).expanduser()
-    if os.environ.get(ENV_CACHE_DIR):
-        return Path(os.environ[ENV_CACHE_DIR]).expanduser()
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return base / "scaling-study" / "tasks"
+    """Where task downloads go: `cache_dir`, or `tasks/` in the machine's cache (`downloads.cache_root`)."""
+    return Path(cache_dir).expanduser() if cache_dir else downloads.cache_root() / "tasks"
 
 
 def cached_path(task: TaskInfo, split: str, cache_dir: str | Path | None = None) -> Path | None:
@@ -102,20 +94,6 @@ def cached_path(task: TaskInfo, split: str, cache_dir: str | Path | None = None)
         return None
     key = hashlib.sha256(url.encode()).hexdigest()[:16]
     return cache_root(cache_dir) / task.id / key / task.splits[split].file
-
-
-def download(url: str, dest: Path, timeout: float = DOWNLOAD_TIMEOUT_S) -> None:
-    """Fetch `url` into `dest` atomically (a partial download never looks like a cached file)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    request = urllib.request.Request(url, headers={"User-Agent": "scaling-study"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (URLs come from task.yaml)
-        with tempfile.NamedTemporaryFile(dir=dest.parent, delete=False, suffix=".part") as tmp:
-            try:
-                shutil.copyfileobj(response, tmp)
-            except BaseException:
-                Path(tmp.name).unlink(missing_ok=True)
-                raise
-    os.replace(tmp.name, dest)
 
 
 def locate_split(task: TaskInfo, split: str, dirs: Iterable[Path] = (), *, cache_dir: str | Path | None = None,
@@ -136,15 +114,14 @@ def locate_split(task: TaskInfo, split: str, dirs: Iterable[Path] = (), *, cache
         if cached.is_file():
             return cached
         tried.append(f"cache {cached}")
-        if allow_download and os.environ.get(ENV_OFFLINE, "") in ("", "0"):
-            try:
-                download(info.url, cached)
-                return cached
-            except (urllib.error.URLError, OSError, ValueError) as exc:
-                reason = exc if isinstance(exc, urllib.error.HTTPError) else getattr(exc, "reason", None) or exc
-                tried.append(f"download {info.url} failed ({reason})")
-        else:
+        if not allow_download:
             tried.append(f"download {info.url} skipped (offline)")
+        else:
+            try:
+                return downloads.fetch(info.url, cached, timeout=DOWNLOAD_TIMEOUT_S)
+            except downloads.DownloadError as exc:
+                tried.append(f"download {info.url} skipped (offline)" if exc.offline
+                             else f"download {info.url} failed ({exc.reason})")
     else:
         tried.append("no public URL in task.yaml")
     hint = (f"put {info.file} (and the other split files) in <data_dir>/{task.id}/ and pass --data-dir, set "
