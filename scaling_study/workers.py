@@ -28,6 +28,10 @@ from scaling_study.spec import Study
 from scaling_study.storage import Store, local_copy
 from scaling_study.tracking import redact_uri, tracking_calls
 
+MAX_FAILURES = 2
+"""Restarts a node's work gets after its process or Ray node dies: Ray task retries for a corpus
+build, Ray Train worker-group restarts (from the last checkpoint) for a pretraining run, Tune
+retries for a finetune trial. Tune and Train also retry a plain error that many times."""
 
 @contextlib.contextmanager
 def node_log(location: str | Path):
@@ -73,7 +77,7 @@ def pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_d
 
     with node_log(log):
         mlflow_logger = functools.partial(MlflowLogger, uri, run_id)
-        final = run_pretraining(study, plan, plan.nodes[node_id], corpus_dir, out_dir, max_failures=2,
+        final = run_pretraining(study, plan, plan.nodes[node_id], corpus_dir, out_dir, max_failures=MAX_FAILURES,
                                 logger_factory=functools.partial(throughput_logger, study.spec.name, node_id,
                                                                  mlflow_logger))
         final = json.loads(json.dumps(final, default=str))
@@ -99,7 +103,8 @@ def finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> N
     with node_log(config["log"]):
         start = time.perf_counter()
         task = study.tasks[config["task"]]
-        data = load_task_data(task, mirror_dirs(None, study), caps=study.caps[task.id])
+        # an object-store tasks.data_dir: this task's folder comes down to this node's mirror first
+        data = load_task_data(task, mirror_dirs(None, study, tasks=[task.id]), caps=study.caps[task.id])
         model = local_copy(config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
         results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
                            config["levels"], config["seed"], store.local)

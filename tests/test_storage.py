@@ -1,4 +1,5 @@
-"""Storage roots (scaling_study.storage) on fsspec's in-memory filesystem and on file:// URIs.
+"""Storage roots (scaling_study.storage) on fsspec's in-memory filesystem, on file:// URIs and on a
+real S3-compatible server (moto's, on 127.0.0.1; conftest's `s3_server`).
 
 The end-to-end run of a study on a `file://` root is in tests/test_dashboards.py (it shares the
 Ray head and the study run with the dashboard metrics test).
@@ -20,10 +21,12 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", "s3"])
 def store(request, tmp_path):
     if request.param == "memory":  # fsspec's, through pyarrow's FSSpecHandler; one namespace per process
         return Store(f"memory://bucket-{uuid.uuid4().hex[:8]}/studies/x")
+    if request.param == "s3":  # pyarrow's S3 client against moto's server, found through $AWS_ENDPOINT_URL
+        return Store(f"{request.getfixturevalue('s3_server').bucket()}/studies/x")
     return Store(f"file://{tmp_path}/bucket/studies/x")
 
 
