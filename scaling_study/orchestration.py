@@ -11,8 +11,11 @@ What runs where (`Scheduler`): corpus builds are Ray tasks; each pretraining run
 drives a Ray Train `TorchTrainer` (it starts as soon as its corpus build is done); finetune runs are
 Ray Tune trials, released by `ReadyFinetunes` (a Tune search algorithm) as soon as the checkpoint
 they finetune exists, not after all pretraining ends, with the spec's per-job resources and
-concurrency. The stage bodies are in `scaling_study.workers`, the MLflow records in
-`scaling_study.records`, the node states and live view in `scaling_study.studystate`.
+concurrency. Work lost with its Ray node is done again in the same invocation
+(`workers.MAX_FAILURES`): Ray reruns a corpus build, Ray Train restarts a pretraining run's workers
+from its last checkpoint (the task that drives it stays on the driver's node), Tune restarts a
+finetune trial with the same MLflow runs. The stage bodies are in `scaling_study.workers`, the
+MLflow records in `scaling_study.records`, the node states and live view in `scaling_study.studystate`.
 
 Storage is the source of truth for what is done (`scaling_study.artifacts` has the layout): a
 re-run skips every finished node, resumes pretraining runs from their last checkpoint, and redoes
@@ -267,22 +270,25 @@ class Scheduler:
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,
-                                      # a trial lost with its node starts again (same config, same MLflow runs)
+                                      # a trial lost with its node starts again (same config, same MLflow
+                                      # runs); one that failed by itself reports it (finetune_trial)
                                       failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
         grid = tuner.fit()
         self._record_trials(grid)
 
     def _record_trials(self, grid) -> None:
         for result in grid:
-            if result.error is None:
+            reason = (result.metrics or {}).get("failure")  # the trial's own error (workers.finetune_trial)
+            if result.error is None and reason is None:
                 self.trained += 1
                 continue
+            reason = reason or failure_reason(result.error)  # or its process died, retries and all
             if not (result.config or {}).get("node"):  # died before Tune kept its config: no node to name
-                self.state.tracking_lost(None, failure_reason(result.error), what="finetune trial")
+                self.state.tracking_lost(None, reason, what="finetune trial")
                 continue
             run_node = self.plan.nodes[result.config["node"]]
             for cell in self.plan.children(run_node.id):
-                self.state.fail(cell, failure_reason(result.error), self.layout.log(run_node.id))
+                self.state.fail(cell, reason, self.layout.log(run_node.id))
                 self.recorder.mark_failed(cell.id)
 
     def drain(self) -> None:
@@ -331,7 +337,7 @@ class ReadyFinetunes(Searcher):
         if node is None:
             return
         for cell in self.st.plan.children(node.id):
-            self.st.set(cell.id, "failed" if error else "done")
+            self.st.set(cell.id, "failed" if error or (result or {}).get("failure") else "done")
 
     def __getstate__(self) -> dict:
         # Tune pickles its search algorithm for Tuner.restore, which we never use (storage says

@@ -29,12 +29,14 @@ pytestmark = [pytest.mark.slow, needs_mirror("datasets"), needs_mirror("corpus")
 
 
 def s3_spec(folder: Path, bucket: str) -> Path:
-    """tests/test_orchestration.py's micro study with one task and one epochs level, all on S3."""
+    """tests/test_orchestration.py's micro study cut to one cell (one checkpoint, task and epochs
+    level), all on S3."""
     from test_cluster_sim import TASK
     from test_orchestration import micro_spec
 
     path = micro_spec(folder, name="s3")
     spec = yaml.safe_load(path.read_text())
+    spec["pretrain"]["steps"] = [10]
     spec["finetune"]["epochs"] = [1]
     spec["tasks"].update(include=[TASK], data_dir=f"{bucket}/tasks")
     spec["storage"]["root"] = f"{bucket}/studies"
@@ -74,10 +76,10 @@ def test_the_study_runs_on_s3_and_redoes_the_checkpoint_whose_upload_was_killed(
     study, summary, bucket = s3_study["study"], s3_study["summary"], s3_study["bucket"]
     assert s3_study["marker"].exists(), "the upload was never killed"
     assert summary.ok, summary.failures
-    assert summary.root == f"{bucket}/studies/s3" and summary.trained == 4  # corpus, pretraining, 2 trials
+    assert summary.root == f"{bucket}/studies/s3" and summary.trained == 3  # corpus, pretraining, the trial
     keys = s3_server.keys(bucket, "studies/s3/")
     rel = [k[len("studies/s3/"):] for k in keys]
-    assert sum(k.endswith("/trainer_state.pt") for k in rel) == 2 and sum(k.endswith("/DONE.json") for k in rel) == 2
+    assert sum(k.endswith("/trainer_state.pt") for k in rel) == 1 and sum(k.endswith("/DONE.json") for k in rel) == 1
     assert sum(k.startswith("corpus/") and k.endswith("/manifest.json") for k in rel) == 1
     assert "mlflow/mlflow.db" in rel and not any(".tmp" in k for k in rel)
     plan = expand(study)
@@ -90,8 +92,8 @@ def test_the_study_runs_on_s3_and_redoes_the_checkpoint_whose_upload_was_killed(
                if r.data.tags["node_kind"] == "pretrain")
     history = sorted((m.timestamp, m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss"))
     # killed with step 10's checkpoint up but its marker not: it was not resumed from, it was redone
-    assert [step for _, step, _ in history] == [5, 10, 5, 10, 15, 20]
-    first, again = {s: v for _, s, v in history[:2]}, {s: v for _, s, v in history[2:4]}
+    assert [step for _, step, _ in history] == [5, 10, 5, 10]
+    first, again = {s: v for _, s, v in history[:2]}, {s: v for _, s, v in history[2:]}
     assert max(abs(first[s] - again[s]) for s in (5, 10)) <= 1e-6
 
 
@@ -107,36 +109,30 @@ def test_a_rerun_on_another_machine_trains_nothing(s3_study, tmp_path, monkeypat
     again = run_study(before, progress=False)
     assert again.ok and again.trained == 0
     runs = mlflow_runs(before)
-    assert len(runs) == 5 and len({r.data.tags["node_id"] for r in runs}) == 5  # study, corpus, pretrain, 2 cells
+    assert len(runs) == 4 and len({r.data.tags["node_id"] for r in runs}) == 4  # study, corpus, pretrain, the cell
 
 
-def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "scaling_study.cli", *args], capture_output=True, text=True,
-                          env=env, timeout=300)
-
-
-def test_results_report_and_ui_by_name_and_by_spec_from_another_machine(s3_study, tmp_path):
+def test_results_report_and_ui_by_name_and_by_spec_from_another_machine(s3_study, tmp_path, monkeypatch, capsys):
+    from scaling_study.cli import main
     from scaling_study.tracking import _free_port
 
     root = f"{s3_study['bucket']}/studies"
-    spec = s3_study["study"].file
-    env = {**os.environ, "PYTHONPATH": str(REPO), "SCALING_STUDY_CACHE": str(tmp_path / "laptop")}
-    by_name = _cli("results", "s3", "--root", root, "--format", "json", env=env)
-    assert by_name.returncode == 0, by_name.stderr[-2000:]
-    rows = json.loads(by_name.stdout)
-    assert len(rows) == 2 and all(r["test_f1"] is not None for r in rows)
-    by_spec = _cli("results", spec, "--format", "json", env=env)
-    assert by_spec.returncode == 0 and json.loads(by_spec.stdout) == rows, by_spec.stderr[-2000:]
-    report = _cli("report", "s3", "--root", root, "-o", str(tmp_path / "report.html"), env=env)
-    assert report.returncode == 0, report.stderr[-2000:]
+    monkeypatch.setenv("SCALING_STUDY_CACHE", str(tmp_path / "laptop"))  # nothing of the study here yet
+    assert main(["results", "s3", "--root", root, "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert len(rows) == 1 and rows[0]["test_f1"] is not None and rows[0]["task"] == "scierc_re"
+    assert main(["results", s3_study["study"].file, "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == rows
+    assert main(["report", "s3", "--root", root, "-o", str(tmp_path / "report.html")]) == 0
     assert "scierc_re" in (tmp_path / "report.html").read_text()
 
     port = _free_port("127.0.0.1")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SCALING_STUDY_CACHE": str(tmp_path / "another")}
     ui = subprocess.Popen([sys.executable, "-m", "scaling_study.cli", "ui", "s3", "--root", root, "--port", str(port)],
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         line = ui.stdout.readline()
-        assert line.startswith("MLflow UI for s3: http://127.0.0.1:"), line + ui.stdout.read()
+        assert line.startswith(f"MLflow UI for s3: http://127.0.0.1:{port}"), line + ui.stdout.read()
         url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=s3"
         with urllib.request.urlopen(url, timeout=30) as resp:
             assert json.loads(resp.read())["experiment"]["name"] == "s3"
