@@ -300,19 +300,19 @@ class Layout:
                          field="storage.root")
 
     @classmethod
-    def named(cls, name: str, root: str, *, file: str = "scaling-study", field: str = "--root") -> Layout:
+    def named(cls, name: str, root: str, *, file: str | None = None, field: str = "--root") -> Layout:
         """The folder of study `name` under the storage root `root` (a path or a URI), as `of` finds it
         from the spec; readers given a study's name (`results NAME --root ROOT`) use this."""
         problem = check_root(root)
         if problem:  # the spec checks it too; ${VAR} may expand to something else now
-            raise UserError(f"{file}: {field}: {problem}; got {root!r}; allowed: a local folder or a "
-                            f"URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
+            raise UserError(f"{file + ': ' if file else ''}{field}: {problem}; got {root!r}; allowed: a local folder "
+                            f"or a URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
         if is_uri(root):
             store = Store(f"{root.rstrip('/')}/{name}")
             return cls(store.local, store)  # object stores have no links to check
         base = Path(root).expanduser().resolve()
         layout = cls(base / name, Store(base / name))
-        layout.check_contained(base, file)
+        layout.check_contained(base, file or field)
         return layout
 
     def check_contained(self, base: Path, file: str) -> None:
@@ -395,7 +395,8 @@ def pull_tracking(layout: Layout) -> Path:
 
     On an object-store root, the stored database comes down unless this mirror's own is newer: a
     database without a stamp was written here (this machine ran the driver), one whose stamp
-    matches storage is current; any other is replaced by the stored copy.
+    matches storage is current; any other is replaced by the stored copy. (The stamp is the stored
+    size and time, to the second: a copy stored again within a second at the same size looks the same.)
     """
     local = layout.root / TRACKING_DB
     if not layout.store.remote:
