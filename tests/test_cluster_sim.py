@@ -109,8 +109,9 @@ def upload_task(s3_server, bucket: str) -> None:
 
 
 class NodeLosses:
-    """Removes the node of the stalled pretraining worker, then of the stalled finetune trial, each as
-    soon as its stall fires, and adds a new node after each (an autoscaler replacing it).
+    """Removes the node of a pretraining worker (both wait at step 8: one stalls, the other in the
+    next all-reduce), then the node of the stalled finetune trial, each as soon as its stall fires,
+    and adds a new node after each (an autoscaler replacing it).
 
     It runs in the main thread (Ray's `Node` registers signal handlers, which only the main thread
     may), the study in another one (Ray Train and Tune skip their Ctrl-C handlers there)."""
