@@ -2,6 +2,8 @@
 
     from scaling_study.artifacts import CorpusBuild, Layout, checkpoint_dir, latest_checkpoint, node_done
     layout = Layout.of(study)                       # <storage.root>/<study name>/, or its local mirror
+    layout = Layout.named("smoke", "s3://bucket/studies")   # the same from a study name and a root
+    pull_tracking(layout)                           # the folder of the embedded MLflow db on this machine
     layout.node(plan, node)                         # a node's folder on this machine
     node_done(layout, plan, node)                   # whether storage holds the node's finished output
     build = CorpusBuild.open(layout.node(plan, corpus_node))   # a finished corpus build
@@ -23,7 +25,8 @@ A study folder (`<storage.root>/<study name>/`):
     finetune/<fr-id>/                   a finetune run (scaling_study.finetune): epochs_<L>/scores.json,
                                         predictions; DONE.json, written last, once MLflow has the results
     logs/<node-id>.log                  tracebacks of a node's failures
-    mlflow/                             the embedded MLflow server's sqlite db and artifacts
+    mlflow/                             the embedded MLflow server's sqlite db and artifacts (on an
+                                        object store: its mlflow.db, uploaded when the driver ends)
     cache/                              downloaded corpus URLs, the results cache
 
 A stage writes its output out of sight and makes it visible at once (a rename on local disks; the
@@ -41,6 +44,8 @@ import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
+
+import pyarrow.fs as pafs
 
 from scaling_study.errors import UserError
 from scaling_study.spec import Study, expand_env
@@ -291,17 +296,23 @@ class Layout:
 
     @classmethod
     def of(cls, study: Study) -> Layout:
-        root = expand_env(study.spec.storage.root)
+        return cls.named(study.spec.name, expand_env(study.spec.storage.root), file=study.file,
+                         field="storage.root")
+
+    @classmethod
+    def named(cls, name: str, root: str, *, file: str | None = None, field: str = "--root") -> Layout:
+        """The folder of study `name` under the storage root `root` (a path or a URI), as `of` finds it
+        from the spec; readers given a study's name (`results NAME --root ROOT`) use this."""
         problem = check_root(root)
         if problem:  # the spec checks it too; ${VAR} may expand to something else now
-            raise UserError(f"{study.file}: storage.root: {problem}; got {root!r}; allowed: a local folder or a "
-                            f"URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
+            raise UserError(f"{file + ': ' if file else ''}{field}: {problem}; got {root!r}; allowed: a local folder "
+                            f"or a URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
         if is_uri(root):
-            store = Store(f"{root.rstrip('/')}/{study.spec.name}")
+            store = Store(f"{root.rstrip('/')}/{name}")
             return cls(store.local, store)  # object stores have no links to check
         base = Path(root).expanduser().resolve()
-        layout = cls(base / study.spec.name, Store(base / study.spec.name))
-        layout.check_contained(base, study.file)
+        layout = cls(base / name, Store(base / name))
+        layout.check_contained(base, file or field)
         return layout
 
     def check_contained(self, base: Path, file: str) -> None:
@@ -357,6 +368,48 @@ class Layout:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+
+TRACKING_DB = "mlflow/mlflow.db"
+"""The embedded MLflow server's database, relative to the study's folder."""
+_TRACKING_STAMP = "mlflow/.stored"
+
+
+def _stored_stamp(layout: Layout) -> str | None:
+    info = layout.store.fs.get_file_info(layout.store.path(TRACKING_DB))
+    return None if info.type == pafs.FileType.NotFound else f"{info.size} {info.mtime_ns}"
+
+
+def push_tracking(layout: Layout) -> None:
+    """Upload the embedded MLflow server's database (the server stopped) to an object-store root, so
+    that `results`, `report` and `ui` elsewhere find it (the run artifacts stay in this mirror:
+    the database names them by local path). Nothing for a plain local root."""
+    if not layout.store.remote or not (layout.root / TRACKING_DB).is_file():
+        return
+    layout.store.upload(TRACKING_DB)
+    write_atomic(layout.root / _TRACKING_STAMP, _stored_stamp(layout) or "")
+
+
+def pull_tracking(layout: Layout) -> Path:
+    """The folder holding the study's embedded MLflow database on this machine (`Layout.mlflow`).
+
+    On an object-store root, the stored database comes down unless this mirror's own is newer: a
+    database without a stamp was written here (this machine ran the driver), one whose stamp
+    matches storage is current; any other is replaced by the stored copy. (The stamp is the stored
+    size and time, to the second: a copy stored again within a second at the same size looks the same.)
+    """
+    local = layout.root / TRACKING_DB
+    if not layout.store.remote:
+        return layout.mlflow
+    stored = _stored_stamp(layout)
+    stamp = layout.root / _TRACKING_STAMP
+    own = local.is_file() and not stamp.is_file()
+    if stored is None or own or (local.is_file() and stamp.read_text() == stored):
+        return layout.mlflow
+    local.unlink(missing_ok=True)  # the download keeps files of the same size: this one changes in place
+    layout.store.download(TRACKING_DB)
+    write_atomic(stamp, stored)
+    return layout.mlflow
 
 
 def node_done(layout: Layout, plan: Plan, node: Node) -> bool:

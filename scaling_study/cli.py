@@ -402,17 +402,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
 def cmd_ui(args: argparse.Namespace) -> int:
     import time
 
+    from scaling_study.artifacts import Layout, pull_tracking
     from scaling_study.tracking import LocalMlflowServer
 
     if args.study.endswith((".yaml", ".yml")):
-        from scaling_study.artifacts import Layout
         from scaling_study.spec import load_spec
 
-        folder = Layout.of(load_spec(args.study)).mlflow
+        layout = Layout.of(load_spec(args.study))
     else:
-        from pathlib import Path
-
-        folder = Path(args.root).expanduser().resolve() / args.study / "mlflow"
+        layout = Layout.named(args.study, args.root)
+    folder = pull_tracking(layout)  # an object-store root: the db the driver uploaded, downloaded here
     if not (folder / "mlflow.db").is_file():
         raise UserError(f"ui: no tracking database at {folder / 'mlflow.db'}; allowed: a study run with the "
                         "embedded server (scaling-study run), or --root for another storage root")
@@ -428,7 +427,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def _study_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
     p.add_argument("study", nargs="?" if optional else None, help="study name (under --root) or its spec file")
-    p.add_argument("--root", default="studies", help="storage root of the embedded default (default: ./studies)")
+    p.add_argument("--root", default="studies",
+                   help="storage root of the embedded default: a folder or s3://, gs:// URI (default: ./studies)")
     p.add_argument("--tracking-uri", default=None, help="read from this MLflow server instead")
 
 
@@ -500,7 +500,7 @@ def _cluster_verbs(sub) -> None:
 
     p = sub.add_parser("ui", help="serve the MLflow UI over a study run with the embedded server")
     p.add_argument("study", help="study name (under --root) or its spec file")
-    p.add_argument("--root", default="studies")
+    p.add_argument("--root", default="studies", help="storage root: a folder or s3://, gs:// URI (default: ./studies)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 

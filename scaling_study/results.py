@@ -81,20 +81,21 @@ class Source:
 
 
 def _source(study: str, tracking_uri: str | None, root: str | Path) -> Source:
+    from scaling_study.artifacts import Layout, pull_tracking
+
     if study.endswith((".yaml", ".yml")):
-        from scaling_study.artifacts import Layout
         from scaling_study.spec import expand_env, load_spec
 
         loaded = load_spec(study)
         name = loaded.spec.tracking.experiment or loaded.spec.name
         uri = tracking_uri or (expand_env(loaded.spec.tracking.uri) if loaded.spec.tracking.uri else None)
-        folder = Layout.of(loaded).root
+        layout = Layout.of(loaded)
     else:
-        name, uri, folder = study, tracking_uri, Path(root).expanduser().resolve() / study
-    db = folder / "mlflow" / "mlflow.db"
+        name, uri, layout = study, tracking_uri, Layout.named(study, str(root))
     if uri:
-        return Source(uri, name, folder)
-    return Source(f"sqlite:///{db}", name, folder)
+        return Source(uri, name, layout.root)
+    # the embedded server's db: here, or downloaded from an object-store root (artifacts.pull_tracking)
+    return Source(f"sqlite:///{pull_tracking(layout) / 'mlflow.db'}", name, layout.root)
 
 
 def locate(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> tuple[str, str]:

@@ -344,6 +344,7 @@ class TasksSpec(TaskCaps):
     """Extra folders holding task folders (`<id>/task.yaml`); relative to the spec's folder; `${VAR}` expands."""
     data_dir: str | None = None
     """Local mirror of the task data (`<data_dir>/<task id>/<file>`), relative to the spec's folder (`${VAR}` expands);
+    or an object-store URI (`s3://bucket/tasks`), synced to each node before its trials load a task.
     `$SCALING_STUDY_DATA_DIR` overrides it. Null: download from each task's source into the cache."""
 
 

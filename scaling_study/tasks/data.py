@@ -72,14 +72,32 @@ class TaskData:
         return datasets.Dataset.from_list(self.splits[split])
 
 
-def mirror_dirs(data_dir: str | Path | None = None, study=None) -> list[Path]:
-    """Mirror folders to try, in order: an explicit folder, `$SCALING_STUDY_DATA_DIR`, the spec's `tasks.data_dir`."""
+def mirror_dirs(data_dir: str | Path | None = None, study=None, *, tasks: Iterable[str] | None = None) -> list[Path]:
+    """Mirror folders to try, in order: an explicit folder, `$SCALING_STUDY_DATA_DIR`, the spec's `tasks.data_dir`
+    (an object-store URI: `tasks`' folders, default the study's, synced to this machine first)."""
     dirs = [Path(data_dir).expanduser()] if data_dir else []
     if os.environ.get(ENV_DATA_DIR):
         dirs.append(Path(os.environ[ENV_DATA_DIR]).expanduser())
     if study is not None and study.spec.tasks.data_dir:
-        dirs.append(study.resolve_path(study.spec.tasks.data_dir))
+        dirs.append(_study_data_dir(study, study.tasks if tasks is None else tasks))
     return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def _study_data_dir(study, tasks: Iterable[str]) -> Path:
+    """The spec's `tasks.data_dir` on this machine: a folder, or for a URI (`s3://bucket/tasks`) its
+    local mirror, into which each task's folder `<URI>/<task id>/` is downloaded (files already
+    there with the same size are kept), so task data with no public URL reaches every node."""
+    from scaling_study.spec import expand_env
+    from scaling_study.storage import Store, is_uri
+
+    location = expand_env(study.spec.tasks.data_dir)
+    if not is_uri(location):
+        return study.resolve_path(study.spec.tasks.data_dir)
+    store = Store(location)
+    for tid in sorted(tasks):
+        if store.exists(tid):  # absent: the lookup goes on to the cache and the download, and says so
+            store.download(tid)
+    return store.local
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -164,7 +182,7 @@ def check_task_data(study, tasks: Iterable[str] | None = None) -> dict[str, str]
     """Read every split of the study's tasks (or of `tasks`) before a run: a malformed file raises its
     UserError now, not in a finetune trial hours later. Returns {task id: why} for tasks whose data
     is not found (their finetune runs fail and say so; the rest of the study still runs)."""
-    dirs = mirror_dirs(study=study)
+    dirs = mirror_dirs(study=study, tasks=tasks)
     missing: dict[str, str] = {}
     for tid in sorted(study.tasks if tasks is None else tasks):
         task = study.tasks[tid]
