@@ -11,6 +11,8 @@ Lookup, per split: `<dir>/<task id>/<split file>` in each mirror folder in order
 (`$SCALING_STUDY_CACHE_DIR`, default `~/.cache/scaling-study/tasks`), then the split's `url`,
 downloaded into the cache (`download=False` or `$SCALING_STUDY_OFFLINE=1` skips that). When all
 fail: a `DataNotFound` (a `UserError`) naming the task, every place tried and how to provide the data.
+Something under a split file's name that is not a regular file (a folder, a FIFO, a link loop) is a
+plain `UserError`: the data is there but wrong, and a FIFO would block the reader.
 `check_task_data(study)` reads every split of a study's tasks up front (`scaling-study run` does, so
 a malformed file stops the run before any compute).
 
