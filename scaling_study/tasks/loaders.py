@@ -134,7 +134,8 @@ def check_options(task: TaskInfo) -> dict[str, Any]:
     fmt.check(opts)
     if task.type not in fmt.types:
         fits = [name for name, f in FORMATS.items() if task.type in f.types]
-        raise SpecError(file, "format", task.format, f"{', '.join(fits[:-1])} or {fits[-1]} for {task.type}",
+        fits = [", ".join(fits[:-1]), fits[-1]] if len(fits) > 1 else fits
+        raise SpecError(file, "format", task.format, f"{' or '.join(fits)} for {task.type}",
                         problem=f"does not fit type {task.type}")
     return opts.values
 
