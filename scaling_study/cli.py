@@ -178,6 +178,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def _tasks_check(registry, args: argparse.Namespace) -> int:
     """Load every task whose data can be found; print split sizes and label sets. A malformed file raises."""
     from collections import Counter
+    from pathlib import Path
 
     from scaling_study.metrics import entity_spans
     from scaling_study.tasks.data import DataNotFound, load_task_data, mirror_dirs
@@ -187,6 +188,9 @@ def _tasks_check(registry, args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"tasks check: unknown task(s) {', '.join(unknown)}; "
                         f"allowed: {', '.join(sorted(registry.tasks))}")
+    if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
+        raise UserError(f"--data-dir {args.data_dir}: no such folder; allowed: a folder holding one folder per "
+                        "task id with its split files")
     dirs = mirror_dirs(args.data_dir)
     print(f"Data folders: {', '.join(map(str, dirs)) or '(none)'}; then the download cache"
           + (" (offline: no downloads)" if args.offline else ""))

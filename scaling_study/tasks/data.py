@@ -11,9 +11,10 @@ Lookup, per split: `<dir>/<task id>/<split file>` in each mirror folder in order
 (`tasks/` in the machine's cache, `$SCALING_STUDY_CACHE`, default `~/.cache/scaling-study`), then
 the split's `url`, downloaded into the cache (`scaling_study.downloads`; `allow_download=False` or
 `$SCALING_STUDY_OFFLINE=1` skips that). When all fail: a `DataNotFound` (a `UserError`) naming the
-task, every place tried and how to provide the data. `check_task_data(study)` reads every split of
-a study's tasks up front (`scaling-study run` does, so a malformed file stops the run before any
-compute).
+task, every place tried and how to provide the data. Something under a split file's name that is
+not a regular file (a folder, a FIFO, a link loop) is a plain `UserError`: the data is there but
+wrong, and a FIFO would block the reader. `check_task_data(study)` reads every split of a study's
+tasks up front (`scaling-study run` does, so a malformed file stops the run before any compute).
 
 Caps (`TaskCaps`) keep a seeded random sample of each split, in file order. The sample depends only
 on (task id, split, cap, sample_seed), never on the finetuning seed, so every seed and every model
@@ -26,6 +27,7 @@ import dataclasses
 import hashlib
 import os
 import random
+import stat
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -124,12 +126,12 @@ def locate_split(task: TaskInfo, split: str, dirs: Iterable[Path] = (), *, cache
         tried.append(f"no mirror folder (none of --data-dir, ${ENV_DATA_DIR}, tasks.data_dir given)")
     for d in dirs:
         path = Path(d) / task.id / info.file
-        if path.is_file():
+        if _regular_file(path):
             return path
         tried.append(str(path))
     cached = cached_path(task, split, cache_dir)
     if cached is not None:
-        if cached.is_file():
+        if _regular_file(cached):
             return cached
         tried.append(f"cache {cached}")
         if not allow_download:
@@ -149,6 +151,27 @@ def locate_split(task: TaskInfo, split: str, dirs: Iterable[Path] = (), *, cache
     readme = Path(task.folder) / "README.md" if task.folder else None
     raise DataNotFound(f"task {task.id}: no data for split {split}: tried {'; '.join(tried)}; {hint}"
                        + (f" (source: {readme})" if readme else ""))
+
+
+def _regular_file(path: Path) -> bool:
+    """Whether `path` is a regular file (or a link to one); False when nothing is there. Anything else
+    under a split file's name (a folder, a FIFO, which would block the reader, a socket, a device, a
+    link to nowhere or a link loop) is a UserError: the data is there but wrong, not missing."""
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):  # nothing there (or `<dir>/<id>` is a file: not a task folder)
+        if not path.is_symlink():
+            return False
+        mode = None
+    except OSError as exc:  # ELOOP, EACCES on a folder on the way, ...
+        raise UserError(f"{path}: cannot look at the split file ({exc.strerror or exc}); allowed: a readable "
+                        "regular file") from None
+    if mode is not None and stat.S_ISREG(mode):
+        return True
+    kind = ("a link to nowhere" if mode is None else "a folder" if stat.S_ISDIR(mode) else
+            "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
+    raise UserError(f"{path}: the split file is {kind}; allowed: a regular file holding the split")
 
 
 def sample(examples: list, cap: int | None, *, task_id: str, split: str, seed: int = 0) -> list:
