@@ -203,6 +203,29 @@ def test_each_worker_reads_its_own_shards_and_resumes_at_its_position(synthetic)
     assert not torch.equal(first, ShardStream(corpus, rank=0, world=1, seed=4).next_batch(50))
 
 
+def test_shards_stream_from_a_uri_in_the_same_order_and_each_worker_fetches_its_share(tmp_path, monkeypatch):
+    """A file:// build (the object-store code path) is read shard by shard, never copied: the
+    same batches as the local folder, and each worker fetches its shards plus the prefetched next."""
+    monkeypatch.setenv("SCALING_STUDY_CACHE", str(tmp_path / "cache"))
+    folder = write_synthetic_corpus(tmp_path / "corpus", vocab_size=1000, seq_len=32, num_sequences=160,
+                                    num_shards=16)
+    local, streamed = CorpusBuild.open(folder), CorpusBuild.open(f"file://{folder}")
+    sizes = [p.stat().st_size for p in local.shard_paths]
+    for rank in range(2):
+        a = ShardStream(local, rank=rank, world=2, seed=5)
+        b = ShardStream(streamed, rank=rank, world=2, seed=5)
+        for _ in range(8):  # 80 rows: this worker's 8 shards of 10 rows, once
+            assert torch.equal(a.next_batch(10), b.next_batch(10))
+        assert b.position == {"epoch": 1, "cursor": 0, "row": 0}
+        b._next[1].join()  # the prefetch of the next epoch's first shard
+        share = sum(sizes[i] for i in b.mine)
+        assert share <= b.bytes_fetched <= share + max(sizes) < 0.6 * sum(sizes)
+        assert a.bytes_fetched == b.bytes_fetched
+    assert not (streamed.root / "shards").exists()  # nothing of the shards in the local mirror
+    assert (streamed.tokenizer_dir / "tokenizer.json").is_file()  # the tokenizer comes down when used
+    assert sorted(p.name for p in streamed.root.iterdir()) == ["tokenizer"]
+
+
 # ----------------------------------------------------------------------------------- resume
 
 
