@@ -178,10 +178,10 @@ class Lamb(torch.optim.Optimizer):
 
 def _shard_mesh(params: list[torch.Tensor]):
     """The device mesh when every tensor is a DTensor sharded on one 1-D mesh (FSDP2), else None."""
-    meshes = {id(p.device_mesh): p.device_mesh for p in params if type(p).__name__ == "DTensor"}
-    if len(meshes) != 1 or any(type(p).__name__ != "DTensor" for p in params):
+    if not all(type(p).__name__ == "DTensor" for p in params):
         return None
-    mesh = next(iter(meshes.values()))
-    if mesh.ndim != 1 or not all(len(p.placements) == 1 and p.placements[0].is_shard() for p in params):
+    mesh = params[0].device_mesh  # each fully_shard call makes its own mesh object: compare by value
+    if mesh.ndim != 1 or not all(p.device_mesh == mesh and len(p.placements) == 1 and p.placements[0].is_shard()
+                                 for p in params):
         return None
     return mesh
