@@ -25,6 +25,10 @@ BYTES_PER_TOKEN = 4.6
 WEIGHT_BYTES = 4  # fp32 safetensors
 OPTIMIZER_BYTES = 8  # AdamW moments, fp32, kept with each checkpoint so any level can resume
 TOKEN_BYTES = 4  # int32 token ids in the Parquet shards (before compression; an upper bound)
+NODE_SYSTEM_BYTES = 60e9
+"""An allowance for what a cluster node keeps besides the study (an estimate, not a measurement):
+the unpacked rayproject/ray GPU image, the CUDA build of torch and the project's packages, pip's and
+Hugging Face's caches, Ray's logs and /tmp."""
 
 
 def corpus_tokens(study: Study) -> tuple[float | None, str]:
@@ -150,6 +154,7 @@ def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None =
     out["storage"] = {"checkpoint_weights_bytes": storage_weights, "checkpoint_optimizer_bytes": storage_optimizer,
                       "corpus_shards_bytes": storage_corpus,
                       "total_bytes": storage_weights + storage_optimizer + storage_corpus}
+    out["storage"]["node_disk"] = node_disk(out)
     out["totals"] = {
         "pretrain_flops": pre_flops, "finetune_flops": ft_flops, "flops": pre_flops + ft_flops,
         "pretrain_device_hours": pre_flops / flops_per_hour, "finetune_device_hours": ft_flops / flops_per_hour,
@@ -158,3 +163,35 @@ def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None =
     }
     return out
 
+
+
+def node_disk(report: dict) -> dict:
+    """Local disk (bytes) each kind of cluster node needs for the study, from `estimate`'s numbers;
+    `ray_cluster.yaml`'s volumes are sized from it (docs/cluster.md, Disks; tests/test_cluster.py).
+
+    Nodes work in their local mirror of the storage root and keep what they staged or fetched
+    there (it is a cache), so each node needs room for the most it can come to hold:
+
+    - `head`: the corpus builds run here (the only node up when a study starts); each writes its
+      shards in the mirror and uploads them: every build's shards, plus the corpus text when it
+      sits on the head's disk (`corpus_text`: tokens x BYTES_PER_TOKEN).
+    - `pretrain_node`: rank 0 writes each checkpoint (weights and optimizer state) in its mirror
+      before uploading it. At worst one node is rank 0 of every run: every checkpoint, plus each
+      run's latest resume-only checkpoint and the next one being written beside it. No corpus
+      shards: the workers stream them from storage.
+    - `finetune_node`: each trial downloads a checkpoint's weights and tokenizer: at worst every
+      checkpoint's weights.
+
+    Each plus NODE_SYSTEM_BYTES.
+    """
+    s = report["storage"]
+    checkpoint = [r["parameters"] * (WEIGHT_BYTES + OPTIMIZER_BYTES) for r in report["pretrain_runs"]]
+    text = (report["corpus"] or {}).get("tokens") or 0
+    parts = {
+        "head": {"corpus_shards": s["corpus_shards_bytes"], "corpus_text": text * BYTES_PER_TOKEN},
+        "pretrain_node": {"checkpoints": s["checkpoint_weights_bytes"] + s["checkpoint_optimizer_bytes"],
+                          "resume_checkpoints": sum(checkpoint) + max(checkpoint, default=0)},
+        "finetune_node": {"checkpoint_weights": s["checkpoint_weights_bytes"]},
+    }
+    return {node: {**p, "system": NODE_SYSTEM_BYTES, "total": sum(p.values()) + NODE_SYSTEM_BYTES}
+            for node, p in parts.items()}
