@@ -38,7 +38,9 @@ each batch afresh (`Masker`: mask_rate of the non-special tokens, 80% [MASK] / 1
 10% kept); runs the encoder on every token but the MLM head only at the masked positions
 (`mlm_loss`), which skips most of the head's FLOPs and the full-vocabulary logits; AdamW (fused
 on GPU, foreach on CPU) or LAMB; gradient accumulation and clipping; bf16 autocast (TF32 for the
-matmuls left in fp32 on GPU) or plain fp32. On CPU the model's dropout and attention run through
+matmuls left in fp32 on GPU) or plain fp32. FSDP2 (`strategy="fsdp"`, in any process group, one
+GPU included) with bf16 on GPU gathers parameters and reduces gradients in bf16 and keeps fp32
+master shards (`MixedPrecisionPolicy`). On CPU the model's dropout and attention run through
 `use_cpu_kernels` (the same math with cheaper random numbers and fewer passes over memory; about
 8% of a step), unless `compile` hands them to torch.compile.
 Metrics (loss, mlm_accuracy, lr, grad_norm, tokens_seen, tokens_per_s, mfu, and the corpus bytes
