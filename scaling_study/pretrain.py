@@ -453,7 +453,8 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-def _parallelize(model: MaskedLM, strategy: str, world: int, device: torch.device, precision: str = "fp32") -> nn.Module:
+def _parallelize(model: MaskedLM, strategy: str, world: int, device: torch.device,
+                 precision: str = "fp32") -> nn.Module:
     """DDP (world > 1), or FSDP2 in any process group (one GPU too: its bf16 policy is the point);
     a single process without one trains the plain model."""
     if strategy == "fsdp" and torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -462,7 +463,8 @@ def _parallelize(model: MaskedLM, strategy: str, world: int, device: torch.devic
         policy = _mixed_precision(precision, device)
         for layer in model.model.bert.encoder.layer:
             fully_shard(layer, mp_policy=policy)
-        return fully_shard(model, mp_policy=policy)  # the root holds embeddings and head: the tied weight stays in one unit
+        # the root holds embeddings and head: the tied weight stays in one unit
+        return fully_shard(model, mp_policy=policy)
     if world == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -448,7 +448,7 @@ def test_fsdp_matches_ddp_and_resumes(synthetic, tmp_path, local_ray):
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(fsdp[6:], resumed)) < 1e-6
 
 
-def _data_parallel_reference(config: PretrainConfig, corpus_dir: Path, world: int) -> tuple[list[float], torch.nn.Module]:
+def _data_parallel_reference(config: PretrainConfig, corpus_dir: Path, world: int) -> tuple[list, torch.nn.Module]:
     """The loss curve and final model of `world` data-parallel workers, computed in this one
     process on full tensors: each step runs every worker's micro-batch (its stream, its masks) and
     averages their gradients, as DDP and FSDP do; then one plain (unsharded) optimizer step."""
