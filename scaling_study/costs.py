@@ -116,7 +116,27 @@ def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None =
         model = next(m for m in spec.external_models if m.name == ext.factors["model"])
         params_of[ext.id] = model.num_parameters
 
-    f = spec.finetune
+    out["finetune_by_task"] = _finetune_by_task(study, plan, params_of, vocab, flops_per_hour)
+
+    pre_flops = sum(r["flops"] for r in out["pretrain_runs"])
+    ft_flops = sum(r["flops"] for r in out["finetune_by_task"])
+    out["storage"] = {"checkpoint_weights_bytes": storage_weights, "checkpoint_optimizer_bytes": storage_optimizer,
+                      "corpus_shards_bytes": storage_corpus,
+                      "total_bytes": storage_weights + storage_optimizer + storage_corpus}
+    out["storage"]["node_disk"] = node_disk(out)
+    out["totals"] = {
+        "pretrain_flops": pre_flops, "finetune_flops": ft_flops, "flops": pre_flops + ft_flops,
+        "pretrain_device_hours": pre_flops / flops_per_hour, "finetune_device_hours": ft_flops / flops_per_hour,
+        "device_hours": (pre_flops + ft_flops) / flops_per_hour,
+        "finetune_jobs_without_flops": sum(r["flops_unknown"] for r in out["finetune_by_task"]),
+    }
+    return out
+
+
+
+def _finetune_by_task(study: Study, plan: Plan, params_of: dict, vocab: int | None, flops_per_hour: float) -> list:
+    """Per task: finetune runs, jobs (cells), training FLOPs and device-hours (`estimate`)."""
+    f = study.spec.finetune
     by_task: dict[str, dict] = defaultdict(lambda: {"runs": 0, "jobs": 0, "flops": 0.0, "flops_unknown": 0})
     for run in plan.of_kind("finetune_run"):
         tid = run.factors["task"]
@@ -144,25 +164,9 @@ def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None =
             row["flops_unknown"] += 1
             continue
         row["flops"] += flops
-    for tid in sorted(by_task):
-        row = by_task[tid]
+    for row in by_task.values():
         row["device_hours"] = row["flops"] / flops_per_hour
-        out["finetune_by_task"].append({"task": tid, **row})
-
-    pre_flops = sum(r["flops"] for r in out["pretrain_runs"])
-    ft_flops = sum(r["flops"] for r in out["finetune_by_task"])
-    out["storage"] = {"checkpoint_weights_bytes": storage_weights, "checkpoint_optimizer_bytes": storage_optimizer,
-                      "corpus_shards_bytes": storage_corpus,
-                      "total_bytes": storage_weights + storage_optimizer + storage_corpus}
-    out["storage"]["node_disk"] = node_disk(out)
-    out["totals"] = {
-        "pretrain_flops": pre_flops, "finetune_flops": ft_flops, "flops": pre_flops + ft_flops,
-        "pretrain_device_hours": pre_flops / flops_per_hour, "finetune_device_hours": ft_flops / flops_per_hour,
-        "device_hours": (pre_flops + ft_flops) / flops_per_hour,
-        "finetune_jobs_without_flops": sum(r["flops_unknown"] for r in out["finetune_by_task"]),
-    }
-    return out
-
+    return [{"task": tid, **by_task[tid]} for tid in sorted(by_task)]
 
 
 def node_disk(report: dict) -> dict:
