@@ -6,8 +6,8 @@
     pull_tracking(layout)                           # the folder of the embedded MLflow db on this machine
     layout.node(plan, node)                         # a node's folder on this machine
     node_done(layout, plan, node)                   # whether storage holds the node's finished output
-    build = CorpusBuild.open(layout.node(plan, corpus_node))   # a finished corpus build
-    build.manifest.tokens, build.shard_paths, build.tokenizer_dir, build.load_shard(0)
+    build = CorpusBuild.open(layout.location(plan, corpus_node))   # a finished build: a folder or a URI
+    build.manifest.tokens, build.num_shards, build.tokenizer_dir, build.load_shard(0)   # shards read in place
     checkpoint_dir(out_dir, 500)                    # <out_dir>/checkpoints/step-00000500
     latest_checkpoint(out_dir)                      # the complete checkpoint with the most steps, or None
 
@@ -40,6 +40,7 @@ without importing a stage or the study driver.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -149,19 +150,38 @@ def read_manifest(folder: Path | str) -> Manifest | None:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusBuild:
-    """A finished corpus build on this machine: its folder and manifest."""
+    """A finished corpus build: its manifest, and its shards read where they are stored.
+
+    A plain path (a local or NFS folder) is read in place. A storage URI (`s3://`, `gs://`,
+    `file://`) is never copied whole: each shard is read from the store when it is asked for (one
+    GET), and only the tokenizer (a few MB) comes down to the local mirror, when it is first used.
+    """
 
     root: Path
+    """The build's folder on this machine: the folder itself, or its local mirror for a URI."""
     manifest: Manifest
+    store: Store | None = None
+    """The build in storage when it was opened from a URI; None for a plain path."""
 
     @classmethod
     def open(cls, root: Path | str) -> CorpusBuild:
-        manifest = read_manifest(root)
-        if manifest is None:
+        if is_uri(root):
+            store = Store(root)
+            manifest = Manifest.parse(store.read_text(MANIFEST))  # the marker: uploaded after the shards
+            build = cls(store.local, manifest, store) if manifest is not None else None
+        else:
+            manifest = read_manifest(root)
+            build = cls(Path(root), manifest) if manifest is not None else None
+        if build is None:
             raise FileNotFoundError(f"{root}: no finished corpus build (no valid {MANIFEST})")
         if not manifest.shards:
-            raise ValueError(f"{Path(root) / MANIFEST}: the corpus has no shards")
-        return cls(Path(root), manifest)
+            raise ValueError(f"{root}/{MANIFEST}: the corpus has no shards")
+        return build
+
+    @property
+    def location(self) -> str:
+        """Where the build is stored: its URI, or its folder."""
+        return self.store.location if self.store is not None else str(self.root)
 
     @property
     def seq_len(self) -> int:
@@ -176,21 +196,43 @@ class CorpusBuild:
         """pad, unk, cls, sep, mask -> id."""
         return self.manifest.special_ids
 
-    @property
+    @functools.cached_property
     def tokenizer_dir(self) -> Path:
+        """The tokenizer's folder on this machine (downloaded to the mirror on first use for a URI)."""
+        if self.store is not None:
+            return self.store.download(self.manifest.tokenizer)
         return self.root / self.manifest.tokenizer
 
     @property
+    def num_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    @property
     def shard_paths(self) -> list[Path]:
-        """The Parquet shards, in stream order."""
+        """The Parquet shards of a local build, in stream order (`read_shard` reads any build)."""
+        if self.store is not None:
+            raise ValueError(f"{self.location}: the shards are in storage; read them with read_shard")
         return [self.root / s["file"] for s in self.manifest.shards]
+
+    def read_shard(self, index: int) -> bytes:
+        """Shard `index`'s file, whole, from where the build is stored (no local copy)."""
+        file = self.manifest.shards[index]["file"]
+        if self.store is None:
+            return (self.root / file).read_bytes()
+        with self.store.fs.open_input_stream(self.store.path(file)) as f:
+            return f.read()
+
+    def decode_shard(self, data: bytes) -> np.ndarray:
+        """A shard file's bytes (`read_shard`) as a (sequences, seq_len) array of token ids."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pa.BufferReader(data), columns=["input_ids"])
+        return table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.seq_len)
 
     def load_shard(self, index: int) -> np.ndarray:
         """Shard `index` as a (sequences, seq_len) array of token ids."""
-        import pyarrow.parquet as pq
-
-        column = pq.read_table(self.shard_paths[index], columns=["input_ids"]).column(0).combine_chunks()
-        return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.seq_len)
+        return self.decode_shard(self.read_shard(index))
 
 
 # ----------------------------------------------------------------------------------- checkpoints

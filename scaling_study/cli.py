@@ -96,6 +96,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print(f"Storage: checkpoints {_bytes(s.checkpoint_weights_bytes)} weights + "
                   f"{_bytes(s.checkpoint_optimizer_bytes)} optimizer state, corpus shards "
                   f"<= {_bytes(s.corpus_shards_bytes)}; total {_bytes(s.total_bytes)}")
+    disk = {node: _bytes(d["total"]) for node, d in s.node_disk.items()}
+    console.print(f"Cluster node disks (docs/cluster.md, Disks): head {disk['head']}, pretraining node "
+                  f"{disk['pretrain_node']}, finetuning node {disk['finetune_node']}")
     console.print(
         f"Assumed: {dev.name} ({dev.description}) at {_si(dev.peak_flops, 'FLOP/s')} {dev.peak_precision} "
         f"peak x MFU {dev.assumed_mfu:.2f} = {_si(dev.throughput_flops, 'FLOP/s')}. FLOPs count every matmul "

@@ -5,7 +5,8 @@
     tune.with_parameters(finetune_trial, study=study, uri=uri)           # a Ray Tune trainable
 
 `out_dir`, `corpus_dir` and `log` are storage locations (`Layout.location`): paths, or URIs whose
-files each worker stages in its machine's mirror and uploads with the marker file last. A failure
+files each worker stages in its machine's mirror and uploads with the marker file last (a corpus
+build is not staged: pretraining workers stream their shards from it). A failure
 appends its traceback to the node's log (`node_log`) and propagates to the driver, which records
 the node as failed (`failure_reason` gives the one line the summary shows).
 """
