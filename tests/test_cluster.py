@@ -211,43 +211,43 @@ def test_submit_runs_the_study_once(mlflow_server, ray_head, tmp_path, monkeypat
     monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
     assert main(["status", "--address", ray_head.dashboard_url]) == 2
     assert "refused the request" in capsys.readouterr().err
-    for key, value in ray_head.env.items():
-        monkeypatch.setenv(key, value)
+    # the head's auth settings for this process, and Ray's cached config re-read on the way out: a later
+    # test's local Ray must not inherit token auth (its workers could not reach this driver)
+    with ray_head.in_this_process():
+        server = mlflow_server()
+        path = _spec(tmp_path, tracking={"uri": server.uri})
+        assert main(["submit", str(path), "--address", ray_head.dashboard_url]) == 0
+        job_id = submission_id(load_spec(path))
+        assert f"submitted {job_id}" in capsys.readouterr().out
+        # again while it is pending or running: attaches
+        assert main(["submit", str(path), "--address", ray_head.dashboard_url]) == 0
+        out = capsys.readouterr().out
+        assert f"already submitted: {job_id} (PENDING)" in out or f"already submitted: {job_id} (RUNNING)" in out
+        client = connect(ray_head.dashboard_url)
+        status = _wait(client, job_id)
+        assert status == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
 
-    server = mlflow_server()
-    path = _spec(tmp_path, tracking={"uri": server.uri})
-    assert main(["submit", str(path), "--address", ray_head.dashboard_url]) == 0
-    job_id = submission_id(load_spec(path))
-    assert f"submitted {job_id}" in capsys.readouterr().out
-    # again while it is pending or running: attaches
-    assert main(["submit", str(path), "--address", ray_head.dashboard_url]) == 0
-    out = capsys.readouterr().out
-    assert f"already submitted: {job_id} (PENDING)" in out or f"already submitted: {job_id} (RUNNING)" in out
-    client = connect(ray_head.dashboard_url)
-    status = _wait(client, job_id)
-    assert status == "SUCCEEDED", client.get_job_logs(job_id)[-3000:]
+        mlflow = MlflowClient(server.uri)
+        experiment = mlflow.get_experiment_by_name("clustered")
+        runs = mlflow.search_runs([experiment.experiment_id])
+        kinds = sorted(r.data.tags[KIND_TAG] for r in runs)
+        assert kinds == ["corpus", "finetune", "finetune", "pretrain", "study"]
+        assert all(r.info.status == "FINISHED" for r in runs)
 
-    mlflow = MlflowClient(server.uri)
-    experiment = mlflow.get_experiment_by_name("clustered")
-    runs = mlflow.search_runs([experiment.experiment_id])
-    kinds = sorted(r.data.tags[KIND_TAG] for r in runs)
-    assert kinds == ["corpus", "finetune", "finetune", "pretrain", "study"]
-    assert all(r.info.status == "FINISHED" for r in runs)
+        # the same study again: attaches to the finished job, starts nothing
+        assert main(["submit", str(path), "--address", ray_head.dashboard_url, "--follow"]) == 0
+        out = capsys.readouterr().out
+        assert f"already submitted: {job_id} (SUCCEEDED)" in out and f"{job_id}: SUCCEEDED" in out
+        assert [j.submission_id for j in client.list_jobs()] == [job_id]
+        assert len(mlflow.search_runs([experiment.experiment_id])) == len(runs)
 
-    # the same study again: attaches to the finished job, starts nothing
-    assert main(["submit", str(path), "--address", ray_head.dashboard_url, "--follow"]) == 0
-    out = capsys.readouterr().out
-    assert f"already submitted: {job_id} (SUCCEEDED)" in out and f"{job_id}: SUCCEEDED" in out
-    assert [j.submission_id for j in client.list_jobs()] == [job_id]
-    assert len(mlflow.search_runs([experiment.experiment_id])) == len(runs)
-
-    assert main(["status", "--address", ray_head.dashboard_url]) == 0
-    out = capsys.readouterr().out
-    assert job_id in out and "SUCCEEDED" in out and "clustered" in out
-    assert main(["status", str(path), "--address", ray_head.dashboard_url]) == 0
-    assert job_id in capsys.readouterr().out
-    assert main(["status", "other-study", "--address", ray_head.dashboard_url]) == 0
-    assert "no study jobs of other-study" in capsys.readouterr().out
-    assert main(["status", "clustered", "--tracking-uri", server.uri]) == 0  # MLflow runs, as before
-    out = capsys.readouterr().out
-    assert "finetune" in out and "FINISHED" in out
+        assert main(["status", "--address", ray_head.dashboard_url]) == 0
+        out = capsys.readouterr().out
+        assert job_id in out and "SUCCEEDED" in out and "clustered" in out
+        assert main(["status", str(path), "--address", ray_head.dashboard_url]) == 0
+        assert job_id in capsys.readouterr().out
+        assert main(["status", "other-study", "--address", ray_head.dashboard_url]) == 0
+        assert "no study jobs of other-study" in capsys.readouterr().out
+        assert main(["status", "clustered", "--tracking-uri", server.uri]) == 0  # MLflow runs, as before
+        out = capsys.readouterr().out
+        assert "finetune" in out and "FINISHED" in out

@@ -124,7 +124,7 @@ def test_results_report_and_ui_by_name_and_by_spec_from_another_machine(s3_study
     assert main(["results", s3_study["study"].file, "--format", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == rows
     assert main(["report", "s3", "--root", root, "-o", str(tmp_path / "report.html")]) == 0
-    assert "scierc_re" in (tmp_path / "report.html").read_text()
+    assert "SciERC" in (tmp_path / "report.html").read_text()  # the task by its display name
 
     port = _free_port("127.0.0.1")
     env = {**os.environ, "PYTHONPATH": str(REPO), "SCALING_STUDY_CACHE": str(tmp_path / "another")}
