@@ -21,6 +21,7 @@ with code 2; nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Sequence
@@ -58,6 +59,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from scaling_study.grid import expand
     from scaling_study.spec import load_spec
 
+    if args.mfu is not None and not 0 < args.mfu <= 1:  # nan fails the comparison too
+        raise UserError(f"--mfu {args.mfu:g}: out of range; allowed: a fraction of the device's peak in (0, 1], "
+                        "e.g. 0.4")
     study = load_spec(args.spec)
     plan = expand(study)
     try:
@@ -228,6 +232,8 @@ def _tasks_check(registry, args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from scaling_study.models import count_parameters, load_devices, load_presets
 
+    if args.vocab_size < 1:
+        raise UserError(f"--vocab-size {args.vocab_size}: must be positive; allowed: an integer >= 1, e.g. 30522")
     print(f"Model sizes (parameters of the MLM model at vocab {args.vocab_size:,}):")
     for name, p in load_presets().items():
         print(f"  {name:8s} {p.num_layers:3d} layers, hidden {p.hidden_size:5d}, {p.num_heads:3d} heads, "
@@ -299,9 +305,28 @@ def _write_frame(df, fmt: str, output: str | None) -> None:
     if output:
         from pathlib import Path
 
-        Path(output).write_text(text + ("" if text.endswith("\n") else "\n"))
+        with _writing(output):
+            Path(output).write_text(text + ("" if text.endswith("\n") else "\n"))
     else:
         print(text)
+
+
+def _check_output(output: str | None) -> None:
+    """An -o FILE that cannot be written is refused before any work (a folder there, no folder for it)."""
+    from scaling_study.errors import output_problem
+
+    problem = output_problem(output) if output else None
+    if problem:
+        raise UserError(f"-o {output}: {problem}; allowed: a file path in an existing folder")
+
+
+@contextlib.contextmanager
+def _writing(output: str):
+    try:
+        yield
+    except OSError as exc:  # a full disk, a read-only folder
+        raise UserError(f"-o {output}: cannot write it ({exc.strerror or exc}); allowed: a writable file path") \
+            from None
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -311,6 +336,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.format == "parquet" and not args.output:
         raise UserError("--format parquet: needs -o FILE (Parquet is binary); allowed: -o results.parquet, "
                         "or --format table|csv|json for stdout")
+    _check_output(args.output)
     where = results.parse_where(args.where)
     df = results.load(args.study, tracking_uri=args.tracking_uri, root=args.root, refresh=not args.no_refresh)
     if where:
@@ -324,7 +350,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         keep = [c for c in ("model", "steps", "task", "epochs", "seed", "test_f1", "dev_f1", "collapsed") if c in df]
         df = df[keep]
     if args.format == "parquet":
-        df.to_parquet(args.output, index=False)
+        with _writing(args.output):
+            df.to_parquet(args.output, index=False)
         return 0
     _write_frame(df, args.format, args.output)
     return 0

@@ -92,3 +92,19 @@ def file_problem(path) -> str | None:
     return ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
             else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
             else "not a regular file")
+
+
+def output_problem(path) -> str | None:
+    """What keeps `path` from being written as a file (`-o FILE`), in words: a folder there, or no
+    folder to hold it (None: fine; an existing file, a FIFO or /dev/stdout is written)."""
+    import os
+
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.isdir(path):
+        return "is a folder"
+    parent = os.path.dirname(path)
+    if not os.path.exists(parent):
+        return f"no folder {parent} to write it into"
+    if not os.path.isdir(parent):
+        return f"{parent} is not a folder"
+    return None

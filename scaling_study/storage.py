@@ -55,9 +55,10 @@ def is_uri(location: str | os.PathLike) -> bool:
 
 
 def check_root(root: str) -> str | None:
-    """The problem with a storage root, or None: a plain path, or a URI of one of `SCHEMES`."""
+    """The problem with a storage root, or None: a plain path (a folder, or where one can be made),
+    or a URI of one of `SCHEMES`."""
     if not is_uri(root):
-        return None
+        return _folder_problem(Path(root).expanduser())
     scheme, _, rest = root.partition("://")
     if scheme.lower() not in SCHEMES:
         return f"unsupported URI scheme {scheme!r}"
@@ -65,6 +66,24 @@ def check_root(root: str) -> str | None:
         return "no bucket in the URI"
     if scheme.lower() == "file" and not rest.startswith("/"):
         return "a file:// URI needs an absolute path (file:///abs/path)"
+    return _folder_problem(Path(urllib.parse.unquote(urllib.parse.urlsplit(root).path))) if scheme == "file" else None
+
+
+_PSEUDO = ("/proc", "/sys", "/dev")
+"""Kernel pseudo-filesystems (/dev/shm, a tmpfs, is storage)."""
+
+
+def _folder_problem(path: Path) -> str | None:
+    """A root that is a file (or under one), or on a kernel pseudo-filesystem, can never hold a study."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        return f"cannot resolve the path ({getattr(exc, 'strerror', None) or exc})"
+    if any(resolved.is_relative_to(p) for p in _PSEUDO) and not resolved.is_relative_to("/dev/shm"):
+        return f"{resolved} is on a kernel pseudo-filesystem ({resolved.parts[1]}), not storage"
+    for folder in (resolved, *resolved.parents):
+        if folder.exists():
+            return None if folder.is_dir() else f"{folder} is a file, not a folder"
     return None
 
 

@@ -55,16 +55,124 @@ class TrackingLost(TrackingError):
     exit_code = 1
 
 
+class TrackingStoreError(TrackingError):
+    """The tracking store is there but broken or failing (a damaged database, a server error): exit 1."""
+
+    exit_code = 1
+
+
 _SECRET_QUERY = re.compile(r"((?:token|password|secret|key|sig|signature)=)[^&\s'\"]+", re.IGNORECASE)
-_USERINFO = re.compile(r"(://[^/:@\s'\"]+:)[^/@\s'\"]+@")
+_AUTHORITY = re.compile(r"(://)([^/?#\s'\"<>]*)@")
+
+
+def _redact_userinfo(match: re.Match) -> str:
+    # the authority's user info runs to its *last* @: a raw @ in a password is still the password
+    user, colon, _ = match.group(2).partition(":")
+    return f"{match.group(1)}{user}:***@" if colon else f"{match.group(1)}***@"  # no colon: a token as user name
 
 
 def redact_uri(uri: str) -> str:
-    """The URI with any password in it and any token-like query value replaced by ***.
+    """The URI with its credentials replaced by ***: the password (`user:***@`), a token given as
+    the user name (`***@`), token-like query values (`token=***`).
 
     Works on any text too (a traceback, an error message): every URI in it is redacted.
     """
-    return _SECRET_QUERY.sub(r"\1***", _USERINFO.sub(r"\1***@", uri))
+    return _SECRET_QUERY.sub(r"\1***", _AUTHORITY.sub(_redact_userinfo, uri))
+
+
+SERVER_SCHEMES = ("http", "https")
+DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
+URI_ALLOWED = ("http(s)://HOST[:PORT] of an MLflow server, or a database URI (sqlite:////abs/mlflow.db, "
+                "postgresql://..., mysql://..., mssql://...)")
+
+
+def uri_problem(uri: str) -> str | None:
+    """What is wrong with a tracking URI, in words, or None. Checked before anything uses it:
+    MLflow would take a plain path or `file://` for its deprecated file store (and create folders
+    there), and a bad port or a missing database driver would fail deep inside a run."""
+    scheme, sep, _ = uri.partition("://")
+    scheme = scheme.lower()
+    base = scheme.split("+")[0]
+    if not sep:
+        return "not a URI (a plain path would be MLflow's file store)"
+    if base in SERVER_SCHEMES and "+" not in scheme:
+        try:
+            parts = urllib.parse.urlsplit(uri)
+            parts.port  # noqa: B018 - raises for a port that is not a number in 0-65535
+        except ValueError as exc:
+            return f"bad port ({exc})"
+        return None if parts.hostname else "no host name"
+    if base not in DATABASE_SCHEMES:
+        return (f"MLflow's file store (file://) is not supported" if base == "file"
+                else f"unsupported URI scheme {scheme!r}")
+    if base == "sqlite":
+        return None if uri.startswith(f"{scheme}:///") and len(uri) > len(scheme) + 4 else \
+            "a sqlite URI needs a path (sqlite:////abs/path.db or sqlite:///relative.db)"
+    from sqlalchemy.engine import make_url
+
+    try:
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as exc:
+        return f"its database driver is not installed ({exc})"
+    except Exception as exc:  # sqlalchemy's ArgumentError, NoSuchModuleError
+        return f"not a database URI ({' '.join(str(exc).split())[:120]})"
+    return None
+
+
+def check_uri(uri: str, what: str = "tracking URI") -> None:
+    """Raise a one-line TrackingError (exit 2) for a URI `uri_problem` refuses."""
+    problem = uri_problem(uri)
+    if problem:
+        raise TrackingError(f"{what} {redact_uri(uri)!r}: {problem}; allowed: {URI_ALLOWED}")
+
+
+SQLITE_HEADER = b"SQLite format 3\0"
+
+
+def check_sqlite_store(path: Path, uri: str) -> None:
+    """Refuse, without changing it, a sqlite file that is no MLflow store: empty (MLflow would create
+    its tables in it), not a database, or one without MLflow's tables (exit 1: the store is broken)."""
+    import sqlite3
+
+    problem = None
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise TrackingStoreError(f"tracking store {redact_uri(uri)}: cannot read it ({exc.strerror or exc})") from None
+    if not head:
+        problem = "an empty file, not an MLflow database"
+    elif head != SQLITE_HEADER:
+        problem = "not a sqlite database"
+    else:
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+                tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.Error as exc:
+            tables, problem = set(), f"a damaged sqlite database ({exc})"
+        if problem is None and not {"experiments", "runs", "alembic_version"} <= tables:
+            problem = "a sqlite database without MLflow's tables"
+    if problem:
+        raise TrackingStoreError(f"tracking store {redact_uri(uri)}: {problem}; allowed: the mlflow.db an MLflow "
+                                 "server wrote (restore it from a backup; the study's storage keeps every result, "
+                                 "and a re-run with a fresh database logs them again)")
+
+
+@contextlib.contextmanager
+def reading(uri: str):
+    """Turn a failing read of a tracking store (MLflow, sqlalchemy, the network) into one line, exit 1."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as exc:
+        if not isinstance(exc, (MlflowException, OSError)) and not type(exc).__module__.startswith(
+                ("sqlalchemy", "requests", "urllib3", "sqlite3")):
+            raise
+        first = (redact_uri(str(exc)).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise TrackingStoreError(f"tracking store {redact_uri(uri)} failed to answer ({first})") from None
 
 
 @contextlib.contextmanager
@@ -94,7 +202,9 @@ def _free_port(host: str) -> int:
 
 
 def check_server(uri: str, timeout: float = 5.0) -> None:
-    """Raise TrackingError (one line) unless an MLflow server answers at an http(s) `uri`."""
+    """Raise TrackingError (one line) unless `uri` is a usable tracking URI (`uri_problem`) and, for
+    http(s), an MLflow server answers there."""
+    check_uri(uri)
     if not uri.startswith(("http://", "https://")):
         return
     parts = urllib.parse.urlsplit(uri)
