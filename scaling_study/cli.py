@@ -256,9 +256,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from scaling_study.orchestration import prepare, run_study
-    from scaling_study.spec import load_spec
+    from scaling_study.raycluster import check_local_resources
+    from scaling_study.spec import check_local_paths, load_spec
 
     study = load_spec(args.spec)
+    check_local_paths(study)
+    check_local_resources(study, args.address)
     prepared = prepare(study)
     _check_inputs(prepared)
     summary = run_study(study, address=args.address, progress=not args.quiet, prepared=prepared)

@@ -513,6 +513,25 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
                  folder=str(base_dir))
 
 
+def check_local_paths(study: Study) -> None:
+    """Folders the spec names that must exist where the study runs: `tasks.data_dir` and external
+    models given as local folders. `run` checks them before anything starts; `validate` does not
+    (a spec may be validated where its data is not, e.g. before `submit`)."""
+    err = _Problems(study.file, {})
+    data_dir = study.spec.tasks.data_dir
+    if data_dir and not study.resolve_path(data_dir).is_dir():
+        err(("tasks", "data_dir"), data_dir, "an existing folder of <task id>/<split file> (relative to the "
+            "spec's folder; ${VAR} expands), or null to download each task's data",
+            problem=f"no such folder: {study.resolve_path(data_dir)}")
+    for i, model in enumerate(study.spec.external_models):
+        local = model.source.startswith((".", "/", "~", "$"))  # as artifacts.model_source reads it
+        if local and not study.resolve_path(model.source).is_dir():
+            err(("external_models", i, "source"), model.source, "a Hugging Face model id, or an existing folder "
+                "holding config.json and the weights", problem=f"no such folder: {study.resolve_path(model.source)}")
+    if err.errors:
+        raise SpecErrors(err.errors)
+
+
 class _Problems:
     """Collects one `SpecError` per call, with the line of the field it names."""
 
