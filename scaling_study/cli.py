@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from scaling_study.errors import UserError
@@ -255,15 +256,22 @@ def cmd_spec_reference(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from scaling_study.artifacts import Layout
+    from scaling_study.lifecycle import check_free
     from scaling_study.orchestration import prepare, run_study
     from scaling_study.raycluster import check_local_resources
     from scaling_study.spec import check_local_paths, load_spec
 
     study = load_spec(args.spec)
+    check_free(Layout.of(study).root)  # a second driver learns it now, not after the input checks
     check_local_paths(study)
     check_local_resources(study, args.address)
     prepared = prepare(study)
     _check_inputs(prepared)
+    for nid, why in prepared.damaged.items():
+        node = prepared.plan.nodes[nid]
+        print(f"scaling-study: warning: {node.kind} {nid} ({prepared.layout.rel(prepared.plan, node)}) is damaged: "
+              f"{why}; it is computed again", file=sys.stderr)
     summary = run_study(study, address=args.address, progress=not args.quiet, prepared=prepared)
     console = Console(soft_wrap=True)
     c = summary.counts
@@ -280,9 +288,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print(f"[red]FAILED[/red] {f.kind} {f.node} ({f.what}): {f.reason}" + (f"  log: {f.log}" if f.log else ""))
     for reason, count in blocked.items():
         console.print(f"[yellow]blocked[/yellow] {count} nodes, {reason}")
+    if summary.stopped:
+        console.print(f"[red]STOPPED[/red]: {summary.stopped.reason} (exit {summary.exit_code}); "
+                      f"run it again to finish: scaling-study run {args.spec}")
     if summary.ok:
         console.print(f"Results: scaling-study results {args.spec}   UI: scaling-study ui {args.spec}")
-    return 0 if summary.ok else 1
+    return summary.exit_code
 
 
 def _check_inputs(prepared) -> None:
@@ -377,6 +388,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         "study jobs on a Ray cluster")
     from scaling_study import results
 
+    _note_reaped(_study_folder(args.study, args.root))
     print(results.status(args.study, tracking_uri=args.tracking_uri, root=args.root).to_string(index=False))
     return 0
 
@@ -429,30 +441,69 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1 if status in TERMINAL else 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    import time
+def _study_folder(study: str, root: str):
+    """The study's storage folder on this machine, from its name (under `root`) or its spec file."""
+    from pathlib import Path
 
-    from scaling_study.tracking import LocalMlflowServer
-
-    if args.study.endswith((".yaml", ".yml")):
+    if study.endswith((".yaml", ".yml")):
         from scaling_study.artifacts import Layout
         from scaling_study.spec import load_spec
 
-        folder = Layout.of(load_spec(args.study)).mlflow
-    else:
-        from pathlib import Path
+        return Layout.of(load_spec(study)).root
+    from scaling_study.spec import is_name
 
-        folder = Path(args.root).expanduser().resolve() / args.study / "mlflow"
-    if not (folder / "mlflow.db").is_file():
-        raise UserError(f"ui: no tracking database at {folder / 'mlflow.db'}; allowed: a study run with the "
+    if not is_name(study):
+        raise UserError(f"study {study!r}: not a study name; allowed: a study's name (1-64 characters from "
+                        "A-Z a-z 0-9 . _ -, no '..') or its spec file (.yaml)")
+    return Path(root).expanduser().resolve() / study
+
+
+def _note_reaped(folder) -> None:
+    """After a SIGKILLed driver: end what it left running (its MLflow server, its local Ray), and say so."""
+    from scaling_study.lifecycle import reap_if_free
+
+    ended = reap_if_free(folder)
+    if ended:
+        print(f"scaling-study: note: ended what a killed driver of this study left running: {', '.join(ended)}",
+              file=sys.stderr)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from scaling_study.lifecycle import StudyLock
+    from scaling_study.tracking import LocalMlflowServer, check_sqlite_store
+
+    folder = _study_folder(args.study, args.root)
+    db = folder / "mlflow" / "mlflow.db"
+    if not db.exists():
+        raise UserError(f"ui: no tracking database at {db}; allowed: a study run with the "
                         "embedded server (scaling-study run), or --root for another storage root")
-    with LocalMlflowServer(folder, port=args.port) as server:
+    live = LocalMlflowServer.live(folder / "mlflow")
+    if live:  # a running study's server: open it, never start a second one over its store
+        return _attach_ui(args.study, live)
+    check_sqlite_store(db, f"sqlite:///{db}")  # an empty file would be made a store, a damaged one fail later
+    with StudyLock(folder, "ui") as lock, \
+            LocalMlflowServer(folder / "mlflow", port=args.port, on_start=lock.own) as server:
         print(f"MLflow UI for {args.study}: {server.uri}  (Ctrl-C to stop)", flush=True)
         try:
             while server.process.poll() is None:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _attach_ui(study: str, live: dict) -> int:
+    from scaling_study.tracking import LocalMlflowServer
+
+    print(f"MLflow UI for {study}: {live['uri']}  (the server of process {live.get('owner')}, which runs the "
+          "study; it stops with it; Ctrl-C here leaves it running)", flush=True)
+    try:
+        while LocalMlflowServer.live_pid(live):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    print(f"scaling-study: the MLflow server of {study} stopped (its run ended); `scaling-study ui {study}` "
+          "serves the store again", file=sys.stderr)
     return 0
 
 
@@ -573,9 +624,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from scaling_study.lifecycle import Stopped, stop_on_signals
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with stop_on_signals():  # SIGTERM, SIGHUP: `with` blocks stop their servers on the way out
+            return args.func(args)
+    except Stopped as stop:
+        print(f"scaling-study: {stop.reason}", file=sys.stderr)
+        return stop.exit_code
     except UserError as exc:
         for line in str(exc).splitlines():
             print(f"scaling-study: error: {line}", file=sys.stderr)

@@ -20,8 +20,11 @@ from scaling_study._env import QUIET_ENV
 
 
 @contextlib.contextmanager
-def ray_cluster(address: str | None):
-    """Connect to `address` (or $RAY_ADDRESS); else start a local Ray for the duration, and stop it."""
+def ray_cluster(address: str | None, *, on_start=None):
+    """Connect to `address` (or $RAY_ADDRESS); else start a local Ray for the duration, and stop it.
+
+    `on_start(pids, what, folder=...)` hears of the local Ray's processes (GCS, raylet, agents) and
+    its temporary folder: they outlive a SIGKILLed driver (`lifecycle.StudyLock.own`)."""
     import ray
 
     if ray.is_initialized():
@@ -36,6 +39,10 @@ def ray_cluster(address: str | None):
         temp = tempfile.mkdtemp(prefix="ss-", dir="/tmp")  # Ray's unix sockets need a short path
         with loopback_only():
             ray.init(num_cpus=os.cpu_count(), _temp_dir=temp, _node_ip_address="127.0.0.1", **common)
+        if on_start is not None:
+            node = ray._private.worker._global_node
+            pids = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+            on_start(pids, "local Ray", folder=temp)
     try:
         yield
     finally:
