@@ -55,12 +55,13 @@ class Stopped(BaseException):
 
 
 def start_time(pid: int) -> int | None:
-    """The process's start time (clock ticks since boot, /proc/<pid>/stat), or None if it is gone."""
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat), or None if it is gone (or a
+    zombie: ended, waiting for a parent to collect it)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # the name may hold spaces
     except OSError:
         return None
-    return int(stat.rsplit(")", 1)[1].split()[19])  # field 22; the name in parentheses may hold spaces
+    return None if fields[0] == "Z" else int(fields[19])  # state is field 3, start time field 22
 
 
 def alive(pid: int, started: int | None) -> bool:
@@ -103,20 +104,26 @@ class StudyLock:
     def acquire(self) -> StudyLock:
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644))
+            # held read-only: a file open for writing all along would keep the filesystem from being
+            # remounted read-only, and flock needs no write access
+            fd = os.open(self.path, os.O_RDONLY)
         except OSError as exc:
             raise UserError(f"{self.folder}: cannot take the study's lock {LOCK_FILE} ({exc.strerror or exc}); "
                             "allowed: a writable storage folder") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise self.busy_error() from None
+        for attempt in range(5):  # `check_free` and `status` probe it for an instant
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt == 4:
+                    os.close(fd)
+                    raise self.busy_error() from None
+                time.sleep(0.2)
         self.fd = fd
         reap(self.folder)  # the last holder died without cleaning up
         info = {"pid": os.getpid(), "verb": self.verb, "argv": sys.argv[1:], "since": time.time()}
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self.path.write_text(json.dumps(info))
         return self
 
     def release(self) -> None:
@@ -124,7 +131,7 @@ class StudyLock:
             return
         with contextlib.suppress(OSError):
             (self.folder / LEFTOVERS).unlink(missing_ok=True)
-            os.ftruncate(self.fd, 0)
+            self.path.write_text("")
         os.close(self.fd)  # closing releases the flock
         self.fd = None
 
@@ -152,7 +159,7 @@ def check_free(folder: str | Path, verb: str = "run") -> None:
         return
     fd = os.open(lock.path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
         raise lock.busy_error() from None
     finally:
@@ -198,9 +205,13 @@ def reap_if_free(folder: str | Path) -> list[str]:
     if not (folder / LEFTOVERS).exists() or not (folder / LOCK_FILE).exists():
         return []
     try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDWR)
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return []
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # held by a live driver (or unreadable): its processes are its own
+    except OSError:  # held by a live driver: its processes are its own
+        os.close(fd)
         return []
     try:
         return reap(folder)

@@ -32,15 +32,55 @@ from scaling_study.errors import SpecError, SpecErrors, file_problem
 Path_ = tuple  # a field path: ("pretrain", "steps", 1)
 
 
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` and `5E+3` as floats (YAML 1.2), not strings."""
+class _Resolver(yaml.resolver.Resolver):
+    """YAML 1.1's implicit tags, plus `1e-4` and `5E+3` as floats (YAML 1.2), not strings."""
 
 
-_Loader.add_implicit_resolver(
+_Resolver.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+class _Loader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, yaml.composer.Composer,
+              yaml.constructor.SafeConstructor, _Resolver):
+    """SafeLoader with `_Resolver`."""
+
+    def __init__(self, stream):
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        _Resolver.__init__(self)
+
+
+class _Replay(yaml.composer.Composer, yaml.constructor.SafeConstructor, _Resolver):
+    """Composes and constructs from events already parsed (and checked) by `_check_events`: the
+    pure-Python parser is most of the time a spec takes to load, so it runs once."""
+
+    def __init__(self, events: list):
+        self._events, self._next = events, 0
+        yaml.composer.Composer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        _Resolver.__init__(self)
+
+    def check_event(self, *choices) -> bool:
+        if self._next >= len(self._events):
+            return False
+        return not choices or isinstance(self._events[self._next], choices)
+
+    def peek_event(self):
+        return self._events[self._next] if self._next < len(self._events) else None
+
+    def get_event(self):
+        event = self.peek_event()
+        self._next += 1
+        return event
+
+    def dispose(self) -> None:
+        pass
 
 
 def format_path(path: Path_) -> str:
@@ -69,13 +109,15 @@ def _short_tag(tag: str) -> str:
     return tag.replace("tag:yaml.org,2002:", "!!")
 
 
-def _check_events(text: str, file: str) -> None:
+def _check_events(text: str, file: str) -> list:
     """One pass over the parser's events (no recursion, no alias expansion): refuse nesting deeper
     than MAX_YAML_DEPTH, an alias inside its own anchor, and more than MAX_YAML_NODES values with
     the aliases expanded. PyYAML's composer and constructor recurse per level and copy per alias."""
     sizes: dict[str, int] = {}
     stack: list[list] = [[None, 0]]  # [anchor, values so far] per open collection
+    events = []
     for event in yaml.parse(text, Loader=_Loader):
+        events.append(event)
         line = event.start_mark.line + 1
         if isinstance(event, (yaml.SequenceStartEvent, yaml.MappingStartEvent)):
             if len(stack) > MAX_YAML_DEPTH:
@@ -101,6 +143,7 @@ def _check_events(text: str, file: str) -> None:
         if sum(frame[1] for frame in stack) > MAX_YAML_NODES:
             raise SpecError(file, "", problem=f"more than {MAX_YAML_NODES:,} values once its aliases are "
                             "expanded", line=line, allowed=f"{_STRUCTURE}; aliases that repeat a few values")
+    return events
 
 
 def _scalar(loader: yaml.SafeLoader, node: yaml.ScalarNode, path: Path_, file: str) -> Any:
@@ -110,7 +153,7 @@ def _scalar(loader: yaml.SafeLoader, node: yaml.ScalarNode, path: Path_, file: s
                         line=line, allowed=_STRUCTURE)
     try:
         value = loader.construct_object(node)
-    except (ValueError, TypeError, IndexError, AttributeError, OverflowError, yaml.YAMLError) as exc:
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError, OverflowError, yaml.YAMLError) as exc:
         digits = sum(c.isdigit() for c in node.value)
         if "digits" in str(exc):  # Python's int-from-text limit (4,300 digits)
             problem, allowed = f"an integer of {digits:,} digits", "integers from -2**63 to 2**63 - 1"
@@ -200,8 +243,7 @@ def read_yaml(file: str | Path, text: str | None = None) -> tuple[Any, dict[Path
                         allowed=f"a YAML file of at most {MAX_YAML_BYTES:,} bytes")
     loader = None
     try:
-        _check_events(text, name)
-        loader = _Loader(text)
+        loader = _Replay(_check_events(text, name))
         node = loader.get_single_node()
         lines: dict[Path_, int] = {}
         data = _build(loader, node, (), lines, name) if node is not None else None

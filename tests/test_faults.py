@@ -351,3 +351,148 @@ def test_markers_certify_their_files(tmp_path):
     damaged = {}
     assert corpus.id not in done_nodes(layout, plan, damaged)
     assert damaged[corpus.id] == "shards/shard-00000.parquet has 10 bytes, its marker says 1,000"
+
+
+# ----------------------------------------------------------------------------------- the driver's own faults
+
+
+class _Run:
+    """`scaling-study run` in a process of its own, its output in files (a pipe nobody reads would fill
+    and stop it)."""
+
+    def __init__(self, path: Path, **env):
+        self.out, self.err = path.with_suffix(".out"), path.with_suffix(".err")
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "scaling_study.cli", "run", str(path), "--quiet"],
+                                         env={**os.environ, "PYTHONPATH": str(REPO), **env}, stdout=out, stderr=err)
+
+    def communicate(self, timeout: float) -> tuple[str, str]:
+        self.proc.wait(timeout=timeout)
+        return self.out.read_text(), self.err.read_text()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+
+def _cli_run(path: Path, **env) -> _Run:
+    return _Run(path, **env)
+
+
+def _wait_for(predicate, what: str, timeout: float = 600.0, run: _Run | None = None):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if run is not None and run.returncode is not None:
+            raise AssertionError(f"the run ended ({run.returncode}) before {what}: {run.err.read_text()[-3000:]}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.mark.slow
+@needs_mirror("datasets")
+def test_a_lost_server_is_restarted_and_a_damaged_checkpoint_rebuilt(tmp_path):
+    """The embedded MLflow server is SIGKILLed just before the finetune run logs (MLflow's client
+    retrying as it does by default): the driver restarts it at once on the same store and port and
+    the study finishes in the same invocation, exit 0, one FINISHED run per node. Then the
+    checkpoint's weights are cut short: the next run says the checkpoint is damaged, pretrains it
+    again, and leaves the finished finetune run (and its MLflow run) alone."""
+    from scaling_study.artifacts import DONE_FILE, Layout
+    from scaling_study.grid import expand
+    from scaling_study.spec import load_spec
+
+    from test_orchestration import mlflow_runs
+
+    path = _small_study(tmp_path, "lost")
+    study = load_spec(path)
+    layout, plan = Layout.of(study), expand(study)
+    marker = tmp_path / "fired"
+    first = _cli_run(path, **{faults.ENV: f"finetune-log:kill-pid={layout.mlflow / 'server.pid'}",
+                              faults.ENV_ONCE: str(marker)})
+    out, err = first.communicate(timeout=1500)
+    assert marker.exists(), "the tracking server was never killed"
+    assert first.returncode == 0, (out[-2000:], err[-3000:])
+    assert "the local MLflow server exited with code -9; restarting it on the same store" in err
+    runs = mlflow_runs(study)
+    wanted = {n.id for n in plan.nodes.values() if n.kind in ("corpus", "pretrain", "finetune")}
+    assert Counter(r.data.tags["node_id"] for r in runs) == Counter(wanted | {f"study-{study.spec.name}"})
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+    (ck,) = plan.of_kind("checkpoint")
+    weights = layout.node(plan, ck) / "model.safetensors"
+    size = weights.stat().st_size
+    with open(weights, "r+b") as f:
+        f.truncate(size // 3)
+    (run_node,) = plan.of_kind("finetune_run")
+    done_mtime = (layout.node(plan, run_node) / DONE_FILE).stat().st_mtime_ns
+    second = _cli_run(path)
+    out, err = second.communicate(timeout=1500)
+    assert second.returncode == 0, (out[-2000:], err[-3000:])
+    assert f"checkpoint {ck.id} ({layout.rel(plan, ck)}) is damaged: model.safetensors has {size // 3:,} bytes, " \
+           f"its marker says {size:,}; it is computed again" in err, err
+    assert weights.stat().st_size == size
+    assert (layout.node(plan, run_node) / DONE_FILE).stat().st_mtime_ns == done_mtime
+    again = mlflow_runs(study)
+    assert len(again) == len(runs) and all(r.info.status == "FINISHED" for r in again)
+
+
+@pytest.mark.slow
+@needs_mirror("corpus")
+def test_sigterm_stops_a_running_study_cleanly(tmp_path):
+    """SIGTERM to `scaling-study run` while Ray trains: exit 143, the summary and a STOPPED line, no
+    traceback or Ray stack dump, and none of the processes it started (its MLflow server, the local
+    Ray) left running; the study's lock is free for the next run."""
+    import json
+
+    from scaling_study.artifacts import Layout
+    from scaling_study.lifecycle import LEFTOVERS, StudyLock, alive
+    from scaling_study.spec import load_spec
+
+    path = _small_study(tmp_path, "term")
+    root = Layout.of(load_spec(path)).root
+    proc = _cli_run(path)
+    _wait_for(lambda: "local Ray" in ((root / LEFTOVERS).read_text() if (root / LEFTOVERS).exists() else ""),
+              "the local Ray to start", run=proc)
+    started = json.loads((root / LEFTOVERS).read_text())["processes"]
+    proc.proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, (out[-2000:], err[-3000:])
+    assert "STOPPED: stopped by SIGTERM (exit 143)" in out and "finetune jobs 0/1" in out, out
+    assert "Traceback" not in err and "*** SIGTERM" not in err and "Aborted" not in err, err[-3000:]
+    assert not [p for p in started if alive(p["pid"], p["start"])]
+    with StudyLock(root, "run"):
+        pass
+
+
+@pytest.mark.slow
+@needs_mirror("corpus")
+def test_storage_turning_read_only_stops_the_study_with_a_summary(tmp_path):
+    """The storage root (a tmpfs) is remounted read-only while the study runs (tracking on a server
+    elsewhere). The driver notices within seconds and stops: exit 1, the summary with a STOPPED line
+    naming the folder, no traceback; before, nodes failed slowly for about 17 minutes and the driver
+    ended in a traceback."""
+    from scaling_study.tracking import LocalMlflowServer
+
+    with small_disk(tmp_path / "disk", 512 << 20) as disk, LocalMlflowServer(tmp_path / "mlflow") as server:
+        path = _small_study(tmp_path, "ro", uri=server.uri)
+        spec = yaml.safe_load(path.read_text())
+        spec["storage"]["root"] = str(disk / "studies")
+        path.write_text(yaml.safe_dump(spec, sort_keys=False))
+        proc = _cli_run(path)
+        _wait_for(lambda: any((disk / "studies" / "ro" / "corpus").glob("*/manifest.json")), "the corpus build",
+                  run=proc)
+
+        def remounted() -> bool:  # busy while a file there is open for writing: try again
+            return subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode == 0
+
+        _wait_for(remounted, "a read-only remount", timeout=120)
+        try:
+            out, err = proc.communicate(timeout=600)
+        finally:
+            subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=False)
+    assert proc.returncode == 1, (out[-2000:], err[-3000:])
+    assert f"STOPPED: storage {disk / 'studies' / 'ro'} is read-only" in out, out
+    assert "Traceback" not in err, err[-3000:]
