@@ -149,9 +149,10 @@ class Manifest:
     packing: str = ("each row: [CLS] + seq_len-1 ids of the stream (documents in corpus order, "
                     "[SEP] after each); the incomplete last row is dropped")
     format: int = CORPUS_FORMAT
-    files: dict = dataclasses.field(default_factory=dict)
+    files: dict = dataclasses.field(default_factory=dict, compare=False)
     """Every file of the build but the manifest (`file_list`: sizes, checksums of the small ones),
-    filled in by `write`; a build whose files differ is damaged and rebuilt (empty: not checked)."""
+    filled in by `write` (a certificate, not part of what the build is: not compared); a build whose
+    files differ is damaged and rebuilt (empty: not checked)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -127,6 +127,8 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
     state = StudyState(plan, node_weights(study, plan), done=prepared.done)
     started = time.monotonic()
     box = {"trained": 0}
+    if study.spec.tracking.uri:  # a server that is down: one line before anything is written, the lock too
+        check_server(expand_env(study.spec.tracking.uri))
     with StudyLock(layout.root, "run") as lock, stop_on_signals():
         try:
             with tracking_uri(study, layout, lock) as uri, watch_storage(layout.root):

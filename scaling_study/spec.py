@@ -38,10 +38,10 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_ALLOWED = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
 MAX_SEED = 2**32 - 1
 """Seeds go to numpy (`np.random.seed` takes 32 bits), torch and Ray (64 bits signed)."""
-MIN_VOCAB_SIZE = 1000
-"""WordPiece keeps every character of the corpus and its `##` continuation: about 300 tokens for
-English abstracts, 2,900 for the mirror's science corpus. Below this a vocabulary is mostly its
-alphabet (the build refuses one smaller than its alphabet)."""
+MIN_VOCAB_SIZE = 100
+"""The 5 special tokens and a bare alphabet; below this nothing is a vocabulary. WordPiece keeps every
+character of the corpus and its `##` continuation (about 300 tokens for English abstracts, 2,900 for
+the mirror's science corpus), and the corpus build refuses a `vocab_size` smaller than that."""
 
 
 def is_name(value: str) -> bool:
@@ -192,7 +192,7 @@ class CorpusSpec:
     volumes; when null, `plan` estimates it from the files' sizes."""
     vocab_size: Annotated[int, AfterValidator(_vocab_size)] = 30522
     """WordPiece vocabulary size; one tokenizer is trained per data volume (ScholarBERT: 50,000); at
-    least 1,000 and at least the corpus's alphabet (5 special tokens, each character and its `##` form)."""
+    least 100 and at least the corpus's alphabet (5 special tokens, each character and its `##` form)."""
     cased: bool = True
     """Keep letter case in the tokenizer (ScholarBERT is cased)."""
     min_frequency: PosInt = 2
