@@ -150,7 +150,7 @@ def run_hf(corpus: str, record_path: str, out: str, optim: str | None) -> None:
     torch.set_num_threads(THREADS)
     rec = Recorder(record_path)
     info = CorpusBuild.open(corpus)
-    rows = np.concatenate([info.load_shard(i) for i in range(len(info.shards))])
+    rows = np.concatenate([info.load_shard(i) for i in range(info.num_shards)])
 
     class Rows(torch.utils.data.Dataset):
         def __len__(self):

@@ -7,7 +7,7 @@ Starts a local MLflow server (127.0.0.1, sqlite, `tracking.LocalMlflowServer`) o
 folder and, the first time, logs a synthetic study into it: corpus and pretraining runs, then
 `--runs` finetune runs shaped as the study driver logs them (the real `grid.expand` of a
 paper-sized spec, the factor tags and params of `grid.cell_factors`, the metrics of
-`records.flat_metrics`, `log_batch` per run). That goes straight into the sqlite store in
+`metrics.mlflow_metrics`, `log_batch` per run). That goes straight into the sqlite store in
 /dev/shm (10,000 runs through a server took most of an hour on a busy 2-core machine) and is
 kept, so later invocations skip it. Then it times:
 
@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 
 from scaling_study import results  # noqa: E402
 from scaling_study.grid import cell_factors, expand, iter_cells  # noqa: E402
-from scaling_study.records import flat_metrics  # noqa: E402
+from scaling_study.metrics import mlflow_metrics  # noqa: E402
 from scaling_study.spec import spec_from_data  # noqa: E402
 from scaling_study.tracking import LocalMlflowServer  # noqa: E402
 
@@ -113,7 +113,7 @@ def populate(uri: str, n: int, *, threads: int = 8, end_time: int | None = None,
                   "test": {"f1": f1, "precision": f1, "recall": f1, "loss": 0.3},
                   "train_loss": 0.2, "examples_per_s": 900.0, "train_seconds": 60.0, "selected_epoch": 1,
                   "majority_f1": 0.1, "collapse": False}
-        client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in flat_metrics(result).items()],
+        client.log_batch(run.info.run_id, metrics=[Metric(k, v, now, 0) for k, v in mlflow_metrics(result).items()],
                          params=[Param(k, str(v)) for k, v in factors.items()], tags=_tags({"collapsed": False}))
         # spread over the last 30 hours, as a real study's runs are: a refresh re-reads only the last minute's
         client.set_terminated(run.info.run_id, "FINISHED", end_time=end_time or now - 30 * 3_600_000 + 10_000 * i)

@@ -2,10 +2,12 @@
 
     from scaling_study.artifacts import CorpusBuild, Layout, checkpoint_dir, latest_checkpoint, node_done
     layout = Layout.of(study)                       # <storage.root>/<study name>/, or its local mirror
+    layout = Layout.named("smoke", "s3://bucket/studies")   # the same from a study name and a root
+    pull_tracking(layout)                           # the folder of the embedded MLflow db on this machine
     layout.node(plan, node)                         # a node's folder on this machine
     node_done(layout, plan, node)                   # whether storage holds the node's finished output
-    build = CorpusBuild.open(layout.node(plan, corpus_node))   # a finished corpus build
-    build.manifest.tokens, build.shard_paths, build.tokenizer_dir, build.load_shard(0)
+    build = CorpusBuild.open(layout.location(plan, corpus_node))   # a finished build: a folder or a URI
+    build.manifest.tokens, build.num_shards, build.tokenizer_dir, build.load_shard(0)   # shards read in place
     checkpoint_dir(out_dir, 500)                    # <out_dir>/checkpoints/step-00000500
     latest_checkpoint(out_dir)                      # the complete checkpoint with the most steps, or None
 
@@ -23,7 +25,8 @@ A study folder (`<storage.root>/<study name>/`):
     finetune/<fr-id>/                   a finetune run (scaling_study.finetune): epochs_<L>/scores.json,
                                         predictions; DONE.json, written last, once MLflow has the results
     logs/<node-id>.log                  tracebacks of a node's failures
-    mlflow/                             the embedded MLflow server's sqlite db and artifacts
+    mlflow/                             the embedded MLflow server's sqlite db and artifacts (on an
+                                        object store: its mlflow.db, uploaded when the driver ends)
     cache/                              downloaded corpus URLs, the results cache
 
 A stage writes its output out of sight and makes it visible at once (a rename on local disks; the
@@ -37,13 +40,16 @@ without importing a stage or the study driver.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+import pyarrow.fs as pafs
+
 from scaling_study.errors import UserError
-from scaling_study.spec import Study, expand_env
+from scaling_study.spec import Study, expand_env, is_name
 from scaling_study.storage import SCHEMES, Store, check_root, is_uri, write_atomic
 
 if TYPE_CHECKING:
@@ -199,19 +205,38 @@ def read_manifest(folder: Path | str) -> Manifest | None:
 
 @dataclasses.dataclass(frozen=True)
 class CorpusBuild:
-    """A finished corpus build on this machine: its folder and manifest."""
+    """A finished corpus build: its manifest, and its shards read where they are stored.
+
+    A plain path (a local or NFS folder) is read in place. A storage URI (`s3://`, `gs://`,
+    `file://`) is never copied whole: each shard is read from the store when it is asked for (one
+    GET), and only the tokenizer (a few MB) comes down to the local mirror, when it is first used.
+    """
 
     root: Path
+    """The build's folder on this machine: the folder itself, or its local mirror for a URI."""
     manifest: Manifest
+    store: Store | None = None
+    """The build in storage when it was opened from a URI; None for a plain path."""
 
     @classmethod
     def open(cls, root: Path | str) -> CorpusBuild:
-        manifest = read_manifest(root)
-        if manifest is None:
+        if is_uri(root):
+            store = Store(root)
+            manifest = Manifest.parse(store.read_text(MANIFEST))  # the marker: uploaded after the shards
+            build = cls(store.local, manifest, store) if manifest is not None else None
+        else:
+            manifest = read_manifest(root)
+            build = cls(Path(root), manifest) if manifest is not None else None
+        if build is None:
             raise FileNotFoundError(f"{root}: no finished corpus build (no valid {MANIFEST})")
         if not manifest.shards:
-            raise ValueError(f"{Path(root) / MANIFEST}: the corpus has no shards")
-        return cls(Path(root), manifest)
+            raise ValueError(f"{root}/{MANIFEST}: the corpus has no shards")
+        return build
+
+    @property
+    def location(self) -> str:
+        """Where the build is stored: its URI, or its folder."""
+        return self.store.location if self.store is not None else str(self.root)
 
     @property
     def seq_len(self) -> int:
@@ -226,21 +251,43 @@ class CorpusBuild:
         """pad, unk, cls, sep, mask -> id."""
         return self.manifest.special_ids
 
-    @property
+    @functools.cached_property
     def tokenizer_dir(self) -> Path:
+        """The tokenizer's folder on this machine (downloaded to the mirror on first use for a URI)."""
+        if self.store is not None:
+            return self.store.download(self.manifest.tokenizer)
         return self.root / self.manifest.tokenizer
 
     @property
+    def num_shards(self) -> int:
+        return len(self.manifest.shards)
+
+    @property
     def shard_paths(self) -> list[Path]:
-        """The Parquet shards, in stream order."""
+        """The Parquet shards of a local build, in stream order (`read_shard` reads any build)."""
+        if self.store is not None:
+            raise ValueError(f"{self.location}: the shards are in storage; read them with read_shard")
         return [self.root / s["file"] for s in self.manifest.shards]
+
+    def read_shard(self, index: int) -> bytes:
+        """Shard `index`'s file, whole, from where the build is stored (no local copy)."""
+        file = self.manifest.shards[index]["file"]
+        if self.store is None:
+            return (self.root / file).read_bytes()
+        with self.store.fs.open_input_stream(self.store.path(file)) as f:
+            return f.read()
+
+    def decode_shard(self, data: bytes) -> np.ndarray:
+        """A shard file's bytes (`read_shard`) as a (sequences, seq_len) array of token ids."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(pa.BufferReader(data), columns=["input_ids"])
+        return table.column(0).combine_chunks().flatten().to_numpy(zero_copy_only=False).reshape(-1, self.seq_len)
 
     def load_shard(self, index: int) -> np.ndarray:
         """Shard `index` as a (sequences, seq_len) array of token ids."""
-        import pyarrow.parquet as pq
-
-        column = pq.read_table(self.shard_paths[index], columns=["input_ids"]).column(0).combine_chunks()
-        return column.flatten().to_numpy(zero_copy_only=False).reshape(-1, self.seq_len)
+        return self.decode_shard(self.read_shard(index))
 
 
 # ----------------------------------------------------------------------------------- checkpoints
@@ -380,17 +427,27 @@ class Layout:
 
     @classmethod
     def of(cls, study: Study) -> Layout:
-        root = expand_env(study.spec.storage.root)
+        return cls.named(study.spec.name, expand_env(study.spec.storage.root), file=study.file,
+                         field="storage.root")
+
+    @classmethod
+    def named(cls, name: str, root: str, *, file: str | None = None, field: str = "--root") -> Layout:
+        """The folder of study `name` under the storage root `root` (a path or a URI), as `of` finds it
+        from the spec; readers given a study's name (`results NAME --root ROOT`) use this. The name is
+        checked here, where it is read: `../x` would put the study's cache outside the root."""
+        if not is_name(name):
+            raise UserError(f"study {name!r}: not a study name; allowed: a study's name (1-64 characters from "
+                            "A-Z a-z 0-9 . _ -, no '..') or its spec file (.yaml)")
         problem = check_root(root)
         if problem:  # the spec checks it too; ${VAR} may expand to something else now
-            raise UserError(f"{study.file}: storage.root: {problem}; got {root!r}; allowed: a local folder or a "
-                            f"URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
+            raise UserError(f"{file + ': ' if file else ''}{field}: {problem}; got {root!r}; allowed: a local folder "
+                            f"or a URI of scheme {', '.join(s + '://' for s in SCHEMES)}")
         if is_uri(root):
-            store = Store(f"{root.rstrip('/')}/{study.spec.name}")
+            store = Store(f"{root.rstrip('/')}/{name}")
             return cls(store.local, store)  # object stores have no links to check
         base = Path(root).expanduser().resolve()
-        layout = cls(base / study.spec.name, Store(base / study.spec.name))
-        layout.check_contained(base, study.file)
+        layout = cls(base / name, Store(base / name))
+        layout.check_contained(base, file or field)
         return layout
 
     def check_contained(self, base: Path, file: str) -> None:
@@ -446,6 +503,48 @@ class Layout:
     @property
     def cache(self) -> Path:
         return self.root / "cache"
+
+
+TRACKING_DB = "mlflow/mlflow.db"
+"""The embedded MLflow server's database, relative to the study's folder."""
+_TRACKING_STAMP = "mlflow/.stored"
+
+
+def _stored_stamp(layout: Layout) -> str | None:
+    info = layout.store.fs.get_file_info(layout.store.path(TRACKING_DB))
+    return None if info.type == pafs.FileType.NotFound else f"{info.size} {info.mtime_ns}"
+
+
+def push_tracking(layout: Layout) -> None:
+    """Upload the embedded MLflow server's database (the server stopped) to an object-store root, so
+    that `results`, `report` and `ui` elsewhere find it (the run artifacts stay in this mirror:
+    the database names them by local path). Nothing for a plain local root."""
+    if not layout.store.remote or not (layout.root / TRACKING_DB).is_file():
+        return
+    layout.store.upload(TRACKING_DB)
+    write_atomic(layout.root / _TRACKING_STAMP, _stored_stamp(layout) or "")
+
+
+def pull_tracking(layout: Layout) -> Path:
+    """The folder holding the study's embedded MLflow database on this machine (`Layout.mlflow`).
+
+    On an object-store root, the stored database comes down unless this mirror's own is newer: a
+    database without a stamp was written here (this machine ran the driver), one whose stamp
+    matches storage is current; any other is replaced by the stored copy. (The stamp is the stored
+    size and time, to the second: a copy stored again within a second at the same size looks the same.)
+    """
+    local = layout.root / TRACKING_DB
+    if not layout.store.remote:
+        return layout.mlflow
+    stored = _stored_stamp(layout)
+    stamp = layout.root / _TRACKING_STAMP
+    own = local.is_file() and not stamp.is_file()
+    if stored is None or own or (local.is_file() and stamp.read_text() == stored):
+        return layout.mlflow
+    local.unlink(missing_ok=True)  # the download keeps files of the same size: this one changes in place
+    layout.store.download(TRACKING_DB)
+    write_atomic(stamp, stored)
+    return layout.mlflow
 
 
 def node_done(layout: Layout, plan: Plan, node: Node) -> bool:

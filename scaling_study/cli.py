@@ -101,6 +101,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     console.print(f"Storage: checkpoints {_bytes(s.checkpoint_weights_bytes)} weights + "
                   f"{_bytes(s.checkpoint_optimizer_bytes)} optimizer state, corpus shards "
                   f"<= {_bytes(s.corpus_shards_bytes)}; total {_bytes(s.total_bytes)}")
+    disk = {node: _bytes(d["total"]) for node, d in s.node_disk.items()}
+    console.print(f"Cluster node disks (docs/cluster.md, Disks): head {disk['head']}, pretraining node "
+                  f"{disk['pretrain_node']}, finetuning node {disk['finetune_node']}")
     console.print(
         f"Assumed: {dev.name} ({dev.description}) at {_si(dev.peak_flops, 'FLOP/s')} {dev.peak_precision} "
         f"peak x MFU {dev.assumed_mfu:.2f} = {_si(dev.throughput_flops, 'FLOP/s')}. FLOPs count every matmul "
@@ -183,6 +186,7 @@ def cmd_tasks(args: argparse.Namespace) -> int:
 def _tasks_check(registry, args: argparse.Namespace) -> int:
     """Load every task whose data can be found; print split sizes and label sets. A malformed file raises."""
     from collections import Counter
+    from pathlib import Path
 
     from scaling_study.metrics import entity_spans
     from scaling_study.tasks.data import DataNotFound, load_task_data, mirror_dirs
@@ -192,6 +196,9 @@ def _tasks_check(registry, args: argparse.Namespace) -> int:
     if unknown:
         raise UserError(f"tasks check: unknown task(s) {', '.join(unknown)}; "
                         f"allowed: {', '.join(sorted(registry.tasks))}")
+    if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
+        raise UserError(f"--data-dir {args.data_dir}: no such folder; allowed: a folder holding one folder per "
+                        "task id with its split files")
     dirs = mirror_dirs(args.data_dir)
     print(f"Data folders: {', '.join(map(str, dirs)) or '(none)'}; then the download cache"
           + (" (offline: no downloads)" if args.offline else ""))
@@ -388,7 +395,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         "study jobs on a Ray cluster")
     from scaling_study import results
 
-    _note_reaped(_study_folder(args.study, args.root))
+    _note_reaped(_layout(args.study, args.root).root)
     print(results.status(args.study, tracking_uri=args.tracking_uri, root=args.root).to_string(index=False))
     return 0
 
@@ -441,21 +448,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1 if status in TERMINAL else 0
 
 
-def _study_folder(study: str, root: str):
-    """The study's storage folder on this machine, from its name (under `root`) or its spec file."""
-    from pathlib import Path
+def _layout(study: str, root: str):
+    """The study's storage layout, from its name (under `root`, a folder or URI) or its spec file."""
+    from scaling_study.artifacts import Layout
 
     if study.endswith((".yaml", ".yml")):
-        from scaling_study.artifacts import Layout
         from scaling_study.spec import load_spec
 
-        return Layout.of(load_spec(study)).root
-    from scaling_study.spec import is_name
-
-    if not is_name(study):
-        raise UserError(f"study {study!r}: not a study name; allowed: a study's name (1-64 characters from "
-                        "A-Z a-z 0-9 . _ -, no '..') or its spec file (.yaml)")
-    return Path(root).expanduser().resolve() / study
+        return Layout.of(load_spec(study))
+    return Layout.named(study, root)  # the name is checked there: no `../`
 
 
 def _note_reaped(folder) -> None:
@@ -469,20 +470,22 @@ def _note_reaped(folder) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
+    from scaling_study.artifacts import pull_tracking
     from scaling_study.lifecycle import StudyLock
     from scaling_study.tracking import LocalMlflowServer, check_sqlite_store
 
-    folder = _study_folder(args.study, args.root)
-    db = folder / "mlflow" / "mlflow.db"
+    layout = _layout(args.study, args.root)
+    live = LocalMlflowServer.live(layout.mlflow)
+    if live:  # a running study's server: open it, never start a second one over its store
+        return _attach_ui(args.study, live)
+    folder = pull_tracking(layout)  # an object-store root: the db the driver uploaded, downloaded here
+    db = folder / "mlflow.db"
     if not db.exists():
         raise UserError(f"ui: no tracking database at {db}; allowed: a study run with the "
                         "embedded server (scaling-study run), or --root for another storage root")
-    live = LocalMlflowServer.live(folder / "mlflow")
-    if live:  # a running study's server: open it, never start a second one over its store
-        return _attach_ui(args.study, live)
     check_sqlite_store(db, f"sqlite:///{db}")  # an empty file would be made a store, a damaged one fail later
-    with StudyLock(folder, "ui") as lock, \
-            LocalMlflowServer(folder / "mlflow", port=args.port, on_start=lock.own) as server:
+    with StudyLock(layout.root, "ui") as lock, \
+            LocalMlflowServer(folder, port=args.port, on_start=lock.own) as server:
         print(f"MLflow UI for {args.study}: {server.uri}  (Ctrl-C to stop)", flush=True)
         try:
             while server.process.poll() is None:
@@ -509,7 +512,8 @@ def _attach_ui(study: str, live: dict) -> int:
 
 def _study_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
     p.add_argument("study", nargs="?" if optional else None, help="study name (under --root) or its spec file")
-    p.add_argument("--root", default="studies", help="storage root of the embedded default (default: ./studies)")
+    p.add_argument("--root", default="studies",
+                   help="storage root of the embedded default: a folder or s3://, gs:// URI (default: ./studies)")
     p.add_argument("--tracking-uri", default=None, help="read from this MLflow server instead")
 
 
@@ -581,7 +585,7 @@ def _cluster_verbs(sub) -> None:
 
     p = sub.add_parser("ui", help="serve the MLflow UI over a study run with the embedded server")
     p.add_argument("study", help="study name (under --root) or its spec file")
-    p.add_argument("--root", default="studies")
+    p.add_argument("--root", default="studies", help="storage root: a folder or s3://, gs:// URI (default: ./studies)")
     p.add_argument("--port", type=int, default=5000)
     p.set_defaults(func=cmd_ui)
 

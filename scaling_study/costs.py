@@ -29,6 +29,10 @@ BYTES_PER_TOKEN = 4.6
 WEIGHT_BYTES = 4  # fp32 safetensors
 OPTIMIZER_BYTES = 8  # AdamW moments, fp32, kept with each checkpoint so any level can resume
 TOKEN_BYTES = 4  # int32 token ids in the Parquet shards (before compression; an upper bound)
+NODE_SYSTEM_BYTES = 60e9
+"""An allowance for what a cluster node keeps besides the study (an estimate, not a measurement):
+the unpacked rayproject/ray GPU image, the CUDA build of torch and the project's packages, pip's and
+Hugging Face's caches, Ray's logs and /tmp."""
 
 
 def corpus_tokens(study: Study) -> tuple[float | None, str]:
@@ -128,6 +132,8 @@ class StorageCost:
     corpus_shards_bytes: float
     """An upper bound: int32 token ids before compression."""
     total_bytes: float
+    node_disk: dict = dataclasses.field(default_factory=dict)
+    """Local disk (bytes) each kind of cluster node needs, by part (`node_disk`)."""
 
 
 @dataclasses.dataclass
@@ -284,6 +290,37 @@ def _storage(pretrain_runs: list[PretrainRunCost], volume_tokens: dict) -> Stora
                        corpus_shards_bytes=shards, total_bytes=weights + optimizer + shards)
 
 
+def node_disk(storage: StorageCost, pretrain_runs: list[PretrainRunCost], corpus: CorpusSize | None) -> dict:
+    """Local disk (bytes) each kind of cluster node needs for the study, from `estimate`'s numbers;
+    `ray_cluster.yaml`'s volumes are sized from it (docs/cluster.md, Disks; tests/test_cluster.py).
+
+    Nodes work in their local mirror of the storage root and keep what they staged or fetched
+    there (it is a cache), so each node needs room for the most it can come to hold:
+
+    - `head`: the corpus builds run here (the only node up when a study starts); each writes its
+      shards in the mirror and uploads them: every build's shards, plus the corpus text when it
+      sits on the head's disk (`corpus_text`: tokens x BYTES_PER_TOKEN).
+    - `pretrain_node`: rank 0 writes each checkpoint (weights and optimizer state) in its mirror
+      before uploading it. At worst one node is rank 0 of every run: every checkpoint, plus each
+      run's latest resume-only checkpoint and the next one being written beside it. No corpus
+      shards: the workers stream them from storage.
+    - `finetune_node`: each trial downloads a checkpoint's weights and tokenizer: at worst every
+      checkpoint's weights.
+
+    Each plus NODE_SYSTEM_BYTES.
+    """
+    checkpoint = [r.parameters * (WEIGHT_BYTES + OPTIMIZER_BYTES) for r in pretrain_runs]
+    text = (corpus.tokens if corpus else None) or 0
+    parts = {
+        "head": {"corpus_shards": storage.corpus_shards_bytes, "corpus_text": text * BYTES_PER_TOKEN},
+        "pretrain_node": {"checkpoints": storage.checkpoint_weights_bytes + storage.checkpoint_optimizer_bytes,
+                          "resume_checkpoints": sum(checkpoint) + max(checkpoint, default=0)},
+        "finetune_node": {"checkpoint_weights": storage.checkpoint_weights_bytes},
+    }
+    return {node: {**p, "system": NODE_SYSTEM_BYTES, "total": sum(p.values()) + NODE_SYSTEM_BYTES}
+            for node, p in parts.items()}
+
+
 def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None = None) -> CostReport:
     """The plan's costs on `device` (a name in presets/devices.yaml); see the module docstring."""
     dev = _device(device, mfu)
@@ -297,9 +334,11 @@ def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None =
     by_task = _finetune_by_task(study, plan, flops, children, per_hour)
     pre = sum(r.flops for r in pretrain_runs)
     ft = sum(r.flops for r in by_task)
+    storage = _storage(pretrain_runs, volume_tokens)
+    storage.node_disk = node_disk(storage, pretrain_runs, corpus)
     totals = Totals(pretrain_flops=pre, finetune_flops=ft, flops=pre + ft, pretrain_device_hours=pre / per_hour,
                     finetune_device_hours=ft / per_hour, device_hours=(pre + ft) / per_hour,
                     finetune_jobs_without_flops=sum(r.flops_unknown for r in by_task))
     return CostReport(study=spec.name, device=dev, counts={kind: len(plan.of_kind(kind)) for kind in KINDS},
                       pretrain_runs=pretrain_runs, finetune_by_task=by_task,
-                      storage=_storage(pretrain_runs, volume_tokens), corpus=corpus, totals=totals)
+                      storage=storage, corpus=corpus, totals=totals)

@@ -6,12 +6,19 @@
     SCALING_STUDY_FAULT="finetune-log:kill-pid=PATH"    before a finetune run logs its results, kill the
                                                         process group whose pid starts the file PATH (the
                                                         MLflow server's server.pid): tracking lost mid-study
+    SCALING_STUDY_FAULT="upload=trainer_state.pt:kill"  SIGKILL an upload to an object store before this file
+                                                        goes up (here a checkpoint's marker, the last one)
+    SCALING_STUDY_FAULT="pretrain-step=7:stall=120"     hold this process here 120 s: a test removes its Ray node
+                                                        meanwhile (what is held is what the node loses)
+    SCALING_STUDY_FAULT="pretrain-step=7:stall=120;finetune-log:stall=120"   several faults, `;`-separated
     SCALING_STUDY_FAULT_ONCE=/tmp/x/fired               fire only if this file does not exist yet, and create it
-                                                        (a restarted worker must not die again at the same step)
+                                                        (a restarted worker must not die again at the same step);
+                                                        with several faults, each has its own: /tmp/x/fired-<point>
 
 The code calls `faults.point("pretrain-step", step)` where a fault may strike; with the variable
 unset that is one dictionary lookup. Ray workers inherit the variables from the process that
-started the local Ray, so a test sets them before `ray.init`. This is the one place the project
+started the local Ray (or their node's, in tests/test_cluster_sim.py), so a test sets them before
+`ray.init`. This is the one place the project
 stands in for reality, and only to make a real failure (a real SIGKILL, a real dead server) happen
 at a chosen moment; tests/test_faults.py uses it.
 """
@@ -21,6 +28,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import time
 
 ENV = "SCALING_STUDY_FAULT"
 ENV_ONCE = "SCALING_STUDY_FAULT_ONCE"
@@ -34,10 +42,11 @@ def _parse(text: str) -> tuple[str, str | None, str, str | None]:
     return point.strip(), value.strip() or None, action.strip(), arg.strip() or None
 
 
-def _claim_once() -> bool:
+def _claim_once(suffix: str = "") -> bool:
     marker = os.environ.get(ENV_ONCE)
     if not marker:
         return True
+    marker += suffix
     try:
         os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         return True
@@ -50,9 +59,15 @@ def point(name: str, value: object = None) -> None:
     text = os.environ.get(ENV)
     if not text:
         return
-    target, want, action, arg = _parse(text)
-    if target != name or (want is not None and want != str(value)) or not _claim_once():
-        return
+    faults = [_parse(part) for part in text.split(";") if part.strip()]
+    for target, want, action, arg in faults:
+        if target != name or (want is not None and want != str(value)):
+            continue
+        if _claim_once(f"-{target}" if len(faults) > 1 else ""):
+            _strike(text, name, value, action, arg)
+
+
+def _strike(text: str, name: str, value: object, action: str, arg: str | None) -> None:
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif action == "enospc":
@@ -61,5 +76,8 @@ def point(name: str, value: object = None) -> None:
         with open(arg) as f:
             pid = int(f.read().split()[0])
         os.killpg(pid, signal.SIGKILL)
+    elif action == "stall" and arg:
+        time.sleep(float(arg))
     else:
-        raise ValueError(f"${ENV}={text!r}: unknown action {action!r}; allowed: kill, enospc, kill-pid=PATH")
+        raise ValueError(f"${ENV}={text!r}: unknown action {action!r}; allowed: kill, enospc, kill-pid=PATH, "
+                         "stall=SECONDS")

@@ -8,14 +8,19 @@ markers, and sequence classification. One plain training loop, dynamic padding, 
                        seed=0, out_dir="out/scierc_re")
     results[-1]["test"]["f1"], results[-1]["selected_epoch"], results[-1]["collapse"]
 
-Each result (one per epoch level) holds `dev` and `test` scores (with `per_type`), `score` (test F1),
-`majority_f1` (test score of always predicting the majority training class; 0 for NER), `train_loss`
-(mean over the level's last epoch), `train_losses`, `examples_per_s` (training only), `collapse`
-and `collapse_reasons`, and `artifacts`: paths relative to `out_dir` of `epochs_<L>/scores.json`
-(this dict) and the test predictions (`test_predictions.conll`, `TOKEN<TAB>GOLD<TAB>PRED`, or
-`test_predictions.jsonl`), which `metrics.rescore` re-scores.
+Each result (one per epoch level) holds `dev` and `test` scores (with `per_type`; NER also the
+conlleval scores), `score` (test F1), `majority_f1` (test score of always predicting the majority
+training class; 0 for NER), `train_loss` (mean over the level's last epoch), `train_losses`,
+`end_train_loss` (`metrics.end_loss`: the last steps up to the end of the selected epoch),
+`examples_per_s` (training only), `collapse` and `collapse_reasons` (`metrics.detect_collapse`, on
+the test predictions and `end_train_loss`), and `artifacts`: paths relative to `out_dir` of
+`epochs_<L>/scores.json` (this dict) and the test predictions (`test_predictions.conll`,
+`TOKEN<TAB>GOLD<TAB>PRED`, or `test_predictions.jsonl`), which `metrics.rescore` re-scores.
+`metrics.mlflow_metrics(result)` and `metrics.mlflow_tags(result)` are what MLflow records of it.
 
-`model_source` is a checkpoint folder (`save_pretrained` model + tokenizer) or a Hugging Face id.
+`model_source` is a checkpoint folder (`save_pretrained` model + tokenizer) or a Hugging Face id;
+`revision=` pins a hub id's commit, tag or branch; the tokenizer's casing comes from the model's
+files or `do_lower_case=` (`load_tokenizer`), never from a default.
 
 Protocols. `trajectory`: one run of max(levels) epochs, its LR schedule (linear warmup, linear decay
 to 0) laid over all of them, scored at each level on the way. `independent`: one run per level,
@@ -57,6 +62,7 @@ import torch
 from scaling_study.errors import UserError
 from scaling_study.metrics import (
     detect_collapse,
+    end_loss,
     label_entropy,
     majority_baseline,
     score,
@@ -92,8 +98,12 @@ class FinetuneConfig(FinetuneRecipe):
 
 def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: FinetuneConfig,
              epoch_levels: Iterable[int], seed: int, out_dir: str | Path,
-             logger: Callable[[dict], None] | None = None) -> list[dict]:
-    """Finetune and score at each epoch level; one result dict per level, also written to `out_dir`."""
+             logger: Callable[[dict], None] | None = None, *, revision: str | None = None,
+             do_lower_case: bool | None = None) -> list[dict]:
+    """Finetune and score at each epoch level; one result dict per level, also written to `out_dir`.
+
+    `revision` pins a hub model's commit, tag or branch; `do_lower_case` the tokenizer's casing where
+    the model does not say (see `load_tokenizer`)."""
     levels = sorted(set(int(e) for e in epoch_levels))
     if not levels or levels[0] < 1:
         raise ValueError(f"epoch_levels must be positive integers, got {list(epoch_levels)}")
@@ -105,17 +115,18 @@ def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: F
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
                           else config.device)
     labels = data.label_list
-    tokenizer = load_tokenizer(model_source, task)
+    tokenizer = load_tokenizer(model_source, task, revision=revision, do_lower_case=do_lower_case)
     feats = {split: encode(task, tokenizer, examples, labels, config.max_seq_len)
              for split, examples in data.splits.items()}
+    job = _Job(task=task, data=data, feats=feats, labels=labels, config=config, seed=seed, device=device,
+               pad_id=tokenizer.pad_token_id or 0, out=out, logger=logger)
     runs = [levels] if config.protocol == "trajectory" else [[level] for level in levels]
     results = []
     with _deterministic():
         for run_levels in runs:
             torch.manual_seed(seed)  # the new head's init and dropout; each run starts from the same state
-            model = load_model(model_source, task, labels, len(tokenizer)).to(device)
-            results += _train_run(model, tokenizer, task, data, feats, labels, config, run_levels, seed, device,
-                                  out, logger)
+            model = load_model(model_source, task, labels, len(tokenizer), revision=revision).to(device)
+            results += _train_run(model, job, run_levels)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
 
@@ -123,32 +134,80 @@ def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: F
 # ----------------------------------------------------------------------------------- the loop
 
 
-def _train_run(model, tokenizer, task: TaskInfo, data: TaskData, feats: dict, labels: list[str],
-               config: FinetuneConfig, levels: list[int], seed: int, device: torch.device, out: Path,
-               logger: Callable[[dict], None] | None) -> list[dict]:
+@dataclasses.dataclass
+class _Job:
+    """What every run of one `finetune` call shares: the task, its data and features, how to train."""
+
+    task: TaskInfo
+    data: TaskData
+    feats: dict[str, list[dict]]
+    """`encode`d examples per split."""
+    labels: list[str]
+    config: FinetuneConfig
+    seed: int
+    device: torch.device
+    pad_id: int
+    out: Path
+    logger: Callable[[dict], None] | None = None
+
+    def score_split(self, model, split: str) -> tuple[dict, list]:
+        return evaluate(model, self.task, self.data.splits[split], self.feats[split], self.labels, self.config,
+                        self.device, self.pad_id)
+
+
+@dataclasses.dataclass
+class _Selected:
+    """The state a level's result scores: the best dev epoch so far (`select="last"`: the last epoch)."""
+
+    epoch: int
+    dev: dict
+    end_train_loss: float
+    """`metrics.end_loss` of the training steps up to the end of this epoch."""
+    state: dict | None
+    """A copy of the weights, kept while a later epoch may be scored with them; None otherwise."""
+
+
+@dataclasses.dataclass
+class _Level:
+    """One epoch level, scored: what the loop hands to `_result`."""
+
+    epoch: int
+    total_epochs: int
+    selected: _Selected
+    dev_last: float | None
+    """Dev F1 at the end of this epoch (None when dev was not scored then)."""
+    test: dict
+    preds: list
+    """Test predictions of the selected state (tags per word, or labels)."""
+    epoch_losses: list[float]
+    """Mean train loss of each epoch so far."""
+    train_seconds: float
+
+
+def _train_run(model, job: _Job, levels: list[int]) -> list[dict]:
     """One finetuning run over max(levels) epochs; a result at each level (see the module docstring)."""
     from transformers import get_linear_schedule_with_warmup
 
-    train = feats["train"]
+    config, train = job.config, job.feats["train"]
     total_epochs = levels[-1]
     steps_per_epoch = math.ceil(len(train) / config.batch_size)
     total_steps = steps_per_epoch * total_epochs
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
-                                  fused=device.type in ("cpu", "cuda"))  # one kernel per step, as the Trainer
+                                  fused=job.device.type in ("cpu", "cuda"))  # one kernel per step, as the Trainer
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
-    order = torch.Generator().manual_seed(seed)
-    pad_id = tokenizer.pad_token_id or 0
-    best: dict = {"f1": -1.0}
+    autocast = torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
+    order = torch.Generator().manual_seed(job.seed)
+    best: _Selected | None = None
     losses: list[float] = []
+    step_losses: list[float] = []
     train_seconds = 0.0
     results = []
     for epoch in range(1, total_epochs + 1):
         model.train()
         start = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
+        epoch_steps = []
         for idx in torch.randperm(len(train), generator=order).split(config.batch_size):
-            batch = collate([train[i] for i in idx.tolist()], pad_id, device)
+            batch = collate([train[i] for i in idx.tolist()], job.pad_id, job.device)
             with autocast:
                 loss = model(**batch).loss
             loss.backward()
@@ -157,43 +216,62 @@ def _train_run(model, tokenizer, task: TaskInfo, data: TaskData, feats: dict, la
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-        losses.append(loss_sum.item() / steps_per_epoch)
+            epoch_steps.append(loss.detach())
+        step_losses += torch.stack(epoch_steps).tolist()  # one device sync per epoch, not per step
+        losses.append(sum(step_losses[-steps_per_epoch:]) / steps_per_epoch)
         train_seconds += time.perf_counter() - start
-        record = {"epoch": epoch, "train_loss": losses[-1], "lr": scheduler.get_last_lr()[0],
-                  "train_seconds": train_seconds}
+        record = {"epoch": epoch, "train_loss": losses[-1], "end_train_loss": end_loss(step_losses),
+                  "lr": scheduler.get_last_lr()[0], "train_seconds": train_seconds}
         if config.select == "best_dev" or epoch in levels:
-            dev, _ = evaluate(model, task, data.splits["dev"], feats["dev"], labels, config, device, pad_id)
+            dev, _ = job.score_split(model, "dev")
             record["dev_f1"] = dev["f1"]
-            if config.select == "last" or dev["f1"] > best["f1"]:
+            if config.select == "last" or best is None or dev["f1"] > best.dev["f1"]:
                 keep = epoch < total_epochs and config.select == "best_dev"  # a later level may need this state
-                best = {"f1": dev["f1"], "epoch": epoch, "dev": dev, "state": _copy_state(model) if keep else None}
-        if logger:
-            logger(record)
+                best = _Selected(epoch, dev, record["end_train_loss"], _copy_state(model) if keep else None)
+        if job.logger:
+            job.logger(record)
         if epoch in levels:
-            with _weights(model, best["state"] if best["epoch"] != epoch else None):
-                test, preds = evaluate(model, task, data.splits["test"], feats["test"], labels, config, device,
-                                       pad_id)
-            results.append(_result(task, data, feats, labels, config, levels, seed, epoch, best, record, test, preds,
-                                   losses, train_seconds, out))
+            with _weights(model, best.state if best.epoch != epoch else None):
+                test, preds = job.score_split(model, "test")
+            results.append(_result(job, _Level(epoch, total_epochs, best, record.get("dev_f1"), test, preds,
+                                               list(losses), train_seconds)))
     return results
 
 
 # ----------------------------------------------------------------------------------- pieces
 
 
-def load_tokenizer(source: str | Path, task: TaskInfo):
-    """The checkpoint's tokenizer, with the task's entity markers added as special tokens."""
+def load_tokenizer(source: str | Path, task: TaskInfo, *, revision: str | None = None,
+                   do_lower_case: bool | None = None):
+    """The checkpoint's tokenizer, with the task's entity markers added as special tokens.
+
+    Casing comes from the model, never from a default: `do_lower_case` where given (the spec's
+    `external_models[].do_lower_case`), else the model's `tokenizer_config.json`, its `tokenizer.json`
+    normalizer, or its `config.json`. A WordPiece tokenizer whose model says none of these is a
+    UserError: transformers would lowercase it, and a cased vocabulary then reads "Aspirin" as [UNK]."""
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(source))
-    except (OSError, ValueError) as exc:
-        raise UserError(f"model {source}: cannot load its tokenizer ({str(exc).splitlines()[0]}); allowed: a "
-                        "folder saved with save_pretrained (model and tokenizer) or a Hugging Face id") from None
+    def load(**kw):
+        try:
+            return AutoTokenizer.from_pretrained(str(source), revision=revision, **kw)
+        except (OSError, ValueError) as exc:
+            raise UserError(f"model {source}: cannot load its tokenizer ({str(exc).splitlines()[0]}); allowed: a "
+                            "folder saved with save_pretrained (model and tokenizer) or a Hugging Face id") from None
+
+    tokenizer = load()
     if not tokenizer.is_fast:
         raise UserError(f"model {source}: the tokenizer is not a fast (tokenizers) one; allowed: a tokenizer "
                         "with word_ids(), e.g. saved from BertTokenizer in transformers 5")
+    declared = do_lower_case if do_lower_case is not None else declared_casing(source, revision)
+    if declared is None and hasattr(tokenizer, "do_lower_case"):  # a casing switch that the model leaves unset
+        raise UserError(f"model {source}: its tokenizer does not say whether it lowercases (no do_lower_case in "
+                        "tokenizer_config.json or config.json, no tokenizer.json); allowed: "
+                        "external_models[].do_lower_case: true for an uncased model, false for a cased one")
+    if declared is not None and _lowercases(tokenizer) != declared:
+        tokenizer = load(do_lower_case=declared)
+        if _lowercases(tokenizer) != declared:
+            raise UserError(f"model {source}: its tokenizer cannot be made to {'' if declared else 'not '}"
+                            f"lowercase; allowed: do_lower_case {str(not declared).lower()} for this model")
     markers = task.format_options.get("entity_markers") or []
     if task.format == "scierc_json" and task.type != "ner":
         markers = [*task.format_options.get("head_markers", ["[[", "]]"]),
@@ -204,7 +282,48 @@ def load_tokenizer(source: str | Path, task: TaskInfo):
     return tokenizer
 
 
-def load_model(source: str | Path, task: TaskInfo, labels: list[str], vocab_size: int):
+def declared_casing(source: str | Path, revision: str | None = None) -> bool | None:
+    """Whether a model's files say its tokenizer lowercases: `do_lower_case` in tokenizer_config.json,
+    else the normalizer of tokenizer.json, else `do_lower_case` in config.json; None when none says."""
+    from transformers.utils import cached_file
+
+    def read(name: str) -> dict | None:
+        path = cached_file(str(source), name, revision=revision, _raise_exceptions_for_missing_entries=False,
+                           _raise_exceptions_for_connection_errors=False)
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8")) if path else None
+        except (OSError, ValueError):
+            return None  # from_pretrained reports a broken file itself
+        return data if isinstance(data, dict) else None
+
+    config = read("tokenizer_config.json") or {}
+    if isinstance(config.get("do_lower_case"), bool):
+        return config["do_lower_case"]
+    fast = read("tokenizer.json")
+    if fast is not None:
+        return _normalizer_lowercases(fast.get("normalizer"))
+    config = read("config.json") or {}
+    return config["do_lower_case"] if isinstance(config.get("do_lower_case"), bool) else None
+
+
+def _normalizer_lowercases(normalizer: Any) -> bool:
+    """Whether a tokenizer.json `normalizer` entry lowercases (BertNormalizer, Lowercase, or a Sequence of them)."""
+    if not isinstance(normalizer, dict):
+        return False
+    if normalizer.get("type") == "Sequence":
+        return any(_normalizer_lowercases(n) for n in normalizer.get("normalizers") or [])
+    return normalizer.get("type") == "Lowercase" or (normalizer.get("type") == "BertNormalizer"
+                                                     and normalizer.get("lowercase", True) is not False)
+
+
+def _lowercases(tokenizer) -> bool:
+    """What the loaded tokenizer does (not what its attributes say): does its normalizer lowercase?"""
+    normalizer = tokenizer.backend_tokenizer.normalizer
+    return normalizer is not None and normalizer.normalize_str("A") == "a"
+
+
+def load_model(source: str | Path, task: TaskInfo, labels: list[str], vocab_size: int, *,
+               revision: str | None = None):
     """The checkpoint with a new classification head (initialised from the torch RNG: seed first)."""
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
@@ -213,7 +332,8 @@ def load_model(source: str | Path, task: TaskInfo, labels: list[str], vocab_size
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized weights" is the point of finetuning
     try:
-        model = cls.from_pretrained(str(source), num_labels=len(labels), id2label=dict(enumerate(labels)),
+        model = cls.from_pretrained(str(source), revision=revision, num_labels=len(labels),
+                                    id2label=dict(enumerate(labels)),
                                     label2id={label: i for i, label in enumerate(labels)})
         if vocab_size > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab_size)  # entity markers added to the tokenizer; rows from the RNG
@@ -305,40 +425,41 @@ def evaluate(model, task: TaskInfo, examples: list[dict], feats: list[dict], lab
     return score(task.metric, gold, pred, labels if task.type != "ner" else None), pred
 
 
-def _result(task: TaskInfo, data: TaskData, feats: dict, labels: list[str], config: FinetuneConfig,
-            levels: list[int], seed: int, epoch: int, best: dict, record: dict, test: dict, preds: list,
-            losses: list[float], train_seconds: float, out: Path) -> dict:
+def _result(job: _Job, level: _Level) -> dict:
     """One level's result, with its artifacts (scores JSON, re-scorable test predictions) written."""
+    task, data, feats, config = job.task, job.data, job.feats, job.config
     ner = task.type == "ner"
     train_gold = [t for ex in data.splits["train"] for t in ex["tags"]] if ner else \
         [ex["label"] for ex in data.splits["train"]]
     test_gold = [ex["tags"] for ex in data.splits["test"]] if ner else [ex["label"] for ex in data.splits["test"]]
-    collapse = detect_collapse(task.metric, test_gold, preds, train_loss=losses[-1],
+    collapse = detect_collapse(task.metric, test_gold, level.preds, end_train_loss=level.selected.end_train_loss,
                                prior_loss=label_entropy(train_gold))
-    level_dir = out / f"epochs_{epoch}"
+    level_dir = job.out / f"epochs_{level.epoch}"
     level_dir.mkdir(parents=True, exist_ok=True)
     if ner:
         predictions = level_dir / "test_predictions.conll"
-        write_conll_predictions(predictions, [ex["tokens"] for ex in data.splits["test"]], test_gold, preds)
+        write_conll_predictions(predictions, [ex["tokens"] for ex in data.splits["test"]], test_gold, level.preds)
         truncated = sum(s < 0 for f in feats["test"] for s in f["word_starts"])
     else:
         predictions = level_dir / "test_predictions.jsonl"
-        write_jsonl_predictions(predictions, [ex["text"] for ex in data.splits["test"]], test_gold, preds)
+        write_jsonl_predictions(predictions, [ex["text"] for ex in data.splits["test"]], test_gold, level.preds)
         truncated = sum(f["truncated"] for f in feats["test"])
-    examples_seen = len(feats["train"]) * epoch
+    examples_seen = len(feats["train"]) * level.epoch
+    seconds = level.train_seconds
     result = {
-        "task": task.id, "task_version": task.version, "metric": task.metric, "seed": seed,
-        "protocol": config.protocol, "epochs": epoch, "total_epochs": levels[-1], "select": config.select,
-        "selected_epoch": best["epoch"], "score": test["f1"],
-        "dev": best["dev"], "dev_last": {"f1": record.get("dev_f1")}, "test": test,
-        "majority_f1": majority_baseline(task.metric, train_gold if not ner else [], test_gold, labels),
-        "train_loss": losses[-1], "train_losses": list(losses), "train_seconds": train_seconds,
-        "examples_per_s": examples_seen / train_seconds if train_seconds else None,
+        "task": task.id, "task_version": task.version, "metric": task.metric, "seed": job.seed,
+        "protocol": config.protocol, "epochs": level.epoch, "total_epochs": level.total_epochs,
+        "select": config.select, "selected_epoch": level.selected.epoch, "score": level.test["f1"],
+        "dev": level.selected.dev, "dev_last": {"f1": level.dev_last}, "test": level.test,
+        "majority_f1": majority_baseline(task.metric, train_gold if not ner else [], test_gold, job.labels),
+        "train_loss": level.epoch_losses[-1], "end_train_loss": level.selected.end_train_loss,
+        "train_losses": level.epoch_losses, "train_seconds": seconds,
+        "examples_per_s": examples_seen / seconds if seconds else None,
         "num_examples": {s: len(v) for s, v in data.splits.items()},
         "truncated_test": {"words" if ner else "examples": int(truncated)},
         "collapse": collapse["collapse"], "collapse_reasons": collapse["reasons"], "collapse_detail": collapse,
         "config": dataclasses.asdict(config),
-        "artifacts": [str((level_dir / "scores.json").relative_to(out)), str(predictions.relative_to(out))],
+        "artifacts": [str((level_dir / "scores.json").relative_to(job.out)), str(predictions.relative_to(job.out))],
     }
     (level_dir / "scores.json").write_text(json.dumps(result, indent=2))
     return result

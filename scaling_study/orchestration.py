@@ -11,15 +11,19 @@ What runs where (`Scheduler`): corpus builds are Ray tasks; each pretraining run
 drives a Ray Train `TorchTrainer` (it starts as soon as its corpus build is done); finetune runs are
 Ray Tune trials, released by `ReadyFinetunes` (a Tune search algorithm) as soon as the checkpoint
 they finetune exists, not after all pretraining ends, with the spec's per-job resources and
-concurrency. The stage bodies are in `scaling_study.workers`, the MLflow records in
-`scaling_study.records`, the node states and live view in `scaling_study.studystate`.
+concurrency. Work lost with its Ray node is done again in the same invocation
+(`workers.MAX_FAILURES`): Ray reruns a corpus build, Ray Train restarts a pretraining run's workers
+from its last checkpoint (the task that drives it stays on the driver's node), Tune restarts a
+finetune trial with the same MLflow runs. The stage bodies are in `scaling_study.workers`, the
+MLflow records in `scaling_study.records`, the node states and live view in `scaling_study.studystate`.
 
 Storage is the source of truth for what is done (`scaling_study.artifacts` has the layout): a
 re-run skips every finished node, resumes pretraining runs from their last checkpoint, and redoes
 unfinished finetune runs. `storage.root` may be a URI (`s3://bucket/prefix`, `gs://...`,
 `file:///...`): every node then works in its machine's local mirror and uploads its output when
-finished, the marker file last. The embedded MLflow server's sqlite db stays on the driver's
-machine, in its mirror: on a cluster, set `tracking.uri`. While it runs, the driver exports
+finished, the marker file last. The embedded MLflow server's sqlite db lives on the driver's
+machine, in its mirror, and is uploaded when the driver ends (so `results` elsewhere finds it);
+on a cluster, set `tracking.uri`. While it runs, the driver exports
 progress metrics through Ray (`scaling_study.progress`, for the Grafana dashboards in `dashboards/`).
 
 MLflow gets one run per node id (corpus, pretrain, external, finetune), created by this driver
@@ -37,7 +41,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from scaling_study.artifacts import Layout, done_nodes, model_source, node_done
+from scaling_study.artifacts import Layout, done_nodes, model_source, node_done, pull_tracking, push_tracking
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.lifecycle import (
     STORAGE_ERRNOS,
@@ -54,7 +58,7 @@ from scaling_study.records import Recorder
 from scaling_study.spec import Study, expand_env
 from scaling_study.studystate import Failure, StudyState, live_view, node_weights
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
-from scaling_study.workers import corpus_task, failure_reason, finetune_trial, pretrain_task
+from scaling_study.workers import MAX_FAILURES, corpus_task, failure_reason, finetune_trial, pretrain_task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,9 +112,15 @@ def tracking_uri(study: Study, layout: Layout, lock: StudyLock | None = None):
         check_server(uri)
         yield uri
         return
-    with LocalMlflowServer(layout.mlflow, on_start=lock.own if lock else None) as server:
-        server.watch(on_lost=request_stop)
-        yield server.uri
+    try:  # an object-store root's db comes down first
+        with LocalMlflowServer(pull_tracking(layout), on_start=lock.own if lock else None) as server:
+            server.watch(on_lost=request_stop)
+            yield server.uri
+    except Stopped:  # a stopped study's runs are worth finding elsewhere too, if storage still takes them
+        with contextlib.suppress(Exception):
+            push_tracking(layout)
+        raise
+    push_tracking(layout)  # and goes back up, so that results, report and ui elsewhere find it
 
 
 def run_study(study: Study, *, address: str | None = None, progress: bool = True,
@@ -196,7 +206,8 @@ class Scheduler:
     def launch_corpus_builds(self) -> None:
         import ray
 
-        task = ray.remote(num_cpus=1, max_retries=0)(corpus_task)
+        # Ray reruns a build whose worker or node died (max_retries counts only those, not errors)
+        task = ray.remote(num_cpus=1, max_retries=MAX_FAILURES)(corpus_task)
         for node in self._todo("corpus"):
             self.refs[node.id] = task.remote(self.study_ref, node, self.layout.location(self.plan, node),
                                              self.layout.log(node.id))
@@ -205,8 +216,12 @@ class Scheduler:
     def launch_pretraining(self) -> None:
         """One Ray task per unfinished pretraining run; Ray starts each once its corpus build is done."""
         import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        task = ray.remote(num_cpus=0, max_retries=0)(pretrain_task)
+        # It only drives Ray Train, whose controller runs where it runs: on the driver's node, so
+        # that losing a worker node loses workers (Train restarts them), never the run's driver
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        task = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy=here)(pretrain_task)
         for node in self._todo("pretrain"):
             corpus = self.plan.nodes[node.parents[0]]
             try:
@@ -309,21 +324,25 @@ class Scheduler:
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+                                      # a trial lost with its node starts again (same config, same MLflow
+                                      # runs); one that failed by itself reports it (finetune_trial)
+                                      failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
         grid = tuner.fit()
         self._record_trials(grid)
 
     def _record_trials(self, grid) -> None:
         for result in grid:
-            if result.error is None:
+            reason = (result.metrics or {}).get("failure")  # the trial's own error (workers.finetune_trial)
+            if result.error is None and reason is None:
                 self.trained += 1
                 continue
+            reason = reason or failure_reason(result.error)  # or its process died, retries and all
             if not (result.config or {}).get("node"):  # died before Tune kept its config: no node to name
-                self.state.tracking_lost(None, failure_reason(result.error), what="finetune trial")
+                self.state.tracking_lost(None, reason, what="finetune trial")
                 continue
             run_node = self.plan.nodes[result.config["node"]]
             for cell in self.plan.children(run_node.id):
-                self.state.fail(cell, failure_reason(result.error), self.layout.log(run_node.id))
+                self.state.fail(cell, reason, self.layout.log(run_node.id))
                 self.recorder.mark_failed(cell.id)
 
     def drain(self) -> None:
@@ -372,7 +391,7 @@ class ReadyFinetunes(Searcher):
         if node is None:
             return
         for cell in self.st.plan.children(node.id):
-            self.st.set(cell.id, "failed" if error else "done")
+            self.st.set(cell.id, "failed" if error or (result or {}).get("failure") else "done")
 
     def __getstate__(self) -> dict:
         # Tune pickles its search algorithm for Tuner.restore, which we never use (storage says

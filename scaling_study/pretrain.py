@@ -31,15 +31,20 @@ mirror, rank 0 uploads each checkpoint (its trainer_state.pt last, the completen
 restart downloads the latest stored checkpoint before resuming.
 
 The step, in short: each worker reads its own shards (shard i -> worker i % N, reshuffled every
-epoch from the seed; rows split i % N instead when there are fewer shards than workers); masks
+epoch from the seed; rows split i % N instead when there are fewer shards than workers) from where
+the corpus build is stored, a folder or a storage URI, never copying the build (`ShardStream`:
+one shard at a time, the next prefetched in a background thread); masks
 each batch afresh (`Masker`: mask_rate of the non-special tokens, 80% [MASK] / 10% random /
 10% kept); runs the encoder on every token but the MLM head only at the masked positions
 (`mlm_loss`), which skips most of the head's FLOPs and the full-vocabulary logits; AdamW (fused
 on GPU, foreach on CPU) or LAMB; gradient accumulation and clipping; bf16 autocast (TF32 for the
-matmuls left in fp32 on GPU) or plain fp32. On CPU the model's dropout and attention run through
+matmuls left in fp32 on GPU) or plain fp32. FSDP2 (`strategy="fsdp"`, in any process group, one
+GPU included) with bf16 on GPU gathers parameters and reduces gradients in bf16 and keeps fp32
+master shards (`MixedPrecisionPolicy`). On CPU the model's dropout and attention run through
 `use_cpu_kernels` (the same math with cheaper random numbers and fewer passes over memory; about
 8% of a step), unless `compile` hands them to torch.compile.
-Metrics (loss, mlm_accuracy, lr, grad_norm, tokens_seen, tokens_per_s, mfu) are reduced over
+Metrics (loss, mlm_accuracy, lr, grad_norm, tokens_seen, tokens_per_s, mfu, and the corpus bytes
+read by the workers that read the least and the most, shard_bytes_min/max) are reduced over
 workers every `log_every` steps and logged by rank 0 only; nothing synchronises the device
 between log steps.
 """
@@ -52,6 +57,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -179,32 +185,69 @@ class ShardStream:
     Shard i belongs to worker i % world (rows r % world of every shard when there are fewer shards
     than workers). Each epoch shuffles this worker's shards and the rows inside each. `position`
     (epoch, shard cursor, row cursor) is all a resume needs: the order is recomputed from the seed.
+
+    Shards are read where the build is stored (`CorpusBuild.read_shard`: in place on a local or
+    NFS folder, one GET each on an object store), only this worker's, and the next one is fetched
+    and decoded in a background thread while the current one trains. `bytes_fetched` counts what
+    was read so far, prefetched shards included.
     """
 
     def __init__(self, corpus: CorpusBuild, *, rank: int, world: int, seed: int, position: dict | None = None):
         self.corpus, self.rank, self.world, self.seed = corpus, rank, world, seed
-        n = len(corpus.shard_paths)
+        n = corpus.num_shards
         self.split_rows = n < world
         self.mine = list(range(n)) if self.split_rows else list(range(rank, n, world))
         pos = position or {"epoch": 0, "cursor": 0, "row": 0}
         self.epoch, self.cursor, self.row = pos["epoch"], pos["cursor"], pos["row"]
-        self._order: list[int] = []
+        self.bytes_fetched = 0
+        self._lock = threading.Lock()
         self._rows: np.ndarray | None = None
         self._loaded: tuple[int, int] | None = None  # (epoch, cursor) of self._rows
+        self._next: tuple[tuple[int, int], threading.Thread, dict] | None = None  # the prefetch in flight
 
     @property
     def position(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "row": self.row}
 
+    def _fetch(self, epoch: int, cursor: int) -> np.ndarray:
+        """The rows of the shard at (epoch, cursor), shuffled as that epoch orders them."""
+        shard = int(np.random.default_rng([self.seed, epoch, self.rank]).permutation(self.mine)[cursor])
+        data = self.corpus.read_shard(shard)
+        with self._lock:
+            self.bytes_fetched += len(data)
+        rows = self.corpus.decode_shard(data)
+        if self.split_rows:
+            rows = rows[self.rank::self.world]
+        return rows[np.random.default_rng([self.seed, epoch, self.rank, shard]).permutation(len(rows))]
+
+    def _prefetch(self, key: tuple[int, int]) -> None:
+        out: dict = {}
+
+        def run() -> None:
+            try:
+                out["rows"] = self._fetch(*key)
+            except BaseException as e:  # raised in the training thread, when it needs the shard
+                out["error"] = e
+
+        # a daemon thread: a run that ends (or dies) never waits for a shard it will not train on
+        thread = threading.Thread(target=run, name=f"shard-prefetch-{self.rank}", daemon=True)
+        thread.start()
+        self._next = (key, thread, out)
+
     def _shard_rows(self) -> np.ndarray:
-        if self._loaded != (self.epoch, self.cursor):
-            order = np.random.default_rng([self.seed, self.epoch, self.rank]).permutation(self.mine)
-            shard = int(order[self.cursor])
-            rows = self.corpus.load_shard(shard)
-            if self.split_rows:
-                rows = rows[self.rank::self.world]
-            perm = np.random.default_rng([self.seed, self.epoch, self.rank, shard]).permutation(len(rows))
-            self._rows, self._loaded = rows[perm], (self.epoch, self.cursor)
+        key = (self.epoch, self.cursor)
+        if self._loaded != key:
+            if self._next is not None and self._next[0] == key:
+                _, thread, out = self._next
+                thread.join()
+                if "error" in out:
+                    raise out["error"]
+                self._rows = out["rows"]
+            else:
+                self._rows = self._fetch(*key)
+            self._loaded = key
+            cursor = self.cursor + 1
+            self._prefetch((self.epoch, cursor) if cursor < len(self.mine) else (self.epoch + 1, 0))
         return self._rows
 
     def next_batch(self, n: int) -> torch.Tensor:
@@ -222,7 +265,7 @@ class ShardStream:
                     self.cursor, self.epoch = 0, self.epoch + 1
                 empty = empty + 1 if len(take) == 0 else 0
                 if empty > len(self.mine):
-                    raise ValueError(f"worker {self.rank} has no rows in {self.corpus.root}")
+                    raise ValueError(f"worker {self.rank} has no rows in {self.corpus.location}")
         return torch.from_numpy(np.concatenate(parts).astype(np.int64, copy=False))
 
 
@@ -387,18 +430,42 @@ def use_cpu_kernels(model: nn.Module) -> nn.Module:
     return model
 
 
-def _parallelize(model: MaskedLM, strategy: str, world: int, device: torch.device) -> nn.Module:
-    if world == 1:
-        return model
-    if strategy == "fsdp":
+def _parallelize(model: MaskedLM, strategy: str, world: int, device: torch.device,
+                 precision: str = "fp32") -> nn.Module:
+    """DDP (world > 1), or FSDP2 in any process group (one GPU too: its bf16 policy is the point);
+    a single process without one trains the plain model."""
+    if strategy == "fsdp" and torch.distributed.is_available() and torch.distributed.is_initialized():
         from torch.distributed.fsdp import fully_shard
 
+        policy = _mixed_precision(precision, device)
         for layer in model.model.bert.encoder.layer:
-            fully_shard(layer)
-        return fully_shard(model)  # the root holds embeddings and head: the tied weight stays in one unit
+            fully_shard(layer, mp_policy=policy)
+        # the root holds embeddings and head: the tied weight stays in one unit
+        return fully_shard(model, mp_policy=policy)
+    if world == 1:
+        return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def _mixed_precision(precision: str, device: torch.device):
+    """FSDP2's policy: with bf16 on GPU, parameters are all-gathered and used in bf16 and gradients
+    reduce-scattered in bf16 (half the bytes of both collectives), while each rank's shard of the
+    parameters and the optimizer state stay fp32 (the master copy). Otherwise fp32 throughout: on
+    CPU, autocast alone does the bf16 matmuls and gloo's collectives stay in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    if precision == "bf16" and device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16)
+    return MixedPrecisionPolicy()
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether `model` is FSDP2-sharded (its state dicts gather across ranks)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def _set_grad_sync(model: nn.Module, sync: bool) -> None:
@@ -528,7 +595,7 @@ def save_checkpoint(folder: Path, state: TrainState, config: PretrainConfig, cor
     data (per rank: epoch, shard cursor, row cursor) and the last logged metrics.
     """
     rng_and_data = _gather((_rng_state(where.device), state.position), where.world)
-    if config.strategy == "fsdp" and where.world > 1:
+    if _sharded(state.wrapped):
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             get_model_state_dict,
@@ -705,7 +772,7 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         _keep_freed_memory()
     corpus = CorpusBuild.open(corpus_dir)
     if corpus.seq_len != config.seq_len or corpus.vocab_size != config.vocab_size:
-        raise ValueError(f"{corpus.root}: seq_len {corpus.seq_len} / vocab {corpus.vocab_size}, but the run "
+        raise ValueError(f"{corpus.location}: seq_len {corpus.seq_len} / vocab {corpus.vocab_size}, but the run "
                          f"expects {config.seq_len} / {config.vocab_size}")
     out_dir = Path(out_dir)
     where = Placement(rank, world, device)
@@ -744,7 +811,7 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
         faults.point("pretrain-step", step)
 
         if log_now:
-            metrics = window.close(step, lr, epoch=stream.epoch)
+            metrics = window.close(step, lr, epoch=stream.epoch, fetched=stream.bytes_fetched)
             if rank == 0 and logger is not None:
                 logger.log_metrics(metrics, step)
         level = step in config.checkpoint_steps
@@ -782,14 +849,14 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, where: Placem
         use_cpu_kernels(model.model)
     if config.compile:  # the encoder only: its shapes are static, the head's input varies with the mask
         model.model.bert.compile()
-    wrapped = _parallelize(model, config.strategy, world, device)
+    wrapped = _parallelize(model, config.strategy, world, device, config.precision)
     optimizer = build_optimizer(wrapped, name=config.optimizer, lr=config.lr, betas=config.betas, eps=config.eps,
                                 weight_decay=config.weight_decay, device=device)
     run = TrainState(model=model, wrapped=wrapped, optimizer=optimizer)
     if state is None:
         torch.manual_seed(config.seed + 1 + rank)  # dropout masks differ across ranks
         return run
-    if config.strategy == "fsdp" and world > 1:
+    if _sharded(wrapped):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(wrapped, optimizer, state["optimizer"], options=StateDictOptions(full_state_dict=True))
@@ -825,11 +892,16 @@ class _Window:
             self.stats[3] += (logits.detach().argmax(-1) == targets).sum()
             self.stats[4] += predicted
 
-    def close(self, step: int, lr: float, *, epoch: int) -> dict:
-        """Reduce over workers, turn into metrics, start the next window. Collective."""
+    def close(self, step: int, lr: float, *, epoch: int, fetched: int = 0) -> dict:
+        """Reduce over workers, turn into metrics, start the next window. Collective.
+
+        `fetched`: this worker's corpus bytes read so far (`ShardStream.bytes_fetched`), logged as
+        the least and the most any worker read (each worker should read about its share only)."""
         c = self.config
+        extremes = torch.tensor([fetched, -fetched], dtype=torch.float64, device=self.stats.device)
         if self.world > 1:
             torch.distributed.all_reduce(self.stats)
+            torch.distributed.all_reduce(extremes, op=torch.distributed.ReduceOp.MAX)
         loss_sum, micro_batches, masked, correct, predicted = self.stats.tolist()
         seconds = time.perf_counter() - self.t0 - self.paused
         steps, tokens_per_step = step - self.start_step, c.batch_size * c.seq_len
@@ -840,6 +912,7 @@ class _Window:
             "tokens_seen": float(step * tokens_per_step), "tokens_per_s": steps * tokens_per_step / seconds,
             "mfu": flops["total"] / seconds / (self.peak * self.world) if self.peak else float("nan"),
             "mask_fraction": mask_fraction, "epoch": float(epoch),
+            "shard_bytes_max": extremes[0].item(), "shard_bytes_min": -extremes[1].item(),
         }
         if self.grad_norm is not None:
             norm = self.grad_norm
@@ -867,10 +940,10 @@ def _ray_worker(args: dict) -> dict:
     rank = ray.train.get_context().get_world_rank()
     factory = args.get("logger_factory")
     logger = factory() if factory is not None and rank == 0 else None
-    # URI storage: train in this node's mirror; the corpus and the checkpoint to resume from come
-    # down first, and each checkpoint goes up before the report (a plain path: all no-ops)
+    # URI storage: train in this node's mirror; the checkpoint to resume from comes down first, and
+    # each checkpoint goes up before the report (a plain path: all no-ops). The corpus is not
+    # copied: each worker streams its own shards from storage (ShardStream).
     out = storage.Store(args["out_dir"])
-    corpus_dir = storage.Store(args["corpus_dir"]).download(last=(MANIFEST,))
     if args.get("resume", True):
         pull_latest_checkpoint(out, args["config"].checkpoint_steps)
 
@@ -879,7 +952,7 @@ def _ray_worker(args: dict) -> dict:
             push_checkpoint(out, folder)
         ray.train.report({**metrics, "step": step, "checkpoint_dir": out.url(str(folder.relative_to(out.local)))})
 
-    return train_mlm(args["config"], corpus_dir, out.local, resume=args.get("resume", True),
+    return train_mlm(args["config"], args["corpus_dir"], out.local, resume=args.get("resume", True),
                      logger=logger, device=ray.train.torch.get_device(), on_checkpoint=report)
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from scaling_study.artifacts import DONE_FILE, Layout, read_done
 from scaling_study.grid import Node, Plan, cell_factors
+from scaling_study.metrics import mlflow_metrics, mlflow_tags
 from scaling_study.spec import Study
 from scaling_study.storage import is_uri
 from scaling_study.tracking import Tracker, redact_uri
@@ -59,33 +60,16 @@ def parent_run(tracker: Tracker, plan: Plan, node: Node, study_run: str, anchors
     return anchors[anchor.id]
 
 
-def flat_metrics(result: dict) -> dict[str, float]:
-    """A finetune cell's result (`finetune.finetune`) as MLflow metrics."""
-    out = {}
-    for split in ("dev", "test"):
-        for key, value in (result.get(split) or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                out[f"{split}_{key}"] = float(value)
-    for key in ("train_loss", "examples_per_s", "train_seconds", "selected_epoch", "majority_f1"):
-        if isinstance(result.get(key), (int, float)):
-            out[key] = float(result[key])
-    out["collapsed"] = float(bool(result.get("collapse")))
-    return out
-
-
 def log_cell(uri: str, run_id: str, result: dict, out: Path) -> None:
     """Log one finetune cell's result and artifacts to its MLflow run and finish the run."""
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=uri)
     now = int(time.time() * 1000)
-    metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(result).items()]
-    client.log_batch(run_id, metrics=metrics, synchronous=True)
-    collapse = result.get("collapse")
-    client.set_tag(run_id, "collapsed", str(bool(collapse)))
-    if collapse:
-        client.set_tag(run_id, "collapse_reason", "; ".join(map(str, result.get("collapse_reasons") or []))[:500])
+    metrics = [Metric(k, v, now, 0) for k, v in mlflow_metrics(result).items()]
+    tags = [RunTag(k, v) for k, v in mlflow_tags(result).items()]
+    client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
     for name in result.get("artifacts", []):
         path = out / name
         if path.is_file():

@@ -638,13 +638,14 @@ def build(study: str, tracking_uri: str | None = None, root: str | Path = "studi
     if not len(df):
         raise UserError(f"report: study {study!r} has no finished finetune jobs yet; allowed: a study with results")
     curves = results.loss_curves(study, tracking_uri=tracking_uri, root=root)
+    from scaling_study.artifacts import Layout
+
     if study.endswith((".yaml", ".yml")):
-        from scaling_study.artifacts import Layout
         from scaling_study.spec import load_spec
 
         folder = Layout.of(load_spec(study)).root
-    else:
-        folder = Path(root).expanduser() / study
+    else:  # an object-store root: its local mirror
+        folder = Layout.named(study, str(root)).root
     out = Path(out) if out else folder / "report.html"
     render(df, curves, out, title=f"Scaling study: {folder.name}", threshold=threshold,
            include_collapsed=include_collapsed)

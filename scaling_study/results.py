@@ -92,27 +92,24 @@ class Source:
 
 
 def _source(study: str, tracking_uri: str | None, root: str | Path) -> Source:
+    from scaling_study.artifacts import Layout, pull_tracking
+
     if tracking_uri:
         check_uri(tracking_uri, "--tracking-uri")
     if study.endswith((".yaml", ".yml")):
-        from scaling_study.artifacts import Layout
         from scaling_study.spec import expand_env, load_spec
 
         loaded = load_spec(study)
         name = loaded.spec.tracking.experiment or loaded.spec.name
         uri = tracking_uri or (expand_env(loaded.spec.tracking.uri) if loaded.spec.tracking.uri else None)
-        folder = Layout.of(loaded).root
+        layout = Layout.of(loaded)
     else:
-        from scaling_study.spec import is_name
-
-        if not is_name(study):  # its cache goes to <root>/<study>/cache: never outside the root
-            raise UserError(f"study {study!r}: not a study name; allowed: a study's name (1-64 characters from "
-                            "A-Z a-z 0-9 . _ -, no '..') or its spec file (.yaml)")
-        name, uri, folder = study, tracking_uri, Path(root).expanduser().resolve() / study
-    db = folder / "mlflow" / "mlflow.db"
+        # the name is checked there: its cache goes to <root>/<study>/cache, never outside the root
+        name, uri, layout = study, tracking_uri, Layout.named(study, str(root))
     if uri:
-        return Source(uri, name, folder)
-    return Source(f"sqlite:///{db}", name, folder)
+        return Source(uri, name, layout.root)
+    # the embedded server's db: here, or downloaded from an object-store root (artifacts.pull_tracking)
+    return Source(f"sqlite:///{pull_tracking(layout) / 'mlflow.db'}", name, layout.root)
 
 
 def locate(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> tuple[str, str]:

@@ -109,9 +109,12 @@ class Lamb(torch.optim.Optimizer):
 
     Decoupled weight decay goes into the update before the trust ratio, as in the paper; tensors
     with zero norm (fresh biases) take the plain Adam step (ratio 1). Bias correction is applied,
-    as in NVIDIA's BERT recipe. Plain tensors take multi-tensor (`torch._foreach_*`) kernels, a
-    handful of launches per step; sharded DTensor parameters (FSDP2) a per-tensor loop, whose
-    norms reduce over the shards.
+    as in NVIDIA's BERT recipe. Multi-tensor (`torch._foreach_*`) kernels: a handful of launches
+    per step. Under FSDP2 the parameters are DTensors sharded on dim 0, and the trust ratio must
+    come from the full tensors' norms, not the shards': each rank computes its shards' squared
+    norms, and one all-reduce over the shards' process group sums them for every tensor at once
+    (a per-tensor DTensor norm would all-reduce twice per tensor). Other DTensor layouts take a
+    per-tensor loop whose DTensor norms reduce over the mesh.
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
@@ -132,19 +135,26 @@ class Lamb(torch.optim.Optimizer):
                 state["step"] += 1
             if not params:
                 continue
-            if any(type(p).__name__ == "DTensor" for p in params):
+            mesh = _shard_mesh(params)
+            if mesh is not None:
+                self._update(params, group, process_group=mesh.get_group())
+            elif any(type(p).__name__ == "DTensor" for p in params):
                 for p in params:
                     self._update([p], group)
             else:
                 self._update(params, group)
         return loss
 
-    def _update(self, params: list[torch.Tensor], group: dict) -> None:
+    def _update(self, params: list[torch.Tensor], group: dict, process_group=None) -> None:
+        """One LAMB step of `params`; with `process_group`, on the local shards of DTensors sharded
+        over that group, whose squared norms are summed across it."""
         beta1, beta2 = group["betas"]
         t = self.state[params[0]]["step"].item()  # a CPU tensor: no device sync; the same for all
-        grads = [p.grad for p in params]
-        ms = [self.state[p]["exp_avg"] for p in params]
-        vs = [self.state[p]["exp_avg_sq"] for p in params]
+        local = (lambda x: x.to_local()) if process_group is not None else (lambda x: x)
+        grads = [local(p.grad) for p in params]
+        ms = [local(self.state[p]["exp_avg"]) for p in params]
+        vs = [local(self.state[p]["exp_avg_sq"]) for p in params]
+        params = [local(p) for p in params]
         torch._foreach_lerp_(ms, grads, 1 - beta1)
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
@@ -155,7 +165,23 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_div_(updates, 1 - beta1**t)
         if group["weight_decay"]:
             torch._foreach_add_(updates, params, alpha=group["weight_decay"])
-        w, u = torch.stack(torch._foreach_norm(params)), torch.stack(torch._foreach_norm(updates))
+        norms = torch.stack(torch._foreach_norm(params) + torch._foreach_norm(updates))
+        if process_group is not None:  # ||w||^2 of a tensor = the sum of its shards' ||w_i||^2
+            norms = norms.float().square()
+            torch.distributed.all_reduce(norms, group=process_group)
+            norms = norms.sqrt()
+        w, u = norms.chunk(2)
         trust = torch.where((w > 0) & (u > 0), w / u, torch.ones_like(w)) * -group["lr"]
-        torch._foreach_mul_(updates, list(trust.unbind()))
+        torch._foreach_mul_(updates, list(trust.to(updates[0].dtype).unbind()))
         torch._foreach_add_(params, updates)
+
+
+def _shard_mesh(params: list[torch.Tensor]):
+    """The device mesh when every tensor is a DTensor sharded on one 1-D mesh (FSDP2), else None."""
+    if not all(type(p).__name__ == "DTensor" for p in params):
+        return None
+    mesh = params[0].device_mesh  # each fully_shard call makes its own mesh object: compare by value
+    if mesh.ndim != 1 or not all(p.device_mesh == mesh and len(p.placements) == 1 and p.placements[0].is_shard()
+                                 for p in params):
+        return None
+    return mesh

@@ -369,6 +369,7 @@ class TasksSpec(TaskCaps):
     """Extra folders holding task folders (`<id>/task.yaml`); relative to the spec's folder; `${VAR}` expands."""
     data_dir: str | None = None
     """Local mirror of the task data (`<data_dir>/<task id>/<file>`), relative to the spec's folder (`${VAR}` expands);
+    or an object-store URI (`s3://bucket/tasks`), synced to each node before its trials load a task.
     `$SCALING_STUDY_DATA_DIR` overrides it. Null: download from each task's source into the cache."""
 
 
@@ -382,6 +383,10 @@ class ExternalModel:
     """A Hugging Face model id (`allenai/scibert_scivocab_cased`) or a local folder."""
     revision: str | None = None
     """Hub revision (commit, tag or branch) to pin; part of the id."""
+    do_lower_case: bool | None = None
+    """Whether the tokenizer lowercases, for a model whose files do not say (no `do_lower_case` in its
+    tokenizer_config.json or config.json, no tokenizer.json); null: the model's files decide, and
+    finetuning refuses a model that leaves it open."""
     num_parameters: PosInt | None = None
     """Parameter count, for `plan` and the scaling fits (the model is not downloaded to plan)."""
     description: str = ""

@@ -12,6 +12,9 @@ A plain path (no `scheme://`) is used in place: `local` is the folder itself and
 `download` do nothing, so a local or NFS root costs no copies. A URI is opened with
 `pyarrow.fs.FileSystem.from_uri` (`s3://`, `gs://`, `file://`; credentials from the usual chain,
 e.g. an instance profile) or, for other protocols, with fsspec behind pyarrow's `FSSpecHandler`.
+An S3-compatible server other than AWS (MinIO, Ceph, moto's) is named the AWS way, in
+`$AWS_ENDPOINT_URL_S3` or `$AWS_ENDPOINT_URL` (`from_uri` honours both; pyarrow's
+`S3FileSystem()` constructor does not), on every machine that runs a part of the study.
 Its `local` folder is a mirror under the cache (`$SCALING_STUDY_CACHE`, default
 `~/.cache/scaling-study`): work is staged there and uploaded when finished, and inputs are
 downloaded there before use. `file://` takes the object-store path on purpose (tests run the code
@@ -39,6 +42,7 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from scaling_study import faults
 from scaling_study.downloads import cache_root
 
 __all__ = ["SCHEMES", "Store", "cache_root", "check_root", "is_uri", "local_copy", "replace_dir", "restore_replaced",
@@ -88,9 +92,19 @@ def _folder_problem(path: Path) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+"""Where an S3-compatible server other than AWS answers (the first one set wins, as in the AWS SDKs)."""
+
+
 def _filesystem(scheme: str, netloc: str) -> pafs.FileSystem:
-    # One per bucket and process: from_uri asks S3 for the bucket's region (a network call).
+    endpoint = next((os.environ[v] for v in ENDPOINT_VARS if os.environ.get(v)), None) if scheme == "s3" else None
+    return _open_filesystem(scheme, netloc, endpoint)
+
+
+@functools.lru_cache(maxsize=None)
+def _open_filesystem(scheme: str, netloc: str, endpoint: str | None) -> pafs.FileSystem:
+    # One per bucket, endpoint and process: from_uri asks S3 for the bucket's region (a network
+    # call); it reads the endpoint from the environment itself, which is why it is part of the key.
     if scheme in _PYARROW_SCHEMES:
         return pafs.FileSystem.from_uri(f"{scheme}://{netloc}/")[0]
     import fsspec
@@ -249,12 +263,17 @@ class Store:
             return
         files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
         first = [p for p in files if p.name not in last]
+
+        def put(p: Path) -> None:
+            faults.point("upload", p.name)  # a process killed here leaves the folder without its marker
+            self._put(p, self.path(str(p.relative_to(self.local))))
+
         with ThreadPoolExecutor(_THREADS) as pool:
-            list(pool.map(lambda p: self._put(p, self.path(str(p.relative_to(self.local)))), first))
+            list(pool.map(put, first))
         for name in last:
             for p in files:
                 if p.name == name:
-                    self._put(p, self.path(str(p.relative_to(self.local))))
+                    put(p)
 
     def download(self, rel: str = "", *, exclude: tuple[str, ...] = (), last: tuple[str, ...] = ()) -> Path:
         """Mirror the file or folder `rel` into `local` and return its local path; files already

@@ -5,7 +5,8 @@
     tune.with_parameters(finetune_trial, study=study, uri=uri)           # a Ray Tune trainable
 
 `out_dir`, `corpus_dir` and `log` are storage locations (`Layout.location`): paths, or URIs whose
-files each worker stages in its machine's mirror and uploads with the marker file last. A failure
+files each worker stages in its machine's mirror and uploads with the marker file last (a corpus
+build is not staged: pretraining workers stream their shards from it). A failure
 appends its traceback to the node's log (`node_log`) and propagates to the driver, which records
 the node as failed (`failure_reason` gives the one line the summary shows).
 """
@@ -28,6 +29,11 @@ from scaling_study.spec import Study
 from scaling_study.storage import Store, local_copy
 from scaling_study.tracking import redact_uri, tracking_calls
 
+MAX_FAILURES = 2
+"""Restarts a node's work gets after its process or Ray node dies: Ray task retries for a corpus
+build, Ray Train worker-group restarts (from the last checkpoint) for a pretraining run, Tune
+retries for a finetune trial. Ray Train also retries a plain error that many times; a trial's
+own error is not retried (`finetune_trial`)."""
 
 @contextlib.contextmanager
 def node_log(location: str | Path):
@@ -73,7 +79,7 @@ def pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_d
 
     with node_log(log):
         mlflow_logger = functools.partial(MlflowLogger, uri, run_id)
-        final = run_pretraining(study, plan, plan.nodes[node_id], corpus_dir, out_dir, max_failures=2,
+        final = run_pretraining(study, plan, plan.nodes[node_id], corpus_dir, out_dir, max_failures=MAX_FAILURES,
                                 logger_factory=functools.partial(throughput_logger, study.spec.name, node_id,
                                                                  mlflow_logger))
         final = json.loads(json.dumps(final, default=str))
@@ -85,10 +91,23 @@ def finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> N
     """One Tune trial: finetune a model on a task with a seed, log each epoch level's cell, mark done.
 
     `config` (the driver's `Scheduler.trial_config`): node, model_source, task, seed, levels,
-    out_dir, log, cells ({epochs level: MLflow run id}), cpus.
+    out_dir, log, cells ({epochs level: MLflow run id}), cpus. Tune retries a trial whose process
+    or node died; one that fails by itself (missing data, a lost tracking server, a bug) would fail
+    the same way again, so it reports its error (`failure`, one line) instead of raising.
     """
-    import torch
     from ray import tune
+
+    try:
+        with node_log(config["log"]):
+            score = _finetune_run(config, study, uri)
+    except Exception as exc:
+        tune.report({"test_f1": float("nan"), "failure": failure_reason(exc)})
+        return
+    tune.report({"test_f1": score})
+
+
+def _finetune_run(config: dict, study: Study, uri: str) -> float:
+    import torch
 
     from scaling_study.finetune import FinetuneConfig, finetune
     from scaling_study.records import log_cell
@@ -96,19 +115,19 @@ def finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> N
 
     torch.set_num_threads(max(1, int(config["cpus"])))
     store = Store(config["out_dir"])  # a URI: work in the local mirror, upload with DONE.json last
-    with node_log(config["log"]):
-        start = time.perf_counter()
-        task = study.tasks[config["task"]]
-        data = load_task_data(task, mirror_dirs(None, study), caps=study.caps[task.id])
-        model = local_copy(config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
-        results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
-                           config["levels"], config["seed"], store.local)
-        seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
-        cells = config["cells"]
-        faults.point("finetune-log")
-        with tracking_calls(uri):  # a lost server fails the run before DONE.json: a re-run redoes it
-            for result in results:
-                log_cell(uri, cells[str(result["epochs"])], result, store.local)
-        store.upload()
-        write_done(store, cells=cells, results=results, seconds=seconds)
-        tune.report({"test_f1": float(results[-1]["test"]["f1"])})
+    start = time.perf_counter()
+    task = study.tasks[config["task"]]
+    # an object-store tasks.data_dir: this task's folder comes down to this node's mirror first
+    data = load_task_data(task, mirror_dirs(None, study, tasks=[task.id]), caps=study.caps[task.id])
+    model = local_copy(config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
+    results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
+                       config["levels"], config["seed"], store.local)
+    seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
+    cells = config["cells"]
+    faults.point("finetune-log")
+    with tracking_calls(uri):  # a lost server fails the run before DONE.json: a re-run redoes it
+        for result in results:
+            log_cell(uri, cells[str(result["epochs"])], result, store.local)
+    store.upload()
+    write_done(store, cells=cells, results=results, seconds=seconds)
+    return float(results[-1]["test"]["f1"])

@@ -74,3 +74,62 @@ def micro_corpus(folder: Path) -> Path:
 def needs_mirror(part: str = "datasets"):
     """Skip where the ../shared mirror (its `part`: datasets or corpus) is absent; CI always has it."""
     return pytest.mark.skipif(not (SHARED / part).is_dir(), reason=f"needs the ../shared mirror ({part}/)")
+
+
+class S3Server:
+    """moto's S3-compatible server on 127.0.0.1 (see the `s3_server` fixture)."""
+
+    def __init__(self):
+        import socket
+
+        from moto.server import ThreadedMotoServer
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+
+    @property
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name="us-east-1")
+
+    def bucket(self, name: str | None = None) -> str:
+        """A new, empty bucket; returns its URI, s3://NAME."""
+        import uuid
+
+        name = name or f"bucket-{uuid.uuid4().hex[:10]}"
+        self.client.create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+    def keys(self, bucket_uri: str, prefix: str = "") -> list[str]:
+        """Every object key in the bucket under `prefix`, all pages."""
+        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket_uri[len("s3://"):], Prefix=prefix)
+        return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []))
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-compatible server (moto's) on a free 127.0.0.1 port, for the whole session, reached
+    as users reach one: `$AWS_ENDPOINT_URL` and credentials in the environment (set here for the
+    session, so local Rays and simulated cluster nodes started later inherit them; restored after).
+    Yields an `S3Server`: `.endpoint`, `.bucket()` (a new bucket's s3:// URI), `.keys(uri)`, `.client`."""
+    server = S3Server()
+    env = {"AWS_ENDPOINT_URL": server.endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
+    saved = {key: os.environ.get(key) for key in (*env, "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")}
+    for key in ("AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        os.environ.pop(key, None)
+    os.environ.update(env)
+    server.server.start()
+    try:
+        yield server
+    finally:
+        server.server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value

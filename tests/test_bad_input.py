@@ -205,6 +205,10 @@ CASES = [
          lambda t: ["tasks", "list", "--registry-path", str(task_folder(
              t, edit=lambda d: d["format_options"].update(separator=";")))],
          ("format_options.separator: invalid value; got ';'",)),
+    Case("task-token-is-tag-column", "task folder", "conll token_column 1 with tag_column 1",
+         lambda t: ["tasks", "list", "--registry-path", str(task_folder(
+             t, edit=lambda d: d["format_options"].update(token_column=1)))],
+         ("format_options.token_column: the tag column; got 1; allowed: a column other than tag_column (1)",)),
     Case("task-format-vs-type", "task folder", "format text_label on a ner task",
          lambda t: ["tasks", "list", "--registry-path", str(task_folder(
              t, edit=lambda d: d.update(format="text_label", format_options={"text_column": 0, "label_column": 1})))],
@@ -277,6 +281,43 @@ CASES = [
          lambda t: check_data(t, {"train.txt": _long_jsonl()}, base="scierc_re", default=JSONL,
                               names=("train.txt", "dev.txt", "test.txt")),
          ("train.txt:1: a line of", f"allowed: at most {MAX_LINE_CHARS:,} characters per line")),
+    Case("jsonl-deep-nesting", "dataset file", "jsonl_markers: a line of 2,000 `[`",
+         lambda t: check_data(t, {"train.txt": "[" * 2000 + "\n"}, base="scierc_re", default=JSONL,
+                              names=("train.txt", "dev.txt", "test.txt")),
+         ("train.txt:1: JSON nested deeper than 20 levels; allowed: one JSON object per line",)),
+    Case("jsonl-nested-21", "dataset file", "jsonl_markers: metadata nested 21 deep (parses, refused by the limit)",
+         lambda t: check_data(t, {"dev.txt": JSONL.replace("[2, 2, 4, 4]", "[" * 20 + "]" * 20)}, base="scierc_re",
+                              default=JSONL, names=("train.txt", "dev.txt", "test.txt")),
+         ("dev.txt:1: JSON nested deeper than 20 levels",)),
+    Case("jsonl-long-number", "dataset file", "jsonl_markers: a 5,000-digit number",
+         lambda t: check_data(t, {"test.txt": JSONL.replace("[2, 2, 4, 4]", "9" * 5000)}, base="scierc_re",
+                              default=JSONL, names=("train.txt", "dev.txt", "test.txt")),
+         ("test.txt:1: a JSON number too long to read (Exceeds the limit (4300 digits) for integer string "
+          "conversion)",)),
+    Case("scierc-deep-nesting", "dataset file", "scierc_json: a document line of 2,000 `[`",
+         lambda t: check_data(t, {"dev.json": "[" * 2000 + "\n"}, task=SCIERC_TASK, default=SCIERC_DOC,
+                              names=("train.json", "dev.json", "test.json")),
+         ("dev.json:1: JSON nested deeper than 20 levels; allowed: {\"doc_key\"",)),
+    Case("jsonl-crossing-markers", "dataset file", "jsonl_markers: crossing arguments `a [[ b << c ]] d >> e`",
+         lambda t: check_data(t, {"train.txt": JSONL.replace("<< CNNs >> for [[ parsing ]]",
+                                                             "[[ CNNs << for ]] parsing >>")},
+                              base="scierc_re", default=JSONL, names=("train.txt", "dev.txt", "test.txt")),
+         ("train.txt:1: the two arguments cross ([[ ... << ... ]] ... >>); allowed: two arguments side by side, "
+          "or one inside the other",)),
+    Case("conll-token-is-tag-column", "dataset file", "token_column -1 (the last) = tag_column 1 in a 2-column file",
+         lambda t: check_data(t, {}, task={"format_options": {"separator": "\t", "token_column": -1, "tag_column": 1}}),
+         ("train.tsv:1: 2 TAB-separated columns: token_column -1 and tag_column 1 are the same column",)),
+    Case("check-data-dir-missing", "dataset file", "tasks check --data-dir to a folder that does not exist",
+         lambda t: [*check_data(t, {})[:-2], str(t / "nowhere"), "--offline"],
+         ("--data-dir {tmp}/nowhere: no such folder; allowed: a folder holding one folder per task id",)),
+    Case("data-split-is-folder", "dataset file", "a folder where dev.tsv should be",
+         lambda t: _odd_split(t, "dev.tsv", os.mkdir), ("data/toy/dev.tsv: the split file is a folder; allowed: a "
+                                                        "regular file holding the split",)),
+    Case("data-split-is-fifo", "dataset file", "a FIFO (named pipe) where test.tsv should be (a reader would block)",
+         lambda t: _odd_split(t, "test.tsv", os.mkfifo), ("data/toy/test.tsv: the split file is a FIFO (named pipe)",)),
+    Case("data-split-link-loop", "dataset file", "train.tsv a symbolic link to itself",
+         lambda t: _odd_split(t, "train.tsv", lambda p: os.symlink(p, p)),
+         ("data/toy/train.tsv: the split file is a symbolic-link loop; allowed: a regular file holding the split",)),
     Case("scierc-span-outside", "dataset file", "scierc_json: an entity span past its sentence",
          lambda t: check_data(t, {"dev.json": SCIERC_DOC.replace("[2, 2,", "[2, 9,")}, task=SCIERC_TASK,
                               default=SCIERC_DOC, names=("train.json", "dev.json", "test.json")),
@@ -339,6 +380,15 @@ CASES = [
          ("corpus/a.txt: cannot read the corpus file (Permission denied); allowed: a readable UTF-8 text file",),
          fault="corpus/a.txt"),
 ]
+
+
+def _odd_split(root: Path, name: str, make: Callable[[str], None]) -> list[str]:
+    """`tasks check` where one split file's name holds something other than a regular file."""
+    argv = check_data(root, {})
+    path = root / "data" / "toy" / name
+    path.unlink()
+    make(str(path))
+    return argv
 
 
 def _latin1_task(root: Path) -> list[str]:

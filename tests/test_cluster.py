@@ -68,6 +68,21 @@ def test_aws_node_types():
         assert node_type["node_config"]["IamInstanceProfile"]["Arn"].startswith("arn:aws:iam::")
 
 
+def test_aws_disks_hold_what_the_plan_stores_for_the_paper_grid():
+    """Each node type's volume (GiB) against `plan`'s disk needs for experiments/scholarbert.yaml."""
+    from scaling_study.costs import estimate
+    from scaling_study.grid import expand
+
+    study = load_spec(REPO / "experiments" / "scholarbert.yaml")
+    needs = estimate(study, expand(study)).storage.node_disk
+    types = yaml.safe_load((REPO / "ray_cluster.yaml").read_text())["available_node_types"]
+    for node_type, need in (("head", "head"), ("gpu_pretrain", "pretrain_node"), ("gpu_finetune", "finetune_node")):
+        [volume] = types[node_type]["node_config"]["BlockDeviceMappings"]
+        size = volume["Ebs"]["VolumeSize"] * 2**30
+        assert size >= needs[need]["total"], (node_type, size / 2**30, needs[need]["total"] / 2**30)
+    assert needs["head"]["corpus_shards"] > 900e9 and needs["pretrain_node"]["checkpoints"] > 100e9
+
+
 def _spec(folder: Path, name: str = "clustered", **changes) -> Path:
     corpus = micro_corpus(folder)
     spec = {

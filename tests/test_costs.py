@@ -102,7 +102,8 @@ def test_report_json_keys():
     assert list(data["finetune_by_task"][0]) == ["task", "runs", "jobs", "flops", "flops_unknown", "type",
                                                  "train_examples", "test_examples", "device_hours"]
     assert list(data["storage"]) == ["checkpoint_weights_bytes", "checkpoint_optimizer_bytes", "corpus_shards_bytes",
-                                     "total_bytes"]
+                                     "total_bytes", "node_disk"]  # node_disk: added for the cluster's disks
+    assert list(data["storage"]["node_disk"]) == ["head", "pretrain_node", "finetune_node"]
     assert list(data["corpus"]) == ["tokens", "source"]
     assert list(data["totals"]) == ["pretrain_flops", "finetune_flops", "flops", "pretrain_device_hours",
                                     "finetune_device_hours", "device_hours", "finetune_jobs_without_flops"]

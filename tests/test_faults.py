@@ -58,6 +58,24 @@ def _losses(rows: list[dict]) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+# ----------------------------------------------------------------------------------- the fault points
+
+
+def test_several_faults_each_strike_once_and_a_stall_returns(tmp_path, monkeypatch):
+    """`a=2:enospc;b:stall=0.01`: each fault at its own point and value, once (its own marker);
+    the cluster test (tests/test_cluster_sim.py) holds workers with a stall while it removes their node."""
+    marker = _fault(monkeypatch, tmp_path, "a=2:enospc;b:stall=0.01")
+    faults.point("a", 1)  # another value: nothing
+    with pytest.raises(OSError, match="injected at a=2"):
+        faults.point("a", 2)
+    faults.point("a", 2)  # struck once already
+    faults.point("b")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{marker.name}-a", f"{marker.name}-b"]
+    monkeypatch.setenv(faults.ENV, "a:explode")
+    with pytest.raises(ValueError, match="unknown action 'explode'; allowed: kill, enospc, kill-pid=PATH, stall"):
+        faults.point("a")
+
+
 # ----------------------------------------------------------------------------------- pretraining worker
 
 

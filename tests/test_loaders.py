@@ -16,7 +16,7 @@ from scaling_study.cli import main
 from scaling_study.errors import SpecError, UserError
 from scaling_study.spec import TaskCaps, spec_from_data
 from scaling_study.tasks.data import DataNotFound, load_task_data, locate_split, mirror_dirs, sample
-from scaling_study.tasks.loaders import QUIRKS, check_options, load_split, tag_set
+from scaling_study.tasks.loaders import FORMATS, check_options, load_split, tag_set
 from scaling_study.tasks.registry import discover, load_task
 
 from conftest import BASE_SPEC, REPO
@@ -180,9 +180,25 @@ def test_every_packaged_quirk_is_known_and_documented():
     for tid, task in discover().tasks.items():
         check_options(task)
         for quirk in task.format_options.get("quirks", []):
-            assert QUIRKS[quirk][0] == task.format, (tid, quirk)
-    for quirk in QUIRKS:
-        assert f"`{quirk}`" in docs, quirk
+            assert quirk in FORMATS[task.format].quirks, (tid, quirk)
+    for fmt in FORMATS.values():
+        for quirk in fmt.quirks:
+            assert f"`{quirk}`" in docs, quirk
+
+
+def test_one_record_per_format_and_no_import_cycle():
+    """`format` in task.yaml allows exactly the formats with a record; loaders does not import the registry."""
+    import subprocess
+    import sys
+    import typing
+
+    from scaling_study.tasks.registry import TaskInfo
+
+    assert set(typing.get_args(typing.get_type_hints(TaskInfo)["format"])) == set(FORMATS)
+    assert all(name == fmt.name and fmt.types for name, fmt in FORMATS.items())
+    code = "import sys, scaling_study.tasks.loaders; print('scaling_study.tasks.registry' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
 
 
 # ----------------------------------------------------------------------------------- conll
@@ -277,6 +293,31 @@ def test_multi_label_tags_keep_one_tag_per_token(tmp_path):
     assert split.notes["I- tags left without their entity, made B- (multi_label_tags)"] == 1
     assert ":1: 3 columns; allowed: at least 4" in error_of(conll_task, tmp_path, "a q1 O\n", options={
         **options, "tag_column": 3})
+    assert ":1: 4 columns: token_column -1 is among the tag columns (from tag_column 2 on)" in error_of(
+        conll_task, tmp_path, "a q1 B-A B-B\nb q1 O\n", options={**options, "token_column": -1})
+    with pytest.raises(SpecError, match=r"format_options.token_column: among the tag columns; got 3; allowed: a "
+                                        r"column before tag_column \(2\)"):
+        make_task(tmp_path, options={**options, "token_column": 3})
+
+
+def test_token_column_is_never_the_tag_column(tmp_path):
+    """`token_column: -1` with tags last read the tags as tokens; refused in task.yaml or at the first line."""
+    with pytest.raises(SpecError, match=r"format_options.token_column: the tag column; got -1; allowed: a column "
+                                        r"other than tag_column \(-1\)"):
+        make_task(tmp_path, options={"token_column": -1})
+    message = error_of(conll_task, tmp_path, "a\tx\tO\n", options={"token_column": 2, "tag_column": -1,
+                                                                    "separator": "\t"})
+    assert "train.txt:1: 3 TAB-separated columns: token_column 2 and tag_column -1 are the same column" in message
+
+
+def test_a_split_that_is_no_regular_file_is_refused_unread(tmp_path):
+    """A FIFO would block `read_bytes` for ever; `load_split` looks before it reads."""
+    import os
+
+    task, data = make_task(tmp_path, options={"separator": "\t"})
+    os.mkfifo(data / "toy" / "train.txt")
+    assert "train.txt: not a regular file; allowed:" in error_of(load_split, task, data / "toy" / "train.txt",
+                                                                 "train")
 
 
 def test_unknown_quirk_and_option_are_spec_errors(tmp_path):
@@ -328,6 +369,79 @@ def test_jsonl_markers_glued_to_text_only_with_the_quirk(tmp_path):
     assert "metadata [1, 2]; allowed: [] (empty_metadata)" in error_of(re_task, tmp_path, with_meta,
                                                                        ["markers_glued_to_adjacent_text",
                                                                         "empty_metadata"])
+
+
+CHEMPROT_QUIRKS = ["markers_glued_to_adjacent_text", "marker_characters_in_text", "empty_metadata"]
+# The shapes of ChemProt's lines that hold marker strings as text (39 of its 10,065; words here made up
+# around the fragments the issue and the task card quote): a potency order after the markers, a `>>`
+# glued to the open marker of the other pair, `>>` as whitespace tokens after a close, `[[` inside
+# chemical names (one glued on both sides, one with a space before it).
+CHEMPROT_SHAPES = [
+    ("the order for << HVA Ca2+ channels >> was sulprostone>[[ PGE2 ]], PGE1>STA2>>17-phenyl-trinor-PGE2.",
+     ["HVA Ca2+ channels", "PGE2"], {">>"}),
+    ("the order for << HVA Ca2+ channels >> was sulprostone>PGE2, PGE1>STA2>>[[ 17-phenyl-trinor-PGE2 ]].",
+     ["HVA Ca2+ channels", "17-phenyl-trinor-PGE2"], {">>"}),
+    ("<< Panx1 >> currents fell: [[ carbenoxolone ]] > DIDS > acid 94 >> probenecid >> flufenamic acid.",
+     ["Panx1", "carbenoxolone"], {">>"}),
+    ("<< Panx1 >> currents fell: carbenoxolone > DIDS > acid 94 >> [[ probenecid ]] >> flufenamic acid.",
+     ["Panx1", "probenecid"], {">>"}),
+    ("a combination of << 2-[2-[[2-hydroxy-3-phenoxy]propyl]amino]ethoxy >> (a [[ beta(1)-adrenoceptor ]] "
+     "antagonist)", ["2-[2-[[2-hydroxy-3-phenoxy]propyl]amino]ethoxy", "beta(1)-adrenoceptor"], {"[["}),
+    ("the << alpha(1B)-adrenoceptor >> antagonist [[ 4-amino-2-[1-(benzyloxycarbonyl)-2(S)- "
+     "[[(1,1-dimethylethyl)amino]carbonyl]-piperazinyl ]] (L-765314)",
+     ["alpha(1B)-adrenoceptor", "4-amino-2-[1-(benzyloxycarbonyl)-2(S)- [[(1,1-dimethylethyl)amino]carbonyl]"
+      "-piperazinyl"], {"[["}),
+    ("<< PGE1 >>- and PGE2-induced inhibition of the [[ HVA Ca2+ channels ]] is mediated", ["PGE1",
+                                                                                      "HVA Ca2+ channels"], set()),
+]
+
+
+@pytest.mark.parametrize("text,arguments,as_text", CHEMPROT_SHAPES)
+def test_chemprot_marker_strings_in_text_are_text(tmp_path, text, arguments, as_text):
+    line = json.dumps({"text": text, "label": "R1", "metadata": []})
+    split = re_task(tmp_path, line, CHEMPROT_QUIRKS)
+    ex = split.examples[0]
+    assert [text[s:e] for s, e in ex["entities"]] == arguments
+    assert {m for m in ("<<", ">>", "[[", "]]") if f"examples with {m!r} as text besides the marker "
+            "(marker_characters_in_text)" in split.notes} == as_text
+    if as_text:  # without the quirk the file is refused, as before: the task card must say it
+        assert "times; allowed: each of << >> [[ ]] exactly once (or the marker_characters_in_text quirk" in \
+            error_of(re_task, tmp_path, line, ["markers_glued_to_adjacent_text"])
+
+
+def test_chemprot_task_reads_a_file_of_its_real_shape(tmp_path):
+    """The packaged task.yaml, on split files shaped like the released ones (the files are not mirrored)."""
+    task = discover().tasks["chemprot_re"]
+    folder = tmp_path / "chemprot_re"
+    folder.mkdir()
+    lines = [json.dumps({"text": text, "label": label, "metadata": []})
+             for (text, _, _), label in zip(CHEMPROT_SHAPES, task.labels)]
+    for split in ("train", "dev", "test"):
+        (folder / task.splits[split].file).write_text("\n".join(lines) + "\n")
+    data = load_task_data(task, [tmp_path], allow_download=False)
+    assert data.sizes == {"train": 7, "dev": 7, "test": 7}
+    assert sum(data.notes["dev"].values()) == 6 and data.splits["test"][2]["label"] == task.labels[2]
+
+
+@pytest.mark.parametrize("quirks", [[], ["markers_glued_to_adjacent_text", "marker_characters_in_text"]])
+@pytest.mark.parametrize("text,fragment", [
+    ("a [[ b << c ]] d >> e", "the two arguments cross ([[ ... << ... ]] ... >>)"),
+    ("a << b [[ c >> d ]] e", "the two arguments cross (<< ... [[ ... >> ... ]])"),
+])
+def test_crossing_markers_are_refused(tmp_path, quirks, text, fragment):
+    message = error_of(re_task, tmp_path, json.dumps({"text": text, "label": "R1"}), quirks)
+    assert ":1: " + fragment + "; allowed: two arguments side by side, or one inside the other" in message
+    nested = re_task(tmp_path, json.dumps({"text": "a [[ b << c >> d ]] e", "label": "R1"}), quirks)
+    assert [nested.examples[0]["text"][s:e] for s, e in nested.examples[0]["entities"]] == ["c", "b << c >> d"]
+
+
+def test_marker_strings_as_text_still_need_one_marker_each(tmp_path):
+    quirks = ["markers_glued_to_adjacent_text", "marker_characters_in_text"]
+    two = json.dumps({"text": "<< a >> x [[ b ]] and [[ c ]]", "label": "R1"})
+    assert ":1: marker '[[' occurs 2 times and ']]' 2 times; allowed: each of << >> [[ ]] exactly once with " \
+        "whitespace on its inner side" in error_of(re_task, tmp_path, two, quirks)
+    none = json.dumps({"text": "<< a >> x b>>[[c]]", "label": "R1"})
+    assert "marker '[[' occurs 0 times and ']]' 0 times" in error_of(re_task, tmp_path, none, quirks)
 
 
 @pytest.mark.parametrize("line,fragment", [

@@ -1,4 +1,5 @@
-"""Metrics against hand-computed examples, strict vs lenient IOB decoding, collapse, prediction files."""
+"""Metrics against hand-computed examples, strict vs lenient (conlleval) IOB decoding, collapse, MLflow
+records, prediction files."""
 
 import math
 
@@ -12,11 +13,15 @@ from sklearn.metrics import f1_score as sk_f1
 
 from scaling_study.metrics import (
     classification_scores,
+    conlleval_spans,
     detect_collapse,
+    end_loss,
     entity_scores,
     entity_spans,
     label_entropy,
     majority_baseline,
+    mlflow_metrics,
+    mlflow_tags,
     read_conll_predictions,
     rescore,
     score,
@@ -46,7 +51,9 @@ def test_entity_f1_hand_computed():
     ([["O", "I-A", "O", "B-A"]], [["O", "B-A", "O", "B-A"]], 2 / 3, 1.0),
 ])
 def test_strict_and_lenient_decoding_differ_where_they_should(gold, pred, strict, lenient):
-    assert entity_scores(gold, pred)["f1"] == pytest.approx(strict)
+    scores = entity_scores(gold, pred)
+    assert scores["f1"] == pytest.approx(strict)
+    assert scores["conlleval_f1"] == pytest.approx(lenient)
     assert seqeval_f1(gold, pred) == pytest.approx(lenient)  # seqeval's default (conlleval-like) mode
 
 
@@ -74,6 +81,30 @@ def test_entity_scores_equal_seqeval_strict_report(pairs):
     assert ours["precision"] == pytest.approx(report["micro avg"]["precision"])
     for kind, row in ours["per_type"].items():
         assert row["f1"] == pytest.approx(report[kind]["f1-score"]) and row["support"] == report[kind]["support"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["O", "B-A", "I-A", "B-B", "I-B", "B-C-D", "I-C-D"]), min_size=1, max_size=12))
+def test_conlleval_spans_match_seqeval_default_mode(tags):
+    """seqeval's default mode ports conlleval's startOfChunk/endOfChunk (types may hold hyphens)."""
+    from seqeval.metrics.sequence_labeling import get_entities
+
+    assert sorted(conlleval_spans(tags)) == sorted(get_entities(tags))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.lists(TAGS, min_size=1, max_size=8), st.lists(TAGS, min_size=8, max_size=8)),
+                min_size=1, max_size=5))
+def test_conlleval_scores_equal_seqeval_default_report(pairs):
+    gold = [g for g, _ in pairs]
+    pred = [p[:len(g)] for g, p in pairs]
+    ours = entity_scores(gold, pred)
+    if not ours["conlleval_num_gold"] and not ours["conlleval_num_pred"]:
+        return
+    report = classification_report(gold, pred, output_dict=True, zero_division=0)
+    assert ours["conlleval_f1"] == pytest.approx(report["micro avg"]["f1-score"])
+    assert ours["conlleval_precision"] == pytest.approx(report["micro avg"]["precision"])
+    assert ours["conlleval_recall"] == pytest.approx(report["micro avg"]["recall"])
 
 
 def test_no_entities_anywhere_scores_zero():
@@ -126,12 +157,59 @@ def test_collapse_detection():
     assert not detect_collapse("macro_f1", skewed, ["a"] * 98 + ["b"] * 2)["collapse"]
     prior = label_entropy(["a", "b", "c"] * 10)
     assert prior == pytest.approx(math.log(3))
-    stuck = detect_collapse("macro_f1", gold, gold, train_loss=1.08, prior_loss=prior)
+    stuck = detect_collapse("macro_f1", gold, gold, end_train_loss=1.08, prior_loss=prior)
     assert stuck["collapse"] and "stays near" in stuck["reasons"][0]
-    assert not detect_collapse("macro_f1", gold, gold, train_loss=0.5, prior_loss=prior)["collapse"]
+    assert not detect_collapse("macro_f1", gold, gold, end_train_loss=0.5, prior_loss=prior)["collapse"]
     ner_gold = [["B-A", "I-A", "O", "B-B"]] * 10
     assert detect_collapse("entity_f1", ner_gold, [["O"] * 4] * 10)["collapse"]
     assert not detect_collapse("entity_f1", ner_gold, ner_gold)["collapse"]
+
+
+def test_collapse_of_ner_is_decided_on_entities_and_word_tags():
+    gold = [["O"] * 6 + ["B-A", "I-A", "O", "B-B"]] * 20  # 40 entities; O on 70% of the words
+    constant = detect_collapse("entity_f1", gold, [["B-A"] * 10] * 20)  # one tag everywhere: 200 entities
+    assert constant["collapse"] and constant["reasons"] == ["100% of word tags are 'B-A' (gold: 10%)"]
+    under = [["O"] * 9 + ["B-B"]] * 20  # half the entities, O on 90%: a model that learned part of the task
+    assert not detect_collapse("entity_f1", gold, under)["collapse"]
+    sparse = [["O"] * 99 + ["B-A"]] * 4 + [["O"] * 100] * 16  # nearly all-O: 4 entities predicted of 40
+    assert detect_collapse("entity_f1", gold * 10, sparse * 2)["reasons"][0].startswith("nearly all-O predictions")
+
+
+def test_a_run_that_learned_is_not_flagged_by_its_early_losses():
+    """The issue's case: a 1-epoch NER run whose epoch-mean loss (0.94 of the prior) includes its first
+    steps, while it predicts about as many entities as gold. The end of training decides."""
+    prior = 0.60
+    steps = [prior * (1.6 - 1.2 * i / 99) for i in range(100)]  # from 1.6x the prior down to 0.4x
+    assert sum(steps) / len(steps) >= 0.95 * prior  # the old rule's epoch mean: flagged
+    assert end_loss(steps) == pytest.approx(sum(steps[-10:]) / 10) and end_loss(steps) < 0.5 * prior
+    gold = [["B-A", "I-A", "O", "O", "B-B", "O"]] * 50
+    pred = [["B-A", "I-A", "O", "O", "O", "O"]] * 25 + [["B-A", "O", "O", "B-B", "I-B", "O"]] * 25
+    verdict = detect_collapse("entity_f1", gold, pred, end_train_loss=end_loss(steps), prior_loss=prior)
+    assert not verdict["collapse"], verdict["reasons"]
+    assert verdict["end_loss_to_prior_loss"] < 0.5
+    assert end_loss([2.0]) == 2.0 and end_loss([1.0] * 1000 + [3.0] * 50) == 3.0  # at most 50 steps
+    with pytest.raises(ValueError):
+        end_loss([])
+
+
+def test_mlflow_metrics_and_tags_of_a_result():
+    result = {"metric": "entity_f1", "selected_epoch": 2, "train_loss": 0.4, "end_train_loss": 0.3,
+              "examples_per_s": 10.0, "majority_f1": 0.0, "collapse": False, "collapse_reasons": [],
+              "dev": entity_scores([["B-A", "O"]], [["B-A", "O"]]),
+              "test": entity_scores([["B-A", "O", "B-SUBSTRATE_PRODUCT-OF"]], [["I-A", "O", "B-SUBSTRATE_PRODUCT-OF"]])}
+    metrics = mlflow_metrics(result)
+    assert metrics["test_f1"] == pytest.approx(2 / 3) and metrics["test_conlleval_f1"] == 1.0
+    assert metrics["test_per_type/SUBSTRATE_PRODUCT-OF/f1"] == 1.0 and metrics["test_per_type/A/recall"] == 0.0
+    assert metrics["test_per_type/A/support"] == 1.0 and not any(k.startswith("dev_per_type") for k in metrics)
+    assert metrics["dev_f1"] == 1.0 and metrics["end_train_loss"] == 0.3 and metrics["collapsed"] == 0.0
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert mlflow_tags(result) == {"collapsed": "False", "metric": "entity_f1_strict"}
+    flagged = {**result, "metric": "macro_f1", "collapse": True, "collapse_reasons": ["100% of predictions are 'a'"]}
+    assert mlflow_tags(flagged) == {"collapsed": "True", "metric": "macro_f1",
+                                    "collapse_reason": "100% of predictions are 'a'"}
+    cls = classification_scores(["x/y", "z"], ["x/y", "x/y"], average="micro")
+    assert set(mlflow_metrics({"metric": "micro_f1", "test": cls})) >= {"test_f1", "test_accuracy",
+                                                                        "test_per_type/x_y/f1"}
 
 
 def test_prediction_files_rescore(tmp_path):

@@ -1,4 +1,5 @@
-"""Storage roots (scaling_study.storage) on fsspec's in-memory filesystem and on file:// URIs.
+"""Storage roots (scaling_study.storage) on fsspec's in-memory filesystem, on file:// URIs and on a
+real S3-compatible server (moto's, on 127.0.0.1; conftest's `s3_server`).
 
 The end-to-end run of a study on a `file://` root is in tests/test_dashboards.py (it shares the
 Ray head and the study run with the dashboard metrics test).
@@ -10,7 +11,7 @@ import pytest
 import yaml
 
 from scaling_study import artifacts, storage
-from scaling_study.errors import SpecErrors
+from scaling_study.errors import SpecErrors, UserError
 from scaling_study.storage import Store, check_root, local_copy
 
 
@@ -20,10 +21,12 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-@pytest.fixture(params=["memory", "file"])
+@pytest.fixture(params=["memory", "file", "s3"])
 def store(request, tmp_path):
     if request.param == "memory":  # fsspec's, through pyarrow's FSSpecHandler; one namespace per process
         return Store(f"memory://bucket-{uuid.uuid4().hex[:8]}/studies/x")
+    if request.param == "s3":  # pyarrow's S3 client against moto's server, found through $AWS_ENDPOINT_URL
+        return Store(f"{request.getfixturevalue('s3_server').bucket()}/studies/x")
     return Store(f"file://{tmp_path}/bucket/studies/x")
 
 
@@ -190,10 +193,61 @@ def test_layout_of_a_uri_root(tmp_path, base_spec, cache):
     assert layout.store.location == "s3://bucket/studies/unit"
     assert layout.root == cache / "mirror" / "s3" / "bucket" / "studies" / "unit"
     assert layout.log("pt-1") == "s3://bucket/studies/unit/logs/pt-1.log"
+    named = Layout.named("unit", "s3://bucket/studies/")  # `results unit --root s3://bucket/studies/`
+    assert (named.root, named.store.location) == (layout.root, layout.store.location)
     base_spec["storage"] = {"root": str(tmp_path / "local")}
     path.write_text(yaml.safe_dump(base_spec, sort_keys=False))
     layout = Layout.of(load_spec(path))
     assert not layout.store.remote and layout.root == tmp_path / "local" / "unit"
+    assert Layout.named("unit", str(tmp_path / "local")).root == layout.root
+    with pytest.raises(UserError) as err:
+        Layout.named("unit", "ftp://host/x")
+    assert str(err.value).startswith("--root: unsupported URI scheme 'ftp'; got 'ftp://host/x'; allowed: ")
+
+
+def test_the_tracking_database_goes_up_and_comes_down(s3_server, cache, tmp_path, monkeypatch):
+    """The embedded MLflow db of an object-store root: uploaded when the driver ends, downloaded by
+    another machine, again when storage holds a newer one, never over this machine's own."""
+    from scaling_study.artifacts import Layout, pull_tracking, push_tracking
+
+    root = f"{s3_server.bucket()}/studies"
+    here = Layout.named("t", root)
+    assert pull_tracking(here) == here.mlflow and not (here.mlflow / "mlflow.db").exists()  # nothing stored yet
+    (here.mlflow).mkdir(parents=True)
+    (here.mlflow / "mlflow.db").write_bytes(b"v1")
+    assert pull_tracking(here) == here.mlflow and (here.mlflow / "mlflow.db").read_bytes() == b"v1"
+    push_tracking(here)
+    assert s3_server.keys(root.rsplit("/", 1)[0], "studies/t/") == ["studies/t/mlflow/mlflow.db"]
+
+    monkeypatch.setenv("SCALING_STUDY_CACHE", str(tmp_path / "laptop"))
+    there = Layout.named("t", root)
+    assert there.root != here.root and (pull_tracking(there) / "mlflow.db").read_bytes() == b"v1"
+    (here.mlflow / "mlflow.db").write_bytes(b"v2 (more runs)")  # the driver ran again, on its machine
+    push_tracking(here)
+    assert (pull_tracking(there) / "mlflow.db").read_bytes() == b"v2 (more runs)"
+    monkeypatch.setenv("SCALING_STUDY_CACHE", str(cache))
+    (here.mlflow / "mlflow.db").write_bytes(b"v3, not uploaded yet")  # a driver killed before its upload
+    assert (pull_tracking(here) / "mlflow.db").read_bytes() == b"v3, not uploaded yet"
+
+
+def test_an_object_store_data_dir_reaches_this_machine_task_by_task(s3_server, tmp_path, base_spec, cache):
+    from scaling_study.spec import load_spec
+    from scaling_study.storage import Store
+    from scaling_study.tasks.data import mirror_dirs
+
+    bucket = s3_server.bucket()
+    for task in ("scierc_re", "bc5cdr_ner"):
+        s3_server.client.put_object(Bucket=bucket[5:], Key=f"tasks/{task}/train.txt", Body=b"x")
+    (tmp_path / "corpus.txt").write_text("a b c\n")
+    base_spec["tasks"]["data_dir"] = f"{bucket}/tasks"
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(base_spec, sort_keys=False))
+    study = load_spec(path)
+    mirror = Store(f"{bucket}/tasks").local
+    assert mirror_dirs(study=study, tasks=["scierc_re"]) == [mirror]
+    assert sorted(p.relative_to(mirror).as_posix() for p in mirror.rglob("*") if p.is_file()) == ["scierc_re/train.txt"]
+    mirror_dirs(study=study)  # every task of the study; paper_field_cls is not stored: left to the next places
+    assert sorted(p.parent.name for p in mirror.rglob("train.txt")) == ["bc5cdr_ner", "scierc_re"]
 
 
 def test_progress_outside_ray_is_silent(capsys, recwarn):

@@ -11,9 +11,10 @@ Lookup, per split: `<dir>/<task id>/<split file>` in each mirror folder in order
 (`tasks/` in the machine's cache, `$SCALING_STUDY_CACHE`, default `~/.cache/scaling-study`), then
 the split's `url`, downloaded into the cache (`scaling_study.downloads`; `allow_download=False` or
 `$SCALING_STUDY_OFFLINE=1` skips that). When all fail: a `DataNotFound` (a `UserError`) naming the
-task, every place tried and how to provide the data. `check_task_data(study)` reads every split of
-a study's tasks up front (`scaling-study run` does, so a malformed file stops the run before any
-compute).
+task, every place tried and how to provide the data. Something under a split file's name that is
+not a regular file (a folder, a FIFO, a link loop) is a plain `UserError`: the data is there but
+wrong, and a FIFO would block the reader. `check_task_data(study)` reads every split of a study's
+tasks up front (`scaling-study run` does, so a malformed file stops the run before any compute).
 
 Caps (`TaskCaps`) keep a seeded random sample of each split, in file order. The sample depends only
 on (task id, split, cap, sample_seed), never on the finetuning seed, so every seed and every model
@@ -31,7 +32,7 @@ from pathlib import Path
 from typing import Iterable
 
 from scaling_study import downloads
-from scaling_study.errors import UserError
+from scaling_study.errors import UserError, file_problem
 from scaling_study.tasks.loaders import SPLITS, LoadedSplit, load_split, tag_set
 from scaling_study.tasks.registry import TaskInfo
 
@@ -72,14 +73,32 @@ class TaskData:
         return datasets.Dataset.from_list(self.splits[split])
 
 
-def mirror_dirs(data_dir: str | Path | None = None, study=None) -> list[Path]:
-    """Mirror folders to try, in order: an explicit folder, `$SCALING_STUDY_DATA_DIR`, the spec's `tasks.data_dir`."""
+def mirror_dirs(data_dir: str | Path | None = None, study=None, *, tasks: Iterable[str] | None = None) -> list[Path]:
+    """Mirror folders to try, in order: an explicit folder, `$SCALING_STUDY_DATA_DIR`, the spec's `tasks.data_dir`
+    (an object-store URI: `tasks`' folders, default the study's, synced to this machine first)."""
     dirs = [Path(data_dir).expanduser()] if data_dir else []
     if os.environ.get(ENV_DATA_DIR):
         dirs.append(Path(os.environ[ENV_DATA_DIR]).expanduser())
     if study is not None and study.spec.tasks.data_dir:
-        dirs.append(study.resolve_path(study.spec.tasks.data_dir))
+        dirs.append(_study_data_dir(study, study.tasks if tasks is None else tasks))
     return list(dict.fromkeys(d.resolve() for d in dirs))
+
+
+def _study_data_dir(study, tasks: Iterable[str]) -> Path:
+    """The spec's `tasks.data_dir` on this machine: a folder, or for a URI (`s3://bucket/tasks`) its
+    local mirror, into which each task's folder `<URI>/<task id>/` is downloaded (files already
+    there with the same size are kept), so task data with no public URL reaches every node."""
+    from scaling_study.spec import expand_env
+    from scaling_study.storage import Store, is_uri
+
+    location = expand_env(study.spec.tasks.data_dir)
+    if not is_uri(location):
+        return study.resolve_path(study.spec.tasks.data_dir)
+    store = Store(location)
+    for tid in sorted(tasks):
+        if store.exists(tid):  # absent: the lookup goes on to the cache and the download, and says so
+            store.download(tid)
+    return store.local
 
 
 def cache_root(cache_dir: str | Path | None = None) -> Path:
@@ -106,12 +125,12 @@ def locate_split(task: TaskInfo, split: str, dirs: Iterable[Path] = (), *, cache
         tried.append(f"no mirror folder (none of --data-dir, ${ENV_DATA_DIR}, tasks.data_dir given)")
     for d in dirs:
         path = Path(d) / task.id / info.file
-        if path.is_file():
+        if _regular_file(path):
             return path
         tried.append(str(path))
     cached = cached_path(task, split, cache_dir)
     if cached is not None:
-        if cached.is_file():
+        if _regular_file(cached):
             return cached
         tried.append(f"cache {cached}")
         if not allow_download:
@@ -131,6 +150,21 @@ def locate_split(task: TaskInfo, split: str, dirs: Iterable[Path] = (), *, cache
     readme = Path(task.folder) / "README.md" if task.folder else None
     raise DataNotFound(f"task {task.id}: no data for split {split}: tried {'; '.join(tried)}; {hint}"
                        + (f" (source: {readme})" if readme else ""))
+
+
+def _regular_file(path: Path) -> bool:
+    """Whether `path` is a regular file (or a link to one); False when nothing is there. Anything else
+    under a split file's name (a folder, a FIFO, which would block the reader, a socket, a device, a
+    link to nowhere or a link loop) is a UserError: the data is there but wrong, not missing."""
+    problem = file_problem(path)
+    if problem is None:
+        return True
+    if problem == "no such file":  # (or `<dir>/<id>` is a file: not a task folder)
+        return False
+    if problem.startswith("cannot look at it"):  # EACCES on a folder on the way, ...
+        raise UserError(f"{path}: cannot look at the split file{problem.removeprefix('cannot look at it')}; "
+                        "allowed: a readable regular file")
+    raise UserError(f"{path}: the split file is {problem}; allowed: a regular file holding the split")
 
 
 def sample(examples: list, cap: int | None, *, task_id: str, split: str, seed: int = 0) -> list:
@@ -164,7 +198,7 @@ def check_task_data(study, tasks: Iterable[str] | None = None) -> dict[str, str]
     """Read every split of the study's tasks (or of `tasks`) before a run: a malformed file raises its
     UserError now, not in a finetune trial hours later. Returns {task id: why} for tasks whose data
     is not found (their finetune runs fail and say so; the rest of the study still runs)."""
-    dirs = mirror_dirs(study=study)
+    dirs = mirror_dirs(study=study, tasks=tasks)
     missing: dict[str, str] = {}
     for tid in sorted(study.tasks if tasks is None else tasks):
         task = study.tasks[tid]

@@ -5,22 +5,27 @@
     split.examples[0]   # NER: {"tokens": [...], "tags": ["B-Chemical", "O", ...], "line": 1}
                         # re/cls: {"text": "...", "label": "USED-FOR", "entities": [[s, e], [s, e]], "line": 1}
     split.notes         # {"untagged lines read as O (untagged_lines_are_O)": 32, ...}
+    FORMATS["conll"].options, FORMATS["conll"].quirks   # what a task.yaml may say, per format
 
 Formats (`task.yaml` `format`, options in `format_options`):
 
 - `conll`: one token per line, sentences separated by any run of blank lines; `token_column` and
-  `tag_column` (negative counts from the end: -1 is the last column); `separator` `"\\t"`, `" "` or
-  `"whitespace"`. `-DOCSTART-` lines (with or without columns) are skipped wherever they occur.
+  `tag_column` (negative counts from the end: -1 is the last column; never the same column);
+  `separator` `"\\t"`, `" "` or `"whitespace"`. `-DOCSTART-` lines (with or without columns) are
+  skipped wherever they occur.
 - `jsonl_markers`: JSON lines `{text, label, ...}`; `entity_markers` lists open/close pairs
   (`["<<", ">>", "[[", "]]"]`) that wrap the two arguments inside `text`, or `[]` for plain text.
+  A marker is a marker only where it stands as one (see `_marker_candidates`); the same characters
+  elsewhere (`STA2>>17-phenyl`) are text and are kept.
 - `scierc_json`: the raw SciERC release (one document per line: `sentences`, `ner`, `relations`);
   `target: ner` gives sentences with IOB2 tags, `target: re` one marked example per relation.
 - `text_label`: CSV/TSV; `text_column`/`label_column` are header names or 0-based numbers.
 
-Tags come out as IOB2 whatever the file's scheme (`label_scheme: iob1` is converted). The quirks a
-dataset's README documents are named in `format_options.quirks`; `QUIRKS` below says what each one
-changes. Anything else unusual in a file is a `UserError` naming file, line, what is wrong and
-what is allowed: the loaders never guess.
+Each format is one `Format` record (in `FORMATS`, beside its loader below): the task types it can
+hold, its options, and the quirks it knows. Tags come out as IOB2 whatever the file's scheme
+(`label_scheme: iob1` is converted). The quirks a dataset's README documents are named in
+`format_options.quirks`; each record's `quirks` says what each one changes. Anything else unusual in
+a file is a `UserError` naming file, line, what is wrong and what is allowed: the loaders never guess.
 """
 
 from __future__ import annotations
@@ -29,81 +34,25 @@ import csv
 import dataclasses
 import io
 import json
+import os
+import stat
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from scaling_study.errors import SpecError, UserError
-from scaling_study.tasks.registry import TaskInfo
 
-# name -> (format, what the loader does about it). Informational quirks change nothing but are
-# accepted so that a task.yaml can record what its README says.
-QUIRKS: dict[str, tuple[str, str]] = {
-    "rsplit_on_last_space": ("conll", "each line is split once, at its last space (`line.rsplit(' ', 1)`): "
-                             "token, tag; the token may contain spaces"),
-    "token_may_contain_space": ("conll", "tokens with inner spaces are kept (with `rsplit_on_last_space`)"),
-    "untagged_lines_are_O": ("conll", "a line whose tag field is empty (`TOKEN ` with a trailing separator) "
-                             "is tagged O"),
-    "empty_token_lines": ("conll", "a line with an empty token (` O`) is a token, not a sentence break"),
-    "blank_line_runs_vary": ("conll", "informational: any run of blank lines is one sentence boundary (always so)"),
-    "double_blank_line_before_docstart": ("conll", "informational: any run of blank lines is one boundary (always so)"),
-    "docstart_line_two_columns": ("conll", "informational: `-DOCSTART-` lines are skipped whatever their columns"),
-    "docstart_line_without_tabs": ("conll", "informational: `-DOCSTART-` lines are skipped whatever their columns"),
-    "iob2_violation_in_train": ("conll", "the train file may have I-X tags that IOB2 does not allow (after O or "
-                                "another type); kept as released, so strict decoding drops them"),
-    "iob2_violation_in_dev": ("conll", "as iob2_violation_in_train, for the dev file"),
-    "iob2_violation_in_test": ("conll", "as iob2_violation_in_train, for the test file"),
-    "multi_label_tags": ("conll", "every column from `tag_column` on is a tag; one is kept per token: the one "
-                         "continuing the previous token's entity, else the first B-, else the first; an I- tag "
-                         "left without its entity becomes B- (counted)"),
-    "extra_metadata_columns": ("conll", "informational: columns other than token and tag are ignored (always so)"),
-    "train_rebuilt_tokenization_differs": ("conll", "informational: train is tokenised differently from dev/test"),
-    "requires_conversion_from_kaggle_json": ("conll", "informational: the files must be made by a conversion "
-                                             "first; data lookup says so when they are missing"),
-    "markers_glued_to_adjacent_text": ("jsonl_markers", "markers may touch neighbouring text (`pan-[[ erbB ]]`); "
-                                       "without this quirk every marker must be a whitespace-separated token"),
-    "markers_by_position_not_role": ("jsonl_markers", "informational: the first marker pair wraps the argument "
-                                     "that comes first; examples where it does not are counted"),
-    "marker_type_gives_role": ("jsonl_markers", "informational: the marker pair carries the argument's role"),
-    "marker_order_varies": ("jsonl_markers", "informational: either marker pair may come first"),
-    "metadata_token_offsets": ("jsonl_markers", "`metadata` must hold the 4 inclusive token offsets of the two "
-                               "marked spans in the unmarked sentence; checked on every line"),
-    "empty_metadata": ("jsonl_markers", "`metadata` must be `[]` (or absent); checked on every line"),
-    "train_dev_derived_from_official_dev": ("jsonl_markers", "informational: train/dev are a partition of the "
-                                            "official dev split (see the README)"),
-    "csv_header_named_columns": ("text_label", "the first row is a header; columns are chosen by name"),
-    "csv_quoted_fields": ("text_label", "fields may be quoted (`\"...\"`, with separators and newlines inside); "
-                          "without it quotes are ordinary characters"),
-    "duplicate_validation_file": ("text_label", "informational: the source also has another validation file; "
-                                  "only the one named in `splits.dev` is read"),
-}
-
-OPTIONS: dict[str, dict[str, str]] = {
-    "conll": {"token_column": "an integer column index (negative counts from the end)",
-              "tag_column": "an integer column index (-1 = last)",
-              "separator": '"\\t", " " or "whitespace"',
-              "docstart": "true/false: whether the files have -DOCSTART- lines (they are skipped either way)",
-              "quirks": "a list of quirk names"},
-    "jsonl_markers": {"text_field": "the JSON key of the text (default text)",
-                      "label_field": "the JSON key of the label (default label)",
-                      "entity_markers": "[] or [open1, close1, open2, close2]",
-                      "quirks": "a list of quirk names"},
-    "scierc_json": {"target": "ner or re",
-                    "head_markers": "[open, close] around the relation's first argument (default [[, ]])",
-                    "tail_markers": "[open, close] around the second argument (default <<, >>)",
-                    "quirks": "a list of quirk names"},
-    "text_label": {"separator": 'one character, e.g. "," or "\\t"',
-                   "text_column": "a header name or a 0-based column number",
-                   "label_column": "a header name or a 0-based column number",
-                   "header": "true/false: whether the first row is a header (default: true when columns are names)",
-                   "quirks": "a list of quirk names"},
-}
+if TYPE_CHECKING:  # registry imports this module (check_options); the type only annotates here
+    from scaling_study.tasks.registry import TaskInfo
 
 SPLITS = ("train", "dev", "test")
 MAX_LINE_CHARS = 1 << 20
 """Longest line a split file may have (1,048,576 characters; real files stay under 6,000). Longer
 lines are refused with their line number: they come from a file that is not what the task says.
 (`text_label` files also obey the csv module's limit of 131,072 characters per field.)"""
+MAX_JSON_DEPTH = 20
+"""Deepest nesting of arrays and objects in a JSON line (SciERC documents nest 4 deep); deeper lines
+are refused with their line number, as are integers over Python's 4,300-digit conversion limit."""
 
 
 @dataclasses.dataclass
@@ -113,6 +62,47 @@ class LoadedSplit:
     examples: list[dict]
     path: str
     notes: Counter = dataclasses.field(default_factory=Counter)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """One split-file format: what it holds, what a task.yaml may say about it, how it is read."""
+
+    name: str
+    types: tuple[str, ...]
+    """Task types whose files it can hold."""
+    options: dict[str, str]
+    """`format_options` key -> what it accepts (`quirks` is added to every format)."""
+    quirks: dict[str, str]
+    """Quirk name -> what the loader does about it. Informational quirks change nothing but are
+    accepted so that a task.yaml can record what its README says."""
+    check: Callable[[_Options], None]
+    """Fills in the defaults of the options and refuses bad values (`_Options.need`)."""
+    load: Callable[[TaskInfo, dict, str, str, str, LoadedSplit], None]
+    """(task, checked options, text, path, split, out): the file's examples into `out.examples`."""
+
+
+@dataclasses.dataclass
+class _Options:
+    """A task's `format_options` being checked; errors name its task.yaml."""
+
+    task: TaskInfo
+    file: str
+    values: dict
+    allowed: dict[str, str]
+
+    def need(self, key: str, ok: Callable[[Any], bool], default: Any = dataclasses.MISSING) -> None:
+        """Fill in `default` when `key` is absent (or refuse its absence), then refuse a value `ok` rejects."""
+        if key not in self.values:
+            if default is dataclasses.MISSING:
+                raise SpecError(self.file, f"format_options.{key}", problem="missing", allowed=self.allowed[key])
+            self.values[key] = default
+        if not ok(self.values[key]):
+            raise SpecError(self.file, f"format_options.{key}", self.values[key], self.allowed[key],
+                            problem="invalid value")
+
+    def refuse(self, key: str, allowed: str, problem: str) -> None:
+        raise SpecError(self.file, f"format_options.{key}", self.values[key], allowed, problem=problem)
 
 
 def tag_set(task: TaskInfo) -> list[str]:
@@ -125,69 +115,36 @@ def tag_set(task: TaskInfo) -> list[str]:
 def check_options(task: TaskInfo) -> dict[str, Any]:
     """`format_options` with defaults, checked against the format; raises SpecError naming task.yaml."""
     file = str(Path(task.folder) / "task.yaml") if task.folder else f"task {task.id}"
-    opts = dict(task.format_options)
-    allowed = OPTIONS[task.format]
-    for key in opts:
+    fmt = FORMATS[task.format]
+    allowed = {**fmt.options, "quirks": "a list of quirk names"}
+    opts = _Options(task, file, dict(task.format_options), allowed)
+    for key in opts.values:
         if key not in allowed:
-            raise SpecError(file, f"format_options.{key}", opts[key],
+            raise SpecError(file, f"format_options.{key}", opts.values[key],
                             f"for format {task.format}: {', '.join(allowed)}", problem="unknown option")
-    quirks = opts.get("quirks") or []
+    quirks = opts.values.get("quirks") or []
     if not isinstance(quirks, list):
         raise SpecError(file, "format_options.quirks", quirks, "a list of quirk names", problem="not a list")
     for i, q in enumerate(quirks):
-        if QUIRKS.get(q, ("",))[0] != task.format:
-            known = sorted(k for k, (fmt, _) in QUIRKS.items() if fmt == task.format)
+        if not isinstance(q, str) or q not in fmt.quirks:
             raise SpecError(file, f"format_options.quirks[{i}]", q,
-                            f"for format {task.format}: {', '.join(known)} (see docs/tasks.md)",
+                            f"for format {task.format}: {', '.join(sorted(fmt.quirks))} (see docs/tasks.md)",
                             problem="unknown quirk")
-    opts["quirks"] = set(quirks)
-
-    def need(key: str, ok: Callable[[Any], bool], default: Any = dataclasses.MISSING) -> None:
-        if key not in opts:
-            if default is dataclasses.MISSING:
-                raise SpecError(file, f"format_options.{key}", problem="missing", allowed=allowed[key])
-            opts[key] = default
-        if not ok(opts[key]):
-            raise SpecError(file, f"format_options.{key}", opts[key], allowed[key], problem="invalid value")
-
-    is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)  # noqa: E731
-    if task.format == "conll":
-        need("token_column", is_int, 0)
-        need("tag_column", is_int, -1)
-        need("separator", lambda v: v in ("\t", " ", "whitespace"), "whitespace")
-        need("docstart", lambda v: isinstance(v, bool), False)
-    elif task.format == "jsonl_markers":
-        need("text_field", lambda v: isinstance(v, str), "text")
-        need("label_field", lambda v: isinstance(v, str), "label")
-        need("entity_markers", lambda v: isinstance(v, list) and len(v) in (0, 4) and len(set(v)) == len(v)
-             and all(isinstance(m, str) and m.strip() == m and m for m in v), [])
-    elif task.format == "scierc_json":
-        need("target", lambda v: v in ("ner", "re"))
-        pair = lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(m, str) and m for m in v)  # noqa: E731
-        need("head_markers", pair, ["[[", "]]"])
-        need("tail_markers", pair, ["<<", ">>"])
-        if opts["target"] == "ner" and task.type != "ner" or opts["target"] == "re" and task.type == "ner":
-            raise SpecError(file, "format_options.target", opts["target"], f"{'ner' if task.type == 'ner' else 're'}"
-                            f" for a task of type {task.type}", problem="does not fit the task type")
-    else:
-        need("separator", lambda v: isinstance(v, str) and len(v) == 1, ",")
-        col = lambda v: is_int(v) and v >= 0 or isinstance(v, str) and v != ""  # noqa: E731
-        need("text_column", col)
-        need("label_column", col)
-        named = isinstance(opts["text_column"], str) or isinstance(opts["label_column"], str)
-        need("header", lambda v: isinstance(v, bool) and (v or not named),
-             named or "csv_header_named_columns" in quirks)
-    if task.type == "ner" and task.format not in ("conll", "scierc_json"):
-        raise SpecError(file, "format", task.format, "conll or scierc_json for ner", problem="does not fit type ner")
-    if task.type != "ner" and task.format == "conll":
-        raise SpecError(file, "format", task.format, "jsonl_markers, scierc_json or text_label for re and cls",
+    opts.values["quirks"] = set(quirks)
+    fmt.check(opts)
+    if task.type not in fmt.types:
+        fits = [name for name, f in FORMATS.items() if task.type in f.types]
+        fits = [", ".join(fits[:-1]), fits[-1]] if len(fits) > 1 else fits
+        raise SpecError(file, "format", task.format, f"{' or '.join(fits)} for {task.type}",
                         problem=f"does not fit type {task.type}")
-    return opts
+    return opts.values
 
 
 def load_split(task: TaskInfo, path: Path, split: str) -> LoadedSplit:
     """Read one split file of `task`; raises UserError on anything the task's quirks do not allow."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the read, a device never end
+            raise _fail(str(path), None, "not a regular file", "a readable UTF-8 text file")
         raw = Path(path).read_bytes()
     except OSError as exc:  # unreadable, a folder, vanished since it was located
         raise _fail(str(path), None, f"cannot read the file ({exc.strerror or exc})",
@@ -199,14 +156,16 @@ def parse_split(task: TaskInfo, raw: bytes, path: str, split: str) -> LoadedSpli
     """`load_split` on the bytes of a file; `path` only names it in messages."""
     opts = check_options(task)
     text = _decode(raw, path)
-    loader = {"conll": _load_conll, "jsonl_markers": _load_jsonl_markers, "scierc_json": _load_scierc_json,
-              "text_label": _load_text_label}[task.format]
     out = LoadedSplit(examples=[], path=path)
-    loader(task, opts, text, path, split, out)
+    FORMATS[task.format].load(task, opts, text, path, split, out)
     if not out.examples:
         raise UserError(f"{path}: no examples in the file; allowed: a {task.format} file with at least one "
                         f"{'sentence' if task.type == 'ner' else 'example'}")
     return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ----------------------------------------------------------------------------------- helpers
@@ -277,19 +236,86 @@ def _iob_fix(tags: list[str], lines: list[int], task: TaskInfo, path: str, allow
     return out
 
 
+def _json_line(line: str, path: str, n: int, allowed: str) -> Any:
+    """One JSON line parsed within the limits (`MAX_JSON_DEPTH`, Python's integer digits); one-line errors."""
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise _fail(path, n, f"not JSON ({exc.msg} at column {exc.colno})", allowed) from None
+    except RecursionError:  # the parser gives up near Python's recursion limit, long before memory does
+        raise _fail(path, n, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", allowed) from None
+    except ValueError as exc:  # an integer literal over sys.get_int_max_str_digits() digits
+        raise _fail(path, n, f"a JSON number too long to read ({str(exc).split(':')[0]})", allowed) from None
+    stack = [(value, 1)] if isinstance(value, (list, dict)) else []
+    while stack:
+        item, level = stack.pop()
+        if level > MAX_JSON_DEPTH:
+            raise _fail(path, n, f"JSON nested deeper than {MAX_JSON_DEPTH} levels", allowed)
+        stack.extend((x, level + 1) for x in (item.values() if isinstance(item, dict) else item)
+                     if isinstance(x, (list, dict)))
+    return value
+
+
 # ----------------------------------------------------------------------------------- conll
+
+
+def _conll_options(o: _Options) -> None:
+    o.need("token_column", _is_int, 0)
+    o.need("tag_column", _is_int, -1)
+    o.need("separator", lambda v: v in ("\t", " ", "whitespace"), "whitespace")
+    o.need("docstart", lambda v: isinstance(v, bool), False)
+    tok, tag = o.values["token_column"], o.values["tag_column"]
+    if tok == tag:  # same sign and value: the same column in every file (other pairs are checked per file)
+        o.refuse("token_column", f"a column other than tag_column ({tag})", "the tag column")
+    if "multi_label_tags" in o.values["quirks"] and tok >= 0 and tok > tag >= 0:
+        o.refuse("token_column", f"a column before tag_column ({tag}): with multi_label_tags every column from "
+                 "tag_column on is a tag", "among the tag columns")
+
+
+def _conll_columns(line: str, n: int, opts: dict, first: list[int], path: str) -> list[str]:
+    """The line's columns, checked: the token and the tag column exist and differ, and every token line
+    has as many columns as the file's first one (`first`: [count, line], filled on the first line)."""
+    sep, tok_col, tag_col, quirks = opts["separator"], opts["token_column"], opts["tag_column"], opts["quirks"]
+    shown = {"\t": "TAB", " ": "space", "whitespace": "whitespace"}[sep]
+    if "rsplit_on_last_space" in quirks:
+        cols = line.rsplit(sep if sep != "whitespace" else " ", 1)
+        if len(cols) != 2:
+            raise _fail(path, n, f"no {shown} before the tag (line {line!r})",
+                        "TOKEN<space>TAG, split at the last space")
+        return cols
+    cols = line.split() if sep == "whitespace" else line.split(sep)
+    if "multi_label_tags" in quirks:
+        if len(cols) <= max(tok_col, tag_col):
+            raise _fail(path, n, f"{len(cols)} columns", f"at least {max(tok_col, tag_col) + 1} "
+                        f"{shown}-separated columns (tags from column {tag_col} on)")
+        if tok_col % len(cols) >= tag_col % len(cols):
+            raise _fail(path, n, f"{len(cols)} columns: token_column {tok_col} is among the tag columns "
+                        f"(from tag_column {tag_col} on)", "a token column before the tag columns")
+        return cols
+    if first:
+        if len(cols) != first[0]:
+            raise _fail(path, n, f"{len(cols)} {shown}-separated columns, but the file's first token line "
+                        f"(line {first[1]}) has {first[0]}", f"{first[0]} columns on every token line")
+        return cols
+    ncols = len(cols)
+    first += [ncols, n]
+    if not (-ncols <= tok_col < ncols and -ncols <= tag_col < ncols) or ncols < 2:
+        raise _fail(path, n, f"{ncols} {shown}-separated column(s), but token_column {tok_col} and tag_column "
+                    f"{tag_col}", "a token and a tag column on every line (check format_options.separator and "
+                    "the column indices)")
+    if tok_col % ncols == tag_col % ncols:
+        raise _fail(path, n, f"{ncols} {shown}-separated columns: token_column {tok_col} and tag_column {tag_col} "
+                    "are the same column", "a token column other than the tag column (check "
+                    "format_options.token_column)")
+    return cols
 
 
 def _load_conll(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
     quirks = opts["quirks"]
-    rsplit = "rsplit_on_last_space" in quirks
     multi = "multi_label_tags" in quirks
-    sep = opts["separator"]
     tok_col, tag_col = opts["token_column"], opts["tag_column"]
     allow_violations = f"iob2_violation_in_{split}" in quirks
-    shown = {"\t": "TAB", " ": "space", "whitespace": "whitespace"}[sep]
-    ncols: int | None = None
-    first_line = 0
+    first: list[int] = []
     tokens: list[str] = []
     tags: list[str] = []
     where: list[int] = []
@@ -311,30 +337,7 @@ def _load_conll(task: TaskInfo, opts: dict, text: str, path: str, split: str, ou
             flush()
             out.notes["-DOCSTART- lines skipped"] += 1
             continue
-        if rsplit:
-            cols = line.rsplit(sep if sep != "whitespace" else " ", 1)
-        elif sep == "whitespace":
-            cols = line.split()
-        else:
-            cols = line.split(sep)
-        if rsplit:
-            if len(cols) != 2:
-                raise _fail(path, n, f"no {shown} before the tag (line {line!r})",
-                            "TOKEN<space>TAG, split at the last space")
-        elif multi:
-            if len(cols) <= max(tok_col, tag_col):
-                raise _fail(path, n, f"{len(cols)} columns", f"at least {max(tok_col, tag_col) + 1} "
-                            f"{shown}-separated columns (tags from column {tag_col} on)")
-        else:
-            if ncols is None:
-                ncols, first_line = len(cols), n
-                if not (-ncols <= tok_col < ncols and -ncols <= tag_col < ncols) or ncols < 2:
-                    raise _fail(path, n, f"{ncols} {shown}-separated column(s), but token_column {tok_col} and "
-                                f"tag_column {tag_col}", "a token and a tag column on every line (check "
-                                "format_options.separator and the column indices)")
-            elif len(cols) != ncols:
-                raise _fail(path, n, f"{len(cols)} {shown}-separated columns, but the file's first token line "
-                            f"(line {first_line}) has {ncols}", f"{ncols} columns on every token line")
+        cols = _conll_columns(line, n, opts, first, path)
         token = cols[tok_col].strip()
         if multi:
             candidates = [c.strip() for c in cols[tag_col:] if c.strip()] or [""]
@@ -375,59 +378,129 @@ def _pick_tag(candidates: list[str], prev_type: str, notes: Counter) -> str:
     return tag
 
 
+CONLL = Format(
+    name="conll", types=("ner",), check=_conll_options, load=_load_conll,
+    options={"token_column": "an integer column index (negative counts from the end), not the tag column",
+             "tag_column": "an integer column index (-1 = last)",
+             "separator": '"\\t", " " or "whitespace"',
+             "docstart": "true/false: whether the files have -DOCSTART- lines (they are skipped either way)"},
+    quirks={
+        "rsplit_on_last_space": "each line is split once, at its last space (`line.rsplit(' ', 1)`): token, tag; "
+                                "the token may contain spaces",
+        "token_may_contain_space": "tokens with inner spaces are kept (with `rsplit_on_last_space`)",
+        "untagged_lines_are_O": "a line whose tag field is empty (`TOKEN ` with a trailing separator) is tagged O",
+        "empty_token_lines": "a line with an empty token (` O`) is a token, not a sentence break",
+        "blank_line_runs_vary": "informational: any run of blank lines is one sentence boundary (always so)",
+        "double_blank_line_before_docstart": "informational: any run of blank lines is one boundary (always so)",
+        "docstart_line_two_columns": "informational: `-DOCSTART-` lines are skipped whatever their columns",
+        "docstart_line_without_tabs": "informational: `-DOCSTART-` lines are skipped whatever their columns",
+        "iob2_violation_in_train": "the train file may have I-X tags that IOB2 does not allow (after O or another "
+                                   "type); kept as released, so strict decoding drops them",
+        "iob2_violation_in_dev": "as iob2_violation_in_train, for the dev file",
+        "iob2_violation_in_test": "as iob2_violation_in_train, for the test file",
+        "multi_label_tags": "every column from `tag_column` on is a tag; one is kept per token: the one continuing "
+                            "the previous token's entity, else the first B-, else the first; an I- tag left without "
+                            "its entity becomes B- (counted)",
+        "extra_metadata_columns": "informational: columns other than token and tag are ignored (always so)",
+        "train_rebuilt_tokenization_differs": "informational: train is tokenised differently from dev/test",
+        "requires_conversion_from_kaggle_json": "informational: the files must be made by a conversion first; data "
+                                                "lookup says so when they are missing",
+    })
+
+
 # ----------------------------------------------------------------------------------- jsonl_markers
 
 
-def _marker_spans(text: str, markers: list[str], glued: bool, path: str, line: int) -> list[list[int]]:
-    """Character spans of the two marked arguments (inside the markers, without the padding spaces)."""
-    spans = []
-    for open_, close in (markers[0:2], markers[2:4]):
-        if text.count(open_) != 1 or text.count(close) != 1:
-            raise _fail(path, line, f"marker {open_!r} occurs {text.count(open_)} times and {close!r} "
-                        f"{text.count(close)} times", f"each of {' '.join(markers)} exactly once")
-        start, end = text.index(open_) + len(open_), text.index(close)
-        if end < start:
+def _marker_candidates(text: str, marker: str, opening: bool, glued: bool) -> list[int]:
+    """Where `marker` stands as a marker: a whitespace-separated token, or with the glued quirk with
+    whitespace on its inner side only (`pan-[[ erbB ]]`, `<< Ang II >>-induced`). Everywhere else the
+    characters are text (`STA2>>17-phenyl`, `2-[[2-hydroxy`)."""
+    found = []
+    i = text.find(marker)
+    while i >= 0:
+        j = i + len(marker)
+        before = i == 0 or text[i - 1].isspace()
+        after = j == len(text) or text[j].isspace()
+        inner = (j < len(text) and text[j].isspace()) if opening else (i > 0 and text[i - 1].isspace())
+        if inner if glued else before and after:
+            found.append(i)
+        i = text.find(marker, i + 1)
+    return found
+
+
+def _marker_pair(text: str, open_: str, close: str, markers: list[str], glued: bool, path: str,
+                 line: int) -> tuple[int, int]:
+    """(position of the open marker, position of its close marker): the one open marker and the first
+    close marker after it; a close marker elsewhere is text (`94 >> probenecid >> flufenamic`)."""
+    def read(glued: bool) -> tuple[list[int], list[int], list[int]]:
+        opens = _marker_candidates(text, open_, True, glued)
+        closes = _marker_candidates(text, close, False, glued)
+        return opens, [c for c in closes if opens and c >= opens[0] + len(open_)], closes
+
+    opens, after, closes = read(glued)
+    if len(opens) != 1 or not after:
+        glued_opens, glued_after, _ = read(True)
+        if not glued and len(glued_opens) == 1 and glued_after:
+            raise _fail(path, line, f"marker {open_!r} or {close!r} touches neighbouring text",
+                        "markers as separate whitespace tokens (or the markers_glued_to_adjacent_text quirk)")
+        if len(opens) == 1 and closes:
             raise _fail(path, line, f"{close!r} before {open_!r}", f"{open_} argument {close}")
-        inner = text[start:end]
-        if not inner.strip():
-            raise _fail(path, line, f"nothing between {open_!r} and {close!r}", "a non-empty argument")
-        if not glued:
-            tokens = text.split()
-            if open_ not in tokens or close not in tokens:
-                raise _fail(path, line, f"marker {open_!r} or {close!r} touches neighbouring text",
-                            "markers as separate whitespace tokens (or the markers_glued_to_adjacent_text quirk)")
+        how = "with whitespace on its inner side" if glued else "as a separate whitespace token"
+        raise _fail(path, line, f"marker {open_!r} occurs {len(opens)} times and {close!r} {len(closes)} times",
+                    f"each of {' '.join(markers)} exactly once {how}, the close after the open (the same "
+                    "characters elsewhere are text)")
+    if not text[opens[0] + len(open_):after[0]].strip():
+        raise _fail(path, line, f"nothing between {open_!r} and {close!r}", "a non-empty argument")
+    return opens[0], after[0]
+
+
+def _marker_spans(text: str, markers: list[str], quirks: set[str], path: str, line: int,
+                  notes: Counter) -> tuple[list[list[int]], list[tuple[int, int]]]:
+    """Character spans of the two marked arguments (inside the markers, without the padding spaces),
+    and the positions of the markers themselves (open, close per pair)."""
+    as_text = "marker_characters_in_text" in quirks
+    if not as_text:
+        for open_, close in (markers[0:2], markers[2:4]):
+            if text.count(open_) != 1 or text.count(close) != 1:
+                raise _fail(path, line, f"marker {open_!r} occurs {text.count(open_)} times and {close!r} "
+                            f"{text.count(close)} times", f"each of {' '.join(markers)} exactly once (or the "
+                            "marker_characters_in_text quirk where the README says they also occur as text)")
+    glued = "markers_glued_to_adjacent_text" in quirks
+    pairs = [_marker_pair(text, o, c, markers, glued, path, line) for o, c in (markers[0:2], markers[2:4])]
+    (a0, a1), (b0, b1) = pairs
+    if a0 < b0 < a1 < b1 or b0 < a0 < b1 < a1:
+        order = " ... ".join(m for _, m in sorted(zip((a0, a1, b0, b1), markers)))
+        raise _fail(path, line, f"the two arguments cross ({order})", "two arguments side by side, or one "
+                    "inside the other")
+    spans = []
+    for (start, end), open_ in zip(pairs, markers[0::2]):
+        inner = text[start + len(open_):end]
         lead = len(inner) - len(inner.lstrip())
-        spans.append([start + lead, start + len(inner.rstrip())])
-    return spans
+        spans.append([start + len(open_) + lead, start + len(open_) + len(inner.rstrip())])
+    for marker in markers if as_text else ():
+        if text.count(marker) > 1:
+            notes[f"examples with {marker!r} as text besides the marker (marker_characters_in_text)"] += 1
+    return spans, pairs
 
 
-def _unmarked_token_spans(text: str, markers: list[str]) -> list[list[int]]:
+def _unmarked_token_spans(text: str, markers: list[str], pairs: list[tuple[int, int]]) -> list[list[int]]:
     """Inclusive token offsets of the two arguments in the sentence without markers (SciBERT's metadata)."""
-    index = 0
-    opens = {markers[0]: 0, markers[2]: 1}
-    closes = {markers[1]: 0, markers[3]: 1}
-    spans: list[list[int]] = [[-1, -1], [-1, -1]]
-    for tok in text.split():
-        if tok in opens:
-            spans[opens[tok]][0] = index
-        elif tok in closes:
-            spans[closes[tok]][1] = index - 1
-        else:
-            index += 1
-    return spans
+    blank = list(text)
+    for (start, end), open_, close in zip(pairs, markers[0::2], markers[1::2]):
+        blank[start:start + len(open_)] = " " * len(open_)
+        blank[end:end + len(close)] = " " * len(close)
+    unmarked = "".join(blank)
+    return [[len(unmarked[:start].split()), len(unmarked[:end].split()) - 1] for start, end in pairs]
 
 
 def _load_jsonl_markers(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
     quirks, markers = opts["quirks"], opts["entity_markers"]
     tfield, lfield = opts["text_field"], opts["label_field"]
+    shape = f'one JSON object per line, {{"{tfield}": ..., "{lfield}": ...}}'
     for n, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise _fail(path, n, f"not JSON ({exc.msg} at column {exc.colno})",
-                        f'one JSON object per line, {{"{tfield}": ..., "{lfield}": ...}}') from None
+        record = _json_line(line, path, n, shape)
         if not isinstance(record, dict) or not isinstance(record.get(tfield), str) or lfield not in record:
             raise _fail(path, n, f"not an object with a string {tfield!r} and a {lfield!r}",
                         f'{{"{tfield}": "<text>", "{lfield}": "<label>", ...}}')
@@ -435,15 +508,13 @@ def _load_jsonl_markers(task: TaskInfo, opts: dict, text: str, path: str, split:
         if not isinstance(label, str) or label not in task.labels:
             raise _fail(path, n, f"label {label!r} is not in the task's label set", ", ".join(task.labels))
         sentence = record[tfield]
-        entities = _marker_spans(sentence, markers, "markers_glued_to_adjacent_text" in quirks, path, n) \
-            if markers else []
+        entities, pairs = _marker_spans(sentence, markers, quirks, path, n, out.notes) if markers else ([], [])
         meta = record.get("metadata")
         if "empty_metadata" in quirks and meta not in (None, []):
             raise _fail(path, n, f"metadata {meta!r}", "[] (empty_metadata)")
         if "metadata_token_offsets" in quirks and markers:
-            offsets = _unmarked_token_spans(sentence, markers)
-            ok = (isinstance(meta, list) and len(meta) == 4
-                  and all(isinstance(m, int) and not isinstance(m, bool) for m in meta)
+            offsets = _unmarked_token_spans(sentence, markers, pairs)
+            ok = (isinstance(meta, list) and len(meta) == 4 and all(map(_is_int, meta))
                   and sorted([meta[0:2], meta[2:4]]) == sorted(offsets))
             if not ok:
                 raise _fail(path, n, f"metadata {meta!r} does not match the marked spans (token offsets "
@@ -454,6 +525,39 @@ def _load_jsonl_markers(task: TaskInfo, opts: dict, text: str, path: str, split:
         if not sentence.strip():
             out.notes["empty texts"] += 1
         out.examples.append({"text": sentence, "label": label, "entities": entities, "line": n})
+
+
+def _jsonl_markers_options(o: _Options) -> None:
+    o.need("text_field", lambda v: isinstance(v, str), "text")
+    o.need("label_field", lambda v: isinstance(v, str), "label")
+    o.need("entity_markers", lambda v: isinstance(v, list) and len(v) in (0, 4) and len(set(v)) == len(v)
+           and all(isinstance(m, str) and m.strip() == m and m for m in v), [])
+
+
+JSONL_MARKERS = Format(
+    name="jsonl_markers", types=("re", "cls"), check=_jsonl_markers_options, load=_load_jsonl_markers,
+    options={"text_field": "the JSON key of the text (default text)",
+             "label_field": "the JSON key of the label (default label)",
+             "entity_markers": "[] or [open1, close1, open2, close2]"},
+    quirks={
+        "markers_glued_to_adjacent_text": "markers may touch neighbouring text on their outer side (`pan-[[ erbB ]]`, "
+                                          "`<< Ang II >>-induced`) and are markers where their inner side is "
+                                          "whitespace; without this quirk every marker is a whitespace-separated "
+                                          "token. Elsewhere the same characters are text",
+        "marker_characters_in_text": "the marker strings also occur as text (`STA2>>17-phenyl`, `94 >> probenecid`, "
+                                     "`2-[[2-hydroxy`): an occurrence is a marker only where it stands as one (the "
+                                     "one open marker, then the first close marker after it); the others are kept "
+                                     "as text (counted). Without this quirk each marker occurs exactly once",
+        "markers_by_position_not_role": "informational: the first marker pair wraps the argument that comes "
+                                        "first; examples where it does not are counted",
+        "marker_type_gives_role": "informational: the marker pair carries the argument's role",
+        "marker_order_varies": "informational: either marker pair may come first",
+        "metadata_token_offsets": "`metadata` must hold the 4 inclusive token offsets of the two marked spans in "
+                                  "the unmarked sentence; checked on every line",
+        "empty_metadata": "`metadata` must be `[]` (or absent); checked on every line",
+        "train_dev_derived_from_official_dev": "informational: train/dev are a partition of the official dev split "
+                                               "(see the README)",
+    })
 
 
 # ----------------------------------------------------------------------------------- scierc_json
@@ -478,19 +582,40 @@ def _scierc_document(doc: Any) -> tuple[list, list, list]:
     return sentences, ner, relations
 
 
+def _scierc_relation(sent: list[str], head: tuple[int, int], tail: tuple[int, int],
+                     markers: list[str]) -> tuple[str, list[list[int]]]:
+    """The sentence with the head and tail marked as in SciBERT's files (`[[ head ]]`, `<< tail >>`, markers
+    as separate tokens), and the character spans of both arguments."""
+    ho, hc, to, tc = markers
+    pieces: list[str] = []
+    first: dict[int, int] = {}  # token index -> its piece index in the marked sentence
+    for i, tok in enumerate(sent):
+        pieces += [ho] if i == head[0] else []
+        pieces += [to] if i == tail[0] else []
+        first[i] = len(pieces)
+        pieces.append(tok)
+        pieces += [hc] if i == head[1] else []
+        pieces += [tc] if i == tail[1] else []
+    starts = [0]
+    for piece in pieces:
+        starts.append(starts[-1] + len(piece) + 1)
+    spans = [[starts[first[a]], starts[first[b]] + len(sent[b])] for a, b in (head, tail)]
+    return " ".join(pieces), spans
+
+
 def _load_scierc_json(task: TaskInfo, opts: dict, text: str, path: str, split: str, out: LoadedSplit) -> None:
     """Raw SciERC: NER sentences (nested spans flattened: a later span overwrites an earlier one's tokens,
     as SciBERT's flat files do) or relation examples marked as in SciBERT's files (head [[ ]], tail << >>)."""
     target = opts["target"]
+    shape = ('{"doc_key": ..., "sentences": [[tokens]], "ner": [[[start, end, type]]], '
+             '"relations": [[[s1, e1, s2, e2, label]]]} per line')
     for n, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         try:
-            sentences, ner, relations = _scierc_document(json.loads(line))
-        except (json.JSONDecodeError, ValueError) as exc:
-            raise _fail(path, n, f"not a SciERC document ({exc})",
-                        '{"doc_key": ..., "sentences": [[tokens]], "ner": [[[start, end, type]]], '
-                        '"relations": [[[s1, e1, s2, e2, label]]]} per line') from None
+            sentences, ner, relations = _scierc_document(_json_line(line, path, n, shape))
+        except ValueError as exc:
+            raise _fail(path, n, f"not a SciERC document ({exc})", shape) from None
         offset = 0
         for sent, spans, rels in zip(sentences, ner, relations):
             size = len(sent)
@@ -516,22 +641,32 @@ def _load_scierc_json(task: TaskInfo, opts: dict, text: str, path: str, split: s
                         for i, o in enumerate(owner)]
                 out.examples.append({"tokens": list(sent), "tags": tags, "line": n})
             else:
-                (ho, hc), (to, tc) = opts["head_markers"], opts["tail_markers"]
                 for s1, e1, s2, e2, label in rels:
                     if label not in task.labels:
                         raise _fail(path, n, f"relation {label!r} is not in the label set", ", ".join(task.labels))
-                    (h0, h1), (t0, t1) = local(s1, e1, "relation argument"), local(s2, e2, "relation argument")
-                    marked = []
-                    for i, tok in enumerate(sent):
-                        marked += [ho] if i == h0 else []
-                        marked += [to] if i == t0 else []
-                        marked.append(tok)
-                        marked += [hc] if i == h1 else []
-                        marked += [tc] if i == t1 else []
-                    sentence = " ".join(marked)
-                    entities = _marker_spans(sentence, [ho, hc, to, tc], True, path, n)
+                    head, tail = local(s1, e1, "relation argument"), local(s2, e2, "relation argument")
+                    sentence, entities = _scierc_relation(sent, head, tail,
+                                                          [*opts["head_markers"], *opts["tail_markers"]])
                     out.examples.append({"text": sentence, "label": label, "entities": entities, "line": n})
             offset += size
+
+
+def _scierc_json_options(o: _Options) -> None:
+    o.need("target", lambda v: v in ("ner", "re"))
+    pair = lambda v: isinstance(v, list) and len(v) == 2 and all(isinstance(m, str) and m for m in v)  # noqa: E731
+    o.need("head_markers", pair, ["[[", "]]"])
+    o.need("tail_markers", pair, ["<<", ">>"])
+    if (o.values["target"] == "ner") != (o.task.type == "ner"):
+        o.refuse("target", f"{'ner' if o.task.type == 'ner' else 're'} for a task of type {o.task.type}",
+                 "does not fit the task type")
+
+
+SCIERC_JSON = Format(
+    name="scierc_json", types=("ner", "re", "cls"), check=_scierc_json_options, load=_load_scierc_json,
+    options={"target": "ner or re",
+             "head_markers": "[open, close] around the relation's first argument (default [[, ]])",
+             "tail_markers": "[open, close] around the second argument (default <<, >>)"},
+    quirks={})
 
 
 # ----------------------------------------------------------------------------------- text_label
@@ -578,3 +713,31 @@ def _load_text_label(task: TaskInfo, opts: dict, text: str, path: str, split: st
         raise _fail(path, reader.line_num, f"unreadable CSV ({exc})",
                     f"{opts['separator']!r}-separated rows, double-quoted fields") from None
 
+
+def _text_label_options(o: _Options) -> None:
+    o.need("separator", lambda v: isinstance(v, str) and len(v) == 1, ",")
+    col = lambda v: _is_int(v) and v >= 0 or isinstance(v, str) and v != ""  # noqa: E731
+    o.need("text_column", col)
+    o.need("label_column", col)
+    named = isinstance(o.values["text_column"], str) or isinstance(o.values["label_column"], str)
+    o.need("header", lambda v: isinstance(v, bool) and (v or not named),
+           named or "csv_header_named_columns" in o.values["quirks"])
+
+
+TEXT_LABEL = Format(
+    name="text_label", types=("re", "cls"), check=_text_label_options, load=_load_text_label,
+    options={"separator": 'one character, e.g. "," or "\\t"',
+             "text_column": "a header name or a 0-based column number",
+             "label_column": "a header name or a 0-based column number",
+             "header": "true/false: whether the first row is a header (default: true when columns are names)"},
+    quirks={
+        "csv_header_named_columns": "the first row is a header; columns are chosen by name",
+        "csv_quoted_fields": "fields may be quoted (`\"...\"`, with separators and newlines inside); without it "
+                             "quotes are ordinary characters",
+        "duplicate_validation_file": "informational: the source also has another validation file; only the one "
+                                     "named in `splits.dev` is read",
+    })
+
+
+FORMATS: dict[str, Format] = {f.name: f for f in (CONLL, JSONL_MARKERS, SCIERC_JSON, TEXT_LABEL)}
+"""Every split-file format, by the name a task.yaml gives in `format`."""

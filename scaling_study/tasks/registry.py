@@ -25,6 +25,7 @@ from pydantic import ConfigDict
 from pydantic.dataclasses import dataclass
 
 from scaling_study.errors import SpecError, SpecErrors, UserError
+from scaling_study.tasks.loaders import check_options
 from scaling_study.yamlio import line_of, read_yaml, validate
 
 PACKAGED = Path(__file__).parent
@@ -63,7 +64,7 @@ class TaskInfo:
     homepage: str
     """Project or paper page."""
     format: Literal["conll", "jsonl_markers", "scierc_json", "text_label"]
-    """File format; loaders are per format, not per task."""
+    """File format; loaders are per format, not per task (`loaders.FORMATS`)."""
     format_options: dict[str, Any] = field(default_factory=dict)
     """Options of the format's loader (columns, separators, documented quirks)."""
     label_scheme: Literal["iob1", "iob2", "labels"]
@@ -128,8 +129,6 @@ def load_task(folder: Path) -> TaskInfo:
     if errors:
         raise SpecErrors(errors)
     task.folder = str(folder)
-    from scaling_study.tasks.loaders import check_options  # loaders imports this module
-
     try:  # a bad format option is found when the registry is read, not when a run first loads data
         check_options(task)
     except SpecError as exc:
