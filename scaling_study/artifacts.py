@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Literal
 import pyarrow.fs as pafs
 
 from scaling_study.errors import UserError
-from scaling_study.spec import Study, expand_env
+from scaling_study.spec import Study, expand_env, is_name
 from scaling_study.storage import SCHEMES, Store, check_root, is_uri, write_atomic
 
 if TYPE_CHECKING:
@@ -67,7 +67,54 @@ DONE_FILE = "DONE.json"
 """A finetune run's marker: its cells' MLflow run ids and results (`write_done`)."""
 FINAL_FILE = "final.json"
 """A pretraining run's final metrics and checkpoint locations."""
+FILES_FILE = "files.json"
+"""A checkpoint's file list (`file_list`), written just before its marker: what the marker certifies."""
+HASHED_BYTES = 1 << 20
+"""Files up to this size get a sha256 in a file list (config, tokenizer, scores); bigger ones (weights,
+shards, optimizer state) their size only, which is what a truncated or half-copied file changes."""
 NODE_FOLDERS = {"corpus": "corpus", "pretrain": "pretrain", "finetune_run": "finetune"}
+
+
+# ----------------------------------------------------------------------------------- what a marker certifies
+
+
+def file_list(folder: Path, *, exclude: tuple[str, ...] = ()) -> dict[str, dict]:
+    """{path relative to `folder`: {"bytes": size[, "sha256": hex]}} of every file under it but `exclude`:
+    what a marker (a checkpoint's files.json, DONE.json, a build's manifest) certifies."""
+    import hashlib
+
+    out = {}
+    for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
+        rel = str(path.relative_to(folder))
+        if rel in exclude:
+            continue
+        size = path.stat().st_size
+        out[rel] = {"bytes": size}
+        if size <= HASHED_BYTES:
+            out[rel]["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+def files_problem(store: Store, rel: str, files: dict) -> str | None:
+    """How what storage holds under `rel` differs from a marker's `files` (`file_list`), in words; None
+    when it matches. Sizes always (one listing); checksums of the small files on a local store."""
+    import hashlib
+
+    actual = store.sizes(rel)
+    for name, want in sorted(files.items()):
+        got = actual.get(name)
+        if got is None:
+            return f"{name} is missing"
+        if got != want.get("bytes"):
+            return f"{name} has {got:,} bytes, its marker says {want.get('bytes', 0):,}"
+        if "sha256" in want and not store.remote:
+            try:
+                digest = hashlib.sha256((store.local / rel / name).read_bytes()).hexdigest()
+            except OSError as exc:
+                return f"{name} cannot be read ({exc.strerror or exc})"
+            if digest != want["sha256"]:
+                return f"{name} differs from its marker's checksum"
+    return None
 
 
 # ----------------------------------------------------------------------------------- corpus builds
@@ -108,6 +155,10 @@ class Manifest:
     packing: str = ("each row: [CLS] + seq_len-1 ids of the stream (documents in corpus order, "
                     "[SEP] after each); the incomplete last row is dropped")
     format: int = CORPUS_FORMAT
+    files: dict = dataclasses.field(default_factory=dict, compare=False)
+    """Every file of the build but the manifest (`file_list`: sizes, checksums of the small ones),
+    filled in by `write` (a certificate, not part of what the build is: not compared); a build whose
+    files differ is damaged and rebuilt (empty: not checked)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -128,7 +179,9 @@ class Manifest:
         return manifest if manifest is not None and manifest.format == CORPUS_FORMAT else None
 
     def write(self, folder: Path) -> None:
-        write_atomic(Path(folder) / MANIFEST, json.dumps(self.to_dict(), indent=2) + "\n")
+        """Write the manifest into the finished build `folder`, with the list of its files."""
+        data = {**self.to_dict(), "files": self.files or file_list(folder, exclude=(MANIFEST,))}
+        write_atomic(Path(folder) / MANIFEST, json.dumps(data, indent=2) + "\n")
 
     @property
     def special_ids(self) -> dict[str, int]:
@@ -145,7 +198,9 @@ def read_manifest(folder: Path | str) -> Manifest | None:
     if manifest is None:
         return None
     files = [folder / s["file"] for s in manifest.shards] + [folder / manifest.tokenizer / "tokenizer.json"]
-    return manifest if all(f.is_file() for f in files) else None
+    if not all(f.is_file() for f in files):
+        return None
+    return manifest if not manifest.files or files_problem(Store(folder), "", manifest.files) is None else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,14 +301,39 @@ def _step(name: str) -> int | None:
     return int(name[5:]) if name.startswith("step-") and name[5:].isdigit() else None
 
 
-def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The complete checkpoint (level or resume-only) with the most steps, or None."""
-    found = []
+def write_file_list(folder: Path) -> None:
+    """A checkpoint's files.json: every file written so far (weights, tokenizer, trainer state), for `checkpoint_problem`."""
+    (Path(folder) / FILES_FILE).write_text(json.dumps({"files": file_list(folder, exclude=(FILES_FILE,))}, indent=1))
+
+
+def checkpoint_problem(store: Store, rel: str) -> str | None:
+    """How a complete checkpoint (its trainer_state.pt there) differs from its file list, or None
+    (also for one written before checkpoints had file lists)."""
+    text = store.read_text(f"{rel}/{FILES_FILE}")
+    if text is None:
+        return None
+    try:
+        files = json.loads(text)["files"]
+    except (ValueError, KeyError, TypeError):
+        return f"its {FILES_FILE} is unreadable"
+    return files_problem(store, rel, files)
+
+
+def latest_checkpoint(out_dir: str | Path, needed: tuple[int, ...] = ()) -> Path | None:
+    """The complete, undamaged checkpoint (level or resume-only) with the most steps, or None.
+
+    `needed`: the run's level steps; a level that is missing or damaged must be written again, so
+    the answer is the latest checkpoint before the first such level."""
+    store = Store(out_dir)
+    intact = {}
     for kind in ("checkpoints", "resume"):
         for folder in (Path(out_dir) / kind).glob("step-*"):
-            if _step(folder.name) is not None and (folder / STATE_FILE).is_file():
-                found.append((_step(folder.name), kind == "checkpoints", folder))
-    return max(found)[2] if found else None
+            step = _step(folder.name)
+            if step is not None and (folder / STATE_FILE).is_file():
+                intact[(step, kind == "checkpoints")] = checkpoint_problem(store, f"{kind}/{folder.name}") is None
+    redo = [s for s in needed if not intact.get((s, True))]
+    found = [(step, level) for (step, level), ok in intact.items() if ok and (not redo or step < min(redo))]
+    return checkpoint_dir(out_dir, max(found)[0], kind="checkpoints" if max(found)[1] else "resume") if found else None
 
 
 def remove_partial_checkpoints(out_dir: Path) -> None:
@@ -276,7 +356,8 @@ def prune_resume(out_dir: Path, keep_after: int) -> None:
 
 def _stored_steps(store: Store, kind: str) -> list[tuple[int, bool, str]]:
     return [(_step(name), kind == "checkpoints", f"{kind}/{name}") for name in store.list(kind)
-            if _step(name) is not None and store.is_file(f"{kind}/{name}/{STATE_FILE}")]
+            if _step(name) is not None and store.is_file(f"{kind}/{name}/{STATE_FILE}")
+            and checkpoint_problem(store, f"{kind}/{name}") is None]
 
 
 def push_checkpoint(out: Store, folder: Path) -> None:
@@ -291,13 +372,15 @@ def push_checkpoint(out: Store, folder: Path) -> None:
             out.delete(f"resume/{name}")
 
 
-def pull_latest_checkpoint(out: Store) -> Path | None:
+def pull_latest_checkpoint(out: Store, needed: tuple[int, ...] = ()) -> Path | None:
     """Make the local mirror resume from the latest stored checkpoint: download it unless it is
     there, and drop local checkpoints past it (written, never uploaded: every rank, on every
     node, must resume from the same step). Returns its local folder, None when storage has none."""
     if not out.remote:
-        return latest_checkpoint(out.local)
+        return latest_checkpoint(out.local, needed)
     found = _stored_steps(out, "checkpoints") + _stored_steps(out, "resume")
+    redo = [s for s in needed if not any(f[:2] == (s, True) for f in found)]
+    found = [f for f in found if not redo or f[0] < min(redo)]
     step, _, rel = max(found) if found else (0, False, None)
     for kind in ("checkpoints", "resume"):
         for folder in (out.local / kind).glob("step-*"):
@@ -305,21 +388,27 @@ def pull_latest_checkpoint(out: Store) -> Path | None:
                 shutil.rmtree(folder, ignore_errors=True)
     if rel is not None:
         out.download(rel, last=(STATE_FILE,))  # files already there are kept
-    return latest_checkpoint(out.local)
+    return latest_checkpoint(out.local, needed)
 
 
 # ----------------------------------------------------------------------------------- finetune runs
 
 
 def write_done(out: Store, *, cells: dict[str, str], results: list[dict], seconds: float) -> None:
-    """Mark a finetune run finished: its cells' MLflow run ids (by epochs level) and results."""
-    out.write_text(DONE_FILE, json.dumps({"cells": cells, "results": results, "seconds": seconds}, indent=1,
-                                         default=str))
+    """Mark a finetune run finished: its cells' MLflow run ids (by epochs level), results, and the
+    files of its folder (`file_list`, from the local copy: what was uploaded)."""
+    files = file_list(out.local, exclude=(DONE_FILE,)) if out.local.is_dir() else {}
+    out.write_text(DONE_FILE, json.dumps({"cells": cells, "results": results, "seconds": seconds, "files": files},
+                                         indent=1, default=str))
 
 
 def read_done(text: str | None) -> dict | None:
-    """A finetune run's DONE.json (`write_done`), or None."""
-    return json.loads(text) if text is not None else None
+    """A finetune run's DONE.json (`write_done`), or None (none there, or not a DONE.json: damaged)."""
+    try:
+        done = json.loads(text) if text is not None else None
+    except ValueError:
+        return None
+    return done if isinstance(done, dict) and isinstance(done.get("results"), list) else None
 
 
 # ----------------------------------------------------------------------------------- the study folder
@@ -344,7 +433,11 @@ class Layout:
     @classmethod
     def named(cls, name: str, root: str, *, file: str | None = None, field: str = "--root") -> Layout:
         """The folder of study `name` under the storage root `root` (a path or a URI), as `of` finds it
-        from the spec; readers given a study's name (`results NAME --root ROOT`) use this."""
+        from the spec; readers given a study's name (`results NAME --root ROOT`) use this. The name is
+        checked here, where it is read: `../x` would put the study's cache outside the root."""
+        if not is_name(name):
+            raise UserError(f"study {name!r}: not a study name; allowed: a study's name (1-64 characters from "
+                            "A-Z a-z 0-9 . _ -, no '..') or its spec file (.yaml)")
         problem = check_root(root)
         if problem:  # the spec checks it too; ${VAR} may expand to something else now
             raise UserError(f"{file + ': ' if file else ''}{field}: {problem}; got {root!r}; allowed: a local folder "
@@ -455,28 +548,54 @@ def pull_tracking(layout: Layout) -> Path:
 
 
 def node_done(layout: Layout, plan: Plan, node: Node) -> bool:
-    """Whether storage holds a node's finished output."""
+    """Whether storage holds a node's finished output: its marker, and the files the marker certifies."""
     if node.kind == "corpus":
-        return layout.manifest(plan, node) is not None
+        return layout.manifest(plan, node) is not None and node_damage(layout, plan, node) is None
     if node.kind == "checkpoint":
-        return layout.has(plan, node, STATE_FILE)
+        return layout.has(plan, node, STATE_FILE) and node_damage(layout, plan, node) is None
     if node.kind == "pretrain":
         return all(node_done(layout, plan, ck) for ck in plan.children(node.id))
     if node.kind == "external":
         return True
     if node.kind == "finetune_run":
-        return layout.has(plan, node, DONE_FILE)
+        return read_done(layout.read(plan, node, DONE_FILE)) is not None and node_damage(layout, plan, node) is None
     return node_done(layout, plan, plan.nodes[node.parents[0]])  # a finetune cell: its run
 
 
-def done_nodes(layout: Layout, plan: Plan) -> frozenset[str]:
-    """Every finished node, asking storage once per marker (a request each on object stores)."""
+def node_damage(layout: Layout, plan: Plan, node: Node) -> str | None:
+    """Why a node whose marker is in storage is not done: its files differ from what the marker
+    certifies (a truncated checkpoint, a shard gone), or the marker itself is unreadable. None for
+    an intact node, and for one without a marker (not finished: nothing damaged)."""
+    rel = layout.rel(plan, node)
+    if node.kind == "corpus":
+        text = layout.read(plan, node, MANIFEST)
+        manifest = Manifest.parse(text)
+        if text is not None and manifest is None:
+            return f"its {MANIFEST} is unreadable or of another format"
+        return files_problem(layout.store, rel, manifest.files) if manifest and manifest.files else None
+    if node.kind == "checkpoint":
+        return checkpoint_problem(layout.store, rel) if layout.has(plan, node, STATE_FILE) else None
+    if node.kind == "finetune_run":
+        text = layout.read(plan, node, DONE_FILE)
+        done = read_done(text)
+        if text is not None and done is None:
+            return f"its {DONE_FILE} is unreadable"
+        return files_problem(layout.store, rel, done.get("files") or {}) if done else None
+    return None
+
+
+def done_nodes(layout: Layout, plan: Plan, damaged: dict[str, str] | None = None) -> frozenset[str]:
+    """Every finished node, asking storage once per marker (a request each on object stores).
+    `damaged` gets {node id: why} of the nodes whose marker is there but not their files: they are
+    not done, so they are computed again."""
     done: set[str] = set()
     for node in plan.nodes.values():  # dependency order: a node's children come after it
         if node.kind in ("pretrain", "finetune"):
             continue
         if node_done(layout, plan, node):
             done.add(node.id)
+        elif damaged is not None and (why := node_damage(layout, plan, node)):
+            damaged[node.id] = why
     for node in plan.of_kind("pretrain"):
         if all(ck.id in done for ck in plan.children(node.id)):
             done.add(node.id)

@@ -21,8 +21,10 @@ with code 2; nothing is written.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import time
 from collections.abc import Sequence
 
 from scaling_study.errors import UserError
@@ -58,6 +60,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from scaling_study.grid import expand
     from scaling_study.spec import load_spec
 
+    if args.mfu is not None and not 0 < args.mfu <= 1:  # nan fails the comparison too
+        raise UserError(f"--mfu {args.mfu:g}: out of range; allowed: a fraction of the device's peak in (0, 1], "
+                        "e.g. 0.4")
     study = load_spec(args.spec)
     plan = expand(study)
     try:
@@ -235,6 +240,8 @@ def _tasks_check(registry, args: argparse.Namespace) -> int:
 def cmd_presets(args: argparse.Namespace) -> int:
     from scaling_study.models import count_parameters, load_devices, load_presets
 
+    if args.vocab_size < 1:
+        raise UserError(f"--vocab-size {args.vocab_size}: must be positive; allowed: an integer >= 1, e.g. 30522")
     print(f"Model sizes (parameters of the MLM model at vocab {args.vocab_size:,}):")
     for name, p in load_presets().items():
         print(f"  {name:8s} {p.num_layers:3d} layers, hidden {p.hidden_size:5d}, {p.num_heads:3d} heads, "
@@ -256,12 +263,22 @@ def cmd_spec_reference(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from scaling_study.artifacts import Layout
+    from scaling_study.lifecycle import check_free
     from scaling_study.orchestration import prepare, run_study
-    from scaling_study.spec import load_spec
+    from scaling_study.raycluster import check_local_resources
+    from scaling_study.spec import check_local_paths, load_spec
 
     study = load_spec(args.spec)
+    check_free(Layout.of(study).root)  # a second driver learns it now, not after the input checks
+    check_local_paths(study)
+    check_local_resources(study, args.address)
     prepared = prepare(study)
     _check_inputs(prepared)
+    for nid, why in prepared.damaged.items():
+        node = prepared.plan.nodes[nid]
+        print(f"scaling-study: warning: {node.kind} {nid} ({prepared.layout.rel(prepared.plan, node)}) is damaged: "
+              f"{why}; it is computed again", file=sys.stderr)
     summary = run_study(study, address=args.address, progress=not args.quiet, prepared=prepared)
     console = Console(soft_wrap=True)
     c = summary.counts
@@ -278,9 +295,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             console.print(f"[red]FAILED[/red] {f.kind} {f.node} ({f.what}): {f.reason}" + (f"  log: {f.log}" if f.log else ""))
     for reason, count in blocked.items():
         console.print(f"[yellow]blocked[/yellow] {count} nodes, {reason}")
+    if summary.stopped:
+        console.print(f"[red]STOPPED[/red]: {summary.stopped.reason} (exit {summary.exit_code}); "
+                      f"run it again to finish: scaling-study run {args.spec}")
     if summary.ok:
         console.print(f"Results: scaling-study results {args.spec}   UI: scaling-study ui {args.spec}")
-    return 0 if summary.ok else 1
+    return summary.exit_code
 
 
 def _check_inputs(prepared) -> None:
@@ -306,9 +326,28 @@ def _write_frame(df, fmt: str, output: str | None) -> None:
     if output:
         from pathlib import Path
 
-        Path(output).write_text(text + ("" if text.endswith("\n") else "\n"))
+        with _writing(output):
+            Path(output).write_text(text + ("" if text.endswith("\n") else "\n"))
     else:
         print(text)
+
+
+def _check_output(output: str | None) -> None:
+    """An -o FILE that cannot be written is refused before any work (a folder there, no folder for it)."""
+    from scaling_study.errors import output_problem
+
+    problem = output_problem(output) if output else None
+    if problem:
+        raise UserError(f"-o {output}: {problem}; allowed: a file path in an existing folder")
+
+
+@contextlib.contextmanager
+def _writing(output: str):
+    try:
+        yield
+    except OSError as exc:  # a full disk, a read-only folder
+        raise UserError(f"-o {output}: cannot write it ({exc.strerror or exc}); allowed: a writable file path") \
+            from None
 
 
 def cmd_results(args: argparse.Namespace) -> int:
@@ -318,6 +357,7 @@ def cmd_results(args: argparse.Namespace) -> int:
     if args.format == "parquet" and not args.output:
         raise UserError("--format parquet: needs -o FILE (Parquet is binary); allowed: -o results.parquet, "
                         "or --format table|csv|json for stdout")
+    _check_output(args.output)
     where = results.parse_where(args.where)
     df = results.load(args.study, tracking_uri=args.tracking_uri, root=args.root, refresh=not args.no_refresh)
     if where:
@@ -331,7 +371,8 @@ def cmd_results(args: argparse.Namespace) -> int:
         keep = [c for c in ("model", "steps", "task", "epochs", "seed", "test_f1", "dev_f1", "collapsed") if c in df]
         df = df[keep]
     if args.format == "parquet":
-        df.to_parquet(args.output, index=False)
+        with _writing(args.output):
+            df.to_parquet(args.output, index=False)
         return 0
     _write_frame(df, args.format, args.output)
     return 0
@@ -354,6 +395,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                         "study jobs on a Ray cluster")
     from scaling_study import results
 
+    _note_reaped(_layout(args.study, args.root).root)
     print(results.status(args.study, tracking_uri=args.tracking_uri, root=args.root).to_string(index=False))
     return 0
 
@@ -406,29 +448,65 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1 if status in TERMINAL else 0
 
 
-def cmd_ui(args: argparse.Namespace) -> int:
-    import time
+def _layout(study: str, root: str):
+    """The study's storage layout, from its name (under `root`, a folder or URI) or its spec file."""
+    from scaling_study.artifacts import Layout
 
-    from scaling_study.artifacts import Layout, pull_tracking
-    from scaling_study.tracking import LocalMlflowServer
-
-    if args.study.endswith((".yaml", ".yml")):
+    if study.endswith((".yaml", ".yml")):
         from scaling_study.spec import load_spec
 
-        layout = Layout.of(load_spec(args.study))
-    else:
-        layout = Layout.named(args.study, args.root)
+        return Layout.of(load_spec(study))
+    return Layout.named(study, root)  # the name is checked there: no `../`
+
+
+def _note_reaped(folder) -> None:
+    """After a SIGKILLed driver: end what it left running (its MLflow server, its local Ray), and say so."""
+    from scaling_study.lifecycle import reap_if_free
+
+    ended = reap_if_free(folder)
+    if ended:
+        print(f"scaling-study: note: ended what a killed driver of this study left running: {', '.join(ended)}",
+              file=sys.stderr)
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from scaling_study.artifacts import pull_tracking
+    from scaling_study.lifecycle import StudyLock
+    from scaling_study.tracking import LocalMlflowServer, check_sqlite_store
+
+    layout = _layout(args.study, args.root)
+    live = LocalMlflowServer.live(layout.mlflow)
+    if live:  # a running study's server: open it, never start a second one over its store
+        return _attach_ui(args.study, live)
     folder = pull_tracking(layout)  # an object-store root: the db the driver uploaded, downloaded here
-    if not (folder / "mlflow.db").is_file():
-        raise UserError(f"ui: no tracking database at {folder / 'mlflow.db'}; allowed: a study run with the "
+    db = folder / "mlflow.db"
+    if not db.exists():
+        raise UserError(f"ui: no tracking database at {db}; allowed: a study run with the "
                         "embedded server (scaling-study run), or --root for another storage root")
-    with LocalMlflowServer(folder, port=args.port) as server:
+    check_sqlite_store(db, f"sqlite:///{db}")  # an empty file would be made a store, a damaged one fail later
+    with StudyLock(layout.root, "ui") as lock, \
+            LocalMlflowServer(folder, port=args.port, on_start=lock.own) as server:
         print(f"MLflow UI for {args.study}: {server.uri}  (Ctrl-C to stop)", flush=True)
         try:
             while server.process.poll() is None:
                 time.sleep(1)
         except KeyboardInterrupt:
             pass
+    return 0
+
+
+def _attach_ui(study: str, live: dict) -> int:
+    from scaling_study.tracking import LocalMlflowServer
+
+    print(f"MLflow UI for {study}: {live['uri']}  (the server of process {live.get('owner')}, which runs the "
+          "study; it stops with it; Ctrl-C here leaves it running)", flush=True)
+    try:
+        while LocalMlflowServer.live_pid(live):
+            time.sleep(1)
+    except KeyboardInterrupt:
+        return 0
+    print(f"scaling-study: the MLflow server of {study} stopped (its run ended); `scaling-study ui {study}` "
+          "serves the store again", file=sys.stderr)
     return 0
 
 
@@ -550,9 +628,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from scaling_study.lifecycle import Stopped, stop_on_signals
+
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with stop_on_signals():  # SIGTERM, SIGHUP: `with` blocks stop their servers on the way out
+            return args.func(args)
+    except Stopped as stop:
+        print(f"scaling-study: {stop.reason}", file=sys.stderr)
+        return stop.exit_code
     except UserError as exc:
         for line in str(exc).splitlines():
             print(f"scaling-study: error: {line}", file=sys.stderr)

@@ -66,7 +66,7 @@ import numpy as np
 
 from scaling_study.artifacts import Manifest, read_manifest
 from scaling_study.downloads import ENV_OFFLINE, DownloadError, fetch
-from scaling_study.errors import SpecError, UserError
+from scaling_study.errors import SpecError, UserError, file_problem
 from scaling_study.grid import Node
 from scaling_study.spec import DataVolume, Study, expand_env
 from scaling_study.storage import replace_dir
@@ -143,21 +143,33 @@ def _resolve_sources(study: Study, sources: list[str], cache_dir: Path, download
             files.append(dest)
             continue
         path = study.resolve_path(source)
-        if path.is_dir():
-            found = sorted(p for p in path.glob("*.txt") if p.is_file())
+        problem = file_problem(path)
+        if problem == "a folder":
+            found = sorted(p for p in path.glob("*.txt") if not p.is_dir())
+            for p in found:  # a FIFO or a device named *.txt would block the build or never end
+                if file_problem(p):
+                    raise SpecError(study.file, _source_field(study, source), source, "regular *.txt files",
+                                    problem=_not_regular(p, file_problem(p)))
             if not found:
                 raise SpecError(study.file, _source_field(study, source), source,
                                 "a text file, or a folder holding *.txt files",
                                 problem=f"folder {path} holds no *.txt file")
             files.extend(found)
-        elif path.is_file():
+        elif problem is None:
             files.append(path)
-        else:
+        elif problem == "no such file":
             raise SpecError(study.file, _source_field(study, source), source,
                             "an existing text file or folder of *.txt files (relative paths resolve "
                             "against the spec's folder; ${VAR:-default} expands)",
                             problem=f"no such file or folder: {path}")
+        else:
+            raise SpecError(study.file, _source_field(study, source), source,
+                            "a regular text file, or a folder of *.txt files", problem=_not_regular(path, problem))
     return files
+
+
+def _not_regular(path: Path, problem: str) -> str:
+    return f"{path} is {problem}" if problem.startswith("a ") else f"{path}: {problem}"
 
 
 def corpus_files(study: Study, *, cache_dir: Path | str | None = None, download: bool = False) -> list[Path]:
@@ -278,7 +290,25 @@ def check_corpus(study: Study, *, scan_bytes: int = PREFLIGHT_SCAN_BYTES) -> lis
         where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
         raise UserError(f"{where}: corpus '{corpus.name}' has no documents (every file is empty or blank); "
                         f"allowed: UTF-8 text files with one document per line")
+    if complete and documents and not corpus.urls:
+        _check_fractions(study, documents)
     return files
+
+
+def _check_fractions(study: Study, documents: int) -> None:
+    """A fraction so small that it selects none of the corpus's documents (the build draws document
+    `i` when `document_key(seed, i) < fraction * 2**64`): refused before anything runs."""
+    fractions = [v for v in study.volumes if v.fraction is not None]
+    if not fractions:
+        return
+    seed = study.spec.corpus.seed
+    smallest = min(document_key(seed, i) for i in range(documents))
+    for i, volume in enumerate(study.spec.data_volumes or []):
+        if volume.fraction is not None and smallest >= int(volume.fraction * 2**64):
+            raise SpecError(study.file, f"data_volumes[{i}]", volume.label,
+                            f"a fraction of at least {smallest / 2**64:.2g} (the smallest that draws a document "
+                            f"with corpus.seed {seed}; about 1/{documents:,})",
+                            problem=f"selects none of the corpus's {documents:,} documents")
 
 
 def _batches(docs: Iterator[tuple[int, int, str]], keep: Callable[[int], bool]) -> Iterator[list[tuple[int, str]]]:
@@ -381,6 +411,17 @@ def _continuation_tokens(chars: set[str], cased: bool) -> list[str]:
     if "σ" in found:
         found.add("ς")  # lowercasing picks the final sigma by context
     return [f"##{c}" for c in sorted(found)]
+
+
+def _check_vocab_size(vocab_size: int, tok, chars: set[str], continuations: list[str]) -> None:
+    """WordPiece keeps the whole alphabet whatever `vocab_size` says: a smaller one would build a
+    larger vocabulary than the spec (and `plan`) counts, so it is refused."""
+    alphabet = {d for c in chars for d in tok.normalizer.normalize_str(c) if not d.isspace()}
+    need = len(SPECIAL_TOKENS) + len(alphabet) + len(continuations)
+    if vocab_size < need:
+        raise UserError(f"corpus.vocab_size {vocab_size:,} is smaller than this corpus's alphabet: {need:,} tokens "
+                        f"({len(SPECIAL_TOKENS)} special, {len(alphabet):,} characters, {len(continuations):,} "
+                        f"## continuations); allowed: corpus.vocab_size >= {need:,}")
 
 
 def _finish_tokenizer(tok):
@@ -726,9 +767,11 @@ def _train_tokenizer(passes: _Passes, keep: Callable[[int], bool], inputs: dict)
         for _, text in batch:
             chars.update(text)
     tok = _new_tokenizer(cased)
+    continuations = _continuation_tokens(chars, cased)
+    _check_vocab_size(int(inputs["vocab_size"]), tok, chars, continuations)
     trainer = trainers.WordPieceTrainer(
         vocab_size=int(inputs["vocab_size"]), min_frequency=int(inputs["min_frequency"]),
-        special_tokens=list(SPECIAL_TOKENS) + _continuation_tokens(chars, cased), continuing_subword_prefix="##",
+        special_tokens=list(SPECIAL_TOKENS) + continuations, continuing_subword_prefix="##",
         show_progress=False)
     trained = 0
 

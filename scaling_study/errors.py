@@ -65,3 +65,46 @@ class SpecErrors(UserError):
     def __init__(self, errors: list[SpecError]):
         self.errors = sorted(errors, key=lambda e: (e.line or 0, e.field))
         Exception.__init__(self, "\n".join(str(e) for e in self.errors))
+
+
+def file_problem(path) -> str | None:
+    """What keeps `path` from being read as a regular file, in words (None when it is one).
+
+    A FIFO would block its reader forever and a device such as /dev/zero never ends, so every
+    reader of a user's file asks this first: "no such file", "a link to nowhere", "a
+    symbolic-link loop", "a folder", "a FIFO (named pipe)", "a socket", "a device", or "cannot look
+    at it (...)".
+    """
+    import errno
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "a link to nowhere" if os.path.islink(path) else "no such file"
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return "a symbolic-link loop"
+        return f"cannot look at it ({exc.strerror or exc})"
+    if stat.S_ISREG(mode):
+        return None
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO (named pipe)" if stat.S_ISFIFO(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file")
+
+
+def output_problem(path) -> str | None:
+    """What keeps `path` from being written as a file (`-o FILE`), in words: a folder there, or no
+    folder to hold it (None: fine; an existing file, a FIFO or /dev/stdout is written)."""
+    import os
+
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    if os.path.isdir(path):
+        return "is a folder"
+    parent = os.path.dirname(path)
+    if not os.path.exists(parent):
+        return f"no folder {parent} to write it into"
+    if not os.path.isdir(parent):
+        return f"{parent} is not a folder"
+    return None

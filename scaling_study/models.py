@@ -29,6 +29,7 @@ separately everywhere. FLOP counts are closed-form and are checked in the tests 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.resources
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -368,9 +369,10 @@ def finetune_train_flops(
 # --- helpers ------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=None)  # read once per process: every spec load asks for the presets
 def _read_packaged_yaml(filename: str) -> Mapping[str, Mapping[str, Any]]:
     text = importlib.resources.files("scaling_study").joinpath("presets", filename).read_text(encoding="utf-8")
-    data = yaml.safe_load(text) or {}
+    data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)) or {}
     if not isinstance(data, Mapping):
         raise ValueError(f"presets/{filename}: expected a mapping of name -> fields, got {type(data).__name__}")
     return data

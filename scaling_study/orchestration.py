@@ -41,8 +41,17 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from scaling_study.artifacts import STATE_FILE, Layout, done_nodes, model_source, pull_tracking, push_tracking
+from scaling_study.artifacts import Layout, done_nodes, model_source, node_done, pull_tracking, push_tracking
 from scaling_study.grid import Node, Plan, expand
+from scaling_study.lifecycle import (
+    STORAGE_ERRNOS,
+    Stopped,
+    StudyLock,
+    request_stop,
+    stop_on_signals,
+    storage_stop_reason,
+    watch_storage,
+)
 from scaling_study.progress import StudyProgress
 from scaling_study.raycluster import ray_cluster
 from scaling_study.records import Recorder
@@ -60,11 +69,15 @@ class Prepared:
     plan: Plan
     layout: Layout
     done: frozenset[str]
+    damaged: dict = dataclasses.field(default_factory=dict)
+    """{node id: why}: nodes whose marker is in storage but not the files it certifies; computed again."""
 
 
 def prepare(study: Study) -> Prepared:
     plan, layout = expand(study), Layout.of(study)
-    return Prepared(study, plan, layout, done_nodes(layout, plan))
+    damaged: dict[str, str] = {}
+    done = done_nodes(layout, plan, damaged)
+    return Prepared(study, plan, layout, done, damaged)
 
 
 @dataclasses.dataclass
@@ -77,22 +90,36 @@ class Summary:
     seconds: float
     trained: int
     """Nodes computed by this invocation (0 for a finished study)."""
+    stopped: Stopped | None = None
+    """Why the study stopped before its end (a signal, a lost tracking server, read-only storage)."""
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and self.stopped is None
+
+    @property
+    def exit_code(self) -> int:
+        """What `scaling-study run` exits with: 0, 1 (failures), or the stop's (143 for SIGTERM)."""
+        return self.stopped.exit_code if self.stopped else 0 if self.ok else 1
 
 
 @contextlib.contextmanager
-def tracking_uri(study: Study, layout: Layout):
-    """The study's MLflow URI: the spec's (checked before any compute) or an embedded local server."""
+def tracking_uri(study: Study, layout: Layout, lock: StudyLock | None = None):
+    """The study's MLflow URI: the spec's (checked before any compute) or an embedded local server,
+    watched: restarted on the same store if it dies, the study stopped if it cannot be."""
     uri = expand_env(study.spec.tracking.uri) if study.spec.tracking.uri else None
     if uri:
         check_server(uri)
         yield uri
         return
-    with LocalMlflowServer(pull_tracking(layout)) as server:  # an object-store root's db comes down first
-        yield server.uri
+    try:  # an object-store root's db comes down first
+        with LocalMlflowServer(pull_tracking(layout), on_start=lock.own if lock else None) as server:
+            server.watch(on_lost=request_stop)
+            yield server.uri
+    except Stopped:  # a stopped study's runs are worth finding elsewhere too, if storage still takes them
+        with contextlib.suppress(Exception):
+            push_tracking(layout)
+        raise
     push_tracking(layout)  # and goes back up, so that results, report and ui elsewhere find it
 
 
@@ -100,29 +127,56 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
               prepared: Prepared | None = None) -> Summary:
     """Execute the plan (see the module docstring); returns what happened, failures included.
 
-    `prepared`: the study's `prepare(study)`, when the caller already has it (`scaling-study run`).
+    One driver per study (`lifecycle.StudyLock`: a second one gets `StudyBusy`). SIGTERM, SIGHUP,
+    a tracking server that cannot be restarted and storage that turns read-only stop it early:
+    `Summary.stopped` says why, what finished is kept. `prepared`: the study's `prepare(study)`,
+    when the caller already has it (`scaling-study run`).
     """
     prepared = prepared or prepare(study)
     plan, layout = prepared.plan, prepared.layout
-    layout.root.mkdir(parents=True, exist_ok=True)
     state = StudyState(plan, node_weights(study, plan), done=prepared.done)
     started = time.monotonic()
-    trained = 0
-    with tracking_uri(study, layout) as uri:
-        tracker = Tracker(uri, study.spec.tracking.experiment or study.spec.name, tags={"study_file": study.file})
-        recorder = Recorder(tracker, study, plan, layout)
-        recorder.open()
-        recorder.repair(state)
-        if state.unfinished():
-            with ray_cluster(address), live_view(state, progress), StudyProgress(study, state):
-                trained = Scheduler(study, plan, layout, recorder, state).run()
+    box = {"trained": 0}
+    if study.spec.tracking.uri:  # a server that is down: one line before anything is written, the lock too
+        check_server(expand_env(study.spec.tracking.uri))
+    with StudyLock(layout.root, "run") as lock, stop_on_signals():
         try:
-            with tracking_calls(uri):
-                recorder.close(failed=bool(state.failures))
-        except Exception as exc:
-            state.tracking_lost(None, failure_reason(exc))
-    return Summary(study.spec.name, layout.store.location, redact_uri(uri), state.counts(), state.failures,
-                   time.monotonic() - started, trained)
+            with tracking_uri(study, layout, lock) as uri, watch_storage(layout.root):
+                _drive(study, prepared, state, uri, lock, box, address=address, progress=progress)
+            stopped = None
+        except Stopped as stop:
+            stopped = stop
+        except OSError as exc:  # the driver's own write to storage that turned read-only
+            if exc.errno not in STORAGE_ERRNOS:
+                raise
+            stopped = Stopped(storage_stop_reason(layout.root, exc), 1)
+    return Summary(study.spec.name, layout.store.location, redact_uri(box.get("uri", "")), state.counts(),
+                   state.failures, time.monotonic() - started, box["trained"], stopped)
+
+
+def _drive(study: Study, prepared: Prepared, state: StudyState, uri: str, lock: StudyLock, box: dict, *,
+           address: str | None, progress: bool) -> None:
+    """Records first (the study's run, repairs from storage), then every unfinished node, then the close."""
+    plan, layout = prepared.plan, prepared.layout
+    box["uri"] = uri
+    tracker = Tracker(uri, study.spec.tracking.experiment or study.spec.name, tags={"study_file": study.file})
+    recorder = Recorder(tracker, study, plan, layout)
+    recorder.open()
+    recorder.repair(state)
+    if state.unfinished():
+        # stop_on_signals again: ray.init installs its own SIGTERM handler in the driver
+        with ray_cluster(address, on_start=lock.own), stop_on_signals(), live_view(state, progress), \
+                StudyProgress(study, state):
+            scheduler = Scheduler(study, plan, layout, recorder, state)
+            try:
+                scheduler.run()
+            finally:
+                box["trained"] = scheduler.trained
+    try:
+        with tracking_calls(uri):
+            recorder.close(failed=bool(state.failures))
+    except Exception as exc:
+        state.tracking_lost(None, failure_reason(exc))
 
 
 class Scheduler:
@@ -136,7 +190,7 @@ class Scheduler:
         self.trained = 0
 
     def run(self) -> int:
-        """Compute every unfinished node; returns how many finished well."""
+        """Compute every unfinished node; returns how many finished well (also `self.trained`)."""
         import ray
 
         self.study_ref, self.plan_ref = ray.put(self.study), ray.put(self.plan)
@@ -196,7 +250,7 @@ class Scheduler:
                 self.state.set(ck.id, "running")
             # only runs this driver started can add checkpoints (a failed run's earlier levels count)
             if self.state.state[ck.id] != "done" and ck.parents[0] in self.refs \
-                    and self.layout.has(self.plan, ck, STATE_FILE):
+                    and node_done(self.layout, self.plan, ck):
                 self.state.set(ck.id, "done")
 
     def _record(self, node: Node, ref) -> None:

@@ -80,10 +80,11 @@ from scaling_study.artifacts import (
     pull_latest_checkpoint,
     push_checkpoint,
     remove_partial_checkpoints,
+    write_file_list,
 )
 from scaling_study.models import ModelPreset, bert_config, load_devices, mlm_flops_breakdown
 from scaling_study.schedules import Schedule, build_optimizer
-from scaling_study.storage import replace_dir
+from scaling_study.storage import no_space, replace_dir
 from scaling_study.spec import PretrainRecipe
 
 if TYPE_CHECKING:
@@ -673,8 +674,16 @@ def _write_checkpoint(folder: Path, saved: _Saved, model: MaskedLM, config: Pret
         AutoTokenizer.from_pretrained(corpus.tokenizer_dir).save_pretrained(tmp)
         faults.point("checkpoint-write", saved.step)  # weights written, trainer state not yet: a half checkpoint
         torch.save(saved.trainer_state(config), tmp / STATE_FILE)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # a full disk wants its space back; the old checkpoints stay
+        write_file_list(tmp)  # sizes and checksums: a checkpoint damaged later is not taken as done
+    except BaseException as exc:
+        # a full disk: say where and how much (torch only says "unexpected pos"), and give the space back
+        previous = latest_checkpoint(folder.parent.parent)
+        needed = (sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous
+                  else 3 * 4 * model.model.num_parameters())  # weights and two Adam moments, fp32
+        full = no_space(exc, folder.parent, needed) if isinstance(exc, Exception) else None
+        shutil.rmtree(tmp, ignore_errors=True)  # the old checkpoints stay
+        if full is not None:
+            raise full from None
         raise
     replace_dir(tmp, folder)
 
@@ -827,7 +836,7 @@ def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, where: Placem
     model = MaskedLM(new_model(config))
     if rank == 0:
         remove_partial_checkpoints(out_dir)
-    start = latest_checkpoint(out_dir) if resume else None
+    start = latest_checkpoint(out_dir, config.checkpoint_steps) if resume else None
     state = torch.load(start / STATE_FILE, map_location="cpu", weights_only=True) if start else None
     if state is not None:
         if state["config"] != config.identity():
@@ -936,7 +945,7 @@ def _ray_worker(args: dict) -> dict:
     # copied: each worker streams its own shards from storage (ShardStream).
     out = storage.Store(args["out_dir"])
     if args.get("resume", True):
-        pull_latest_checkpoint(out)
+        pull_latest_checkpoint(out, args["config"].checkpoint_steps)
 
     def report(step: int, folder: Path, metrics: dict) -> None:
         if rank == 0:

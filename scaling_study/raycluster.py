@@ -20,8 +20,11 @@ from scaling_study._env import QUIET_ENV
 
 
 @contextlib.contextmanager
-def ray_cluster(address: str | None):
-    """Connect to `address` (or $RAY_ADDRESS); else start a local Ray for the duration, and stop it."""
+def ray_cluster(address: str | None, *, on_start=None):
+    """Connect to `address` (or $RAY_ADDRESS); else start a local Ray for the duration, and stop it.
+
+    `on_start(pids, what, folder=...)` hears of the local Ray's processes (GCS, raylet, agents) and
+    its temporary folder: they outlive a SIGKILLed driver (`lifecycle.StudyLock.own`)."""
     import ray
 
     if ray.is_initialized():
@@ -36,12 +39,54 @@ def ray_cluster(address: str | None):
         temp = tempfile.mkdtemp(prefix="ss-", dir="/tmp")  # Ray's unix sockets need a short path
         with loopback_only():
             ray.init(num_cpus=os.cpu_count(), _temp_dir=temp, _node_ip_address="127.0.0.1", **common)
+        if on_start is not None:
+            node = ray._private.worker._global_node
+            pids = [info.process.pid for infos in node.all_processes.values() for info in infos if info.process]
+            on_start(pids, "local Ray", folder=temp)
     try:
         yield
     finally:
         ray.shutdown()
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def check_local_resources(study, address: str | None) -> None:
+    """Refuse a job that asks for more CPUs or GPUs than the local Ray will have: Ray would keep it
+    pending forever. Nothing to check on a cluster (`address`, $RAY_ADDRESS), which may grow."""
+    import sys
+
+    from scaling_study.errors import SpecError, SpecErrors
+
+    ray = sys.modules.get("ray")
+    if address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        return
+    f, p = study.spec.finetune, study.spec.pretrain if study.spec.model_sizes else None
+    cpus = os.cpu_count() or 1
+    gpus = _local_gpus() if f.gpus_per_job or (p and p.gpus_per_worker) else 0
+    asks = [("finetune.cpus_per_job", f.cpus_per_job, 1, cpus, "CPUs"),
+            ("finetune.gpus_per_job", f.gpus_per_job, 1, gpus, "GPUs")]
+    if p is not None:
+        asks += [("pretrain.cpus_per_worker", p.cpus_per_worker, p.num_workers, cpus, "CPUs"),
+                 ("pretrain.gpus_per_worker", p.gpus_per_worker, p.num_workers, gpus, "GPUs")]
+    errors = []
+    for field, value, workers, have, what in asks:
+        if value * workers > have:
+            times = f" x {workers} workers" if workers > 1 else ""
+            errors.append(SpecError(study.file, field, value, f"at most {have:g} {what} in all, this machine's, or "
+                                    "a Ray cluster (--address)", problem=f"{value:g}{times} is more {what} than the "
+                                    f"local Ray has ({have:g}): the job would wait forever"))
+    if errors:
+        raise SpecErrors(errors)
+
+
+def _local_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except ImportError:
+        return 0
 
 
 @contextlib.contextmanager

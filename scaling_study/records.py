@@ -161,10 +161,13 @@ class Recorder:
         return {str(cell.inputs["epochs"]): self.run_of(cell, tags=tags) for cell in self.plan.children(run_node.id)}
 
     def mark_failed(self, node_id: str) -> None:
-        """Best effort: a failed node's run says FAILED (a re-run finds and reuses it either way)."""
+        """Best effort: a failed node's run says FAILED (a re-run finds and reuses it either way).
+
+        A run that FINISHED before keeps its status and results: they were computed from inputs that
+        were sound then (a node is redone when its files were damaged since, and may fail again)."""
         with contextlib.suppress(Exception):
             run = self.tracker.find_run(node_id)
-            if run is not None:
+            if run is not None and run.info.status != "FINISHED":
                 self.tracker.client.set_terminated(run.info.run_id, "FAILED")
 
     def _finished(self, node_id: str) -> bool:

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from scaling_study import analysis
-from scaling_study.errors import UserError
+from scaling_study.errors import UserError, output_problem
 
 FACTOR_NAMES = analysis.FACTOR_NAMES
 VERDICT_COLORS = {"significant gain": "#2e7d32", "gain below threshold": "#7986cb", "inconclusive": "#d6d6d6",
@@ -549,8 +549,11 @@ class _Page:
                 f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
                 f"<p class='meta'>{html.escape(meta)}{link}</p>{''.join(self.sections)}</body></html>\n")
         part = self.out.with_name(self.out.name + ".tmp")
-        part.write_text(page, encoding="utf-8")
-        part.replace(self.out)
+        try:
+            part.write_text(page, encoding="utf-8")
+            part.replace(self.out)
+        finally:
+            part.unlink(missing_ok=True)
 
 
 def _verdicts(df: pd.DataFrame, threshold: float, metric: str, include_collapsed: bool) -> pd.DataFrame:
@@ -627,6 +630,9 @@ def build(study: str, tracking_uri: str | None = None, root: str | Path = "studi
 
     if not threshold >= 0:
         raise UserError(f"report: --threshold must be a number of F1 points >= 0; got {threshold!r}")
+    problem = output_problem(out) if out else None
+    if problem:
+        raise UserError(f"report: -o {out}: {problem}; allowed: an HTML file path in an existing folder")
 
     df = results.load(study, tracking_uri=tracking_uri, root=root)
     if not len(df):

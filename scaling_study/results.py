@@ -49,9 +49,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from scaling_study.errors import UserError
+from scaling_study.errors import UserError, file_problem
 from scaling_study.runreader import PAGE_SIZE, Reader, RunRecord, open_reader, search_all  # noqa: F401 (re-exported)
-from scaling_study.tracking import KIND_TAG, NODE_TAG, PARENT_TAG, STUDY_TAG, check_server, redact_uri
+from scaling_study.tracking import (
+    KIND_TAG,
+    NODE_TAG,
+    PARENT_TAG,
+    STUDY_TAG,
+    TrackingStoreError,
+    check_server,
+    check_sqlite_store,
+    check_uri,
+    reading,
+    redact_uri,
+)
 
 IDENTITY = ("run_id", "node_id", "study")
 FACTORS = ("model", "model_source", "model_size", "parameters", "data_volume", "tokens", "pretrain_tokens",
@@ -83,6 +94,8 @@ class Source:
 def _source(study: str, tracking_uri: str | None, root: str | Path) -> Source:
     from scaling_study.artifacts import Layout, pull_tracking
 
+    if tracking_uri:
+        check_uri(tracking_uri, "--tracking-uri")
     if study.endswith((".yaml", ".yml")):
         from scaling_study.spec import expand_env, load_spec
 
@@ -91,6 +104,7 @@ def _source(study: str, tracking_uri: str | None, root: str | Path) -> Source:
         uri = tracking_uri or (expand_env(loaded.spec.tracking.uri) if loaded.spec.tracking.uri else None)
         layout = Layout.of(loaded)
     else:
+        # the name is checked there: its cache goes to <root>/<study>/cache, never outside the root
         name, uri, layout = study, tracking_uri, Layout.named(study, str(root))
     if uri:
         return Source(uri, name, layout.root)
@@ -103,9 +117,13 @@ def locate(study: str, *, tracking_uri: str | None = None, root: str | Path = "s
     src = _source(study, tracking_uri, root)
     if src.uri.startswith("sqlite:///"):
         db = Path(src.uri[len("sqlite:///"):])
-        if not db.is_file():
+        if not db.exists():
             raise UserError(f"study {study!r}: no results at {db}; allowed: a study run with the embedded tracking "
                             "server (scaling-study run), --root for another storage root, or --tracking-uri")
+        problem = file_problem(db)
+        if problem:
+            raise TrackingStoreError(f"tracking store {db}: {problem}; allowed: the sqlite file an MLflow server wrote")
+        check_sqlite_store(db, src.uri)
     else:
         check_server(src.uri)
     return src.uri, src.experiment
@@ -303,7 +321,17 @@ def load(study: str, tracking_uri: str | None = None, root: str | Path = "studie
         df, meta = cached
         return _with_attrs(df, fetched=0, mode="cache", cache=path)
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
-    reader = open_reader(uri, name, page_size, direct)
+    with reading(uri):
+        reader = open_reader(uri, name, page_size, direct)
+        df, meta, mode, fetched = _fetch(reader, cached, name, overlap_s)
+    if use_cache:
+        _write_cache(path, df, {"format": CACHE_FORMAT, "uri": redact_uri(uri), "experiment": name, **meta})
+    return _with_attrs(df, fetched=fetched, mode=mode, cache=path if use_cache else None)
+
+
+def _fetch(reader: Reader, cached: tuple | None, name: str, overlap_s: float) -> tuple[pd.DataFrame, dict, str, int]:
+    """The study's rows: the cache refreshed with what changed since its high-water mark, or all of them;
+    plus the cache's new metadata, how they were made and how many runs were read."""
     experiment_id = reader.experiment_id
     if cached is not None and cached[1].get("experiment_id") == experiment_id:
         old, meta = cached
@@ -327,10 +355,7 @@ def load(study: str, tracking_uri: str | None = None, root: str | Path = "studie
         high = max((r.end_time or 0 for r in runs), default=0)
         mode, fetched = "full", len(runs)
     df.attrs = {}
-    if use_cache:
-        _write_cache(path, df, {"format": CACHE_FORMAT, "uri": redact_uri(uri), "experiment": name,
-                                "experiment_id": experiment_id, "high_water": high, "deleted": sorted(deleted)})
-    return _with_attrs(df, fetched=fetched, mode=mode, cache=path if use_cache else None)
+    return df, {"experiment_id": experiment_id, "high_water": high, "deleted": sorted(deleted)}, mode, fetched
 
 
 def _with_attrs(df: pd.DataFrame, **attrs) -> pd.DataFrame:
@@ -413,7 +438,11 @@ def loss_curves(study: str, tracking_uri: str | None = None, root: str | Path = 
     mlm_accuracy where logged.
     """
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
-    context = _Context(open_reader(uri, name, page_size))
+    with reading(uri):
+        return _curves(_Context(open_reader(uri, name, page_size)))
+
+
+def _curves(context: _Context) -> pd.DataFrame:
     client = context.reader.client
     frames = []
     for run in context.runs.values():
@@ -459,7 +488,8 @@ def _parameters(preset, vocab) -> int | None:
 def status(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> pd.DataFrame:
     """Runs of a study by node kind and MLflow status."""
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
-    rows = [{"kind": r.tags.get(KIND_TAG, "?"), "status": r.status} for r in open_reader(uri, name).search()]
+    with reading(uri):
+        rows = [{"kind": r.tags.get(KIND_TAG, "?"), "status": r.status} for r in open_reader(uri, name).search()]
     if not rows:
         return pd.DataFrame(columns=["kind"])
     return pd.crosstab(pd.DataFrame(rows)["kind"], pd.DataFrame(rows)["status"]).reset_index()

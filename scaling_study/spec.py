@@ -34,13 +34,37 @@ from scaling_study.errors import SpecError, SpecErrors
 from scaling_study.yamlio import format_path, line_of, read_yaml, unwrap_type, validate
 
 _CONFIG = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _NAME_ALLOWED = "1-64 characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+MAX_SEED = 2**32 - 1
+"""Seeds go to numpy (`np.random.seed` takes 32 bits), torch and Ray (64 bits signed)."""
+MIN_VOCAB_SIZE = 100
+"""The 5 special tokens and a bare alphabet; below this nothing is a vocabulary. WordPiece keeps every
+character of the corpus and its `##` continuation (about 300 tokens for English abstracts, 2,900 for
+the mirror's science corpus), and the corpus build refuses a `vocab_size` smaller than that."""
+
+
+def is_name(value: str) -> bool:
+    """A study, model or corpus name: a plain folder name (`fullmatch`: `$` would let a newline end it)."""
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None and ".." not in value
 
 
 def _name(value: str) -> str:
-    if not _NAME.match(value) or ".." in value:
+    if not is_name(value):
         raise ValueError(f"not a valid name; allowed: {_NAME_ALLOWED}")
+    return value
+
+
+def _seed(value: int) -> int:
+    if not 0 <= value <= MAX_SEED:
+        raise ValueError(f"out of range; allowed: a seed from 0 to 2**32 - 1 ({MAX_SEED:,})")
+    return value
+
+
+def _vocab_size(value: int) -> int:
+    if value < MIN_VOCAB_SIZE:
+        raise ValueError(f"too small for a WordPiece vocabulary (5 special tokens, every character of the corpus "
+                         f"and its ## form, then merges); allowed: at least {MIN_VOCAB_SIZE:,}")
     return value
 
 
@@ -80,10 +104,10 @@ def _fraction(value: float, *, open_low: bool = False, open_high: bool = False, 
 
 Name = Annotated[str, AfterValidator(_name)]
 PosInt = Annotated[int, AfterValidator(_positive)]
-NonNegInt = Annotated[int, AfterValidator(_non_negative)]
 PosFloat = Annotated[float, AfterValidator(_positive)]
 NonNegFloat = Annotated[float, AfterValidator(_non_negative)]
 Fraction01 = Annotated[float, AfterValidator(_fraction)]  # [0, 1]
+Seed = Annotated[int, AfterValidator(_seed)]
 
 
 # ----------------------------------------------------------------------------------- data volumes
@@ -166,13 +190,14 @@ class CorpusSpec:
     total_tokens: PosFloat | None = None
     """Tokens in the whole corpus, if known (ScholarBERT's: 221e9). `plan` uses it to size fractional
     volumes; when null, `plan` estimates it from the files' sizes."""
-    vocab_size: PosInt = 30522
-    """WordPiece vocabulary size; one tokenizer is trained per data volume (ScholarBERT: 50,000)."""
+    vocab_size: Annotated[int, AfterValidator(_vocab_size)] = 30522
+    """WordPiece vocabulary size; one tokenizer is trained per data volume (ScholarBERT: 50,000); at
+    least 100 and at least the corpus's alphabet (5 special tokens, each character and its `##` form)."""
     cased: bool = True
     """Keep letter case in the tokenizer (ScholarBERT is cased)."""
     min_frequency: PosInt = 2
     """Minimum count for a WordPiece merge to enter the vocabulary."""
-    seed: NonNegInt = 0
+    seed: Seed = 0
     """Seed of the per-document hash keys that draw the nested subsets (the 1% inside the 10%)."""
 
 
@@ -241,8 +266,8 @@ class PretrainRecipe:
     """Clip the global gradient norm to this value; null turns clipping off."""
     precision: Literal["fp32", "bf16"] = "bf16"
     """bf16 autocast (with TF32 matmuls on GPU) or plain fp32. Part of every pretraining id."""
-    seed: NonNegInt = 0
-    """Seed of initialisation, masking and data order."""
+    seed: Seed = 0
+    """Seed of initialisation, masking and data order (0 to 2**32 - 1)."""
     grad_accum: PosInt = 1
     """Micro-batches accumulated per optimizer step (batch_size = workers x micro-batch x grad_accum)."""
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -282,8 +307,8 @@ class _FinetuneAxes:
     epochs: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
     """Epoch levels, strictly increasing. With `trajectory` one run per (model, task, seed) is
     evaluated after each level; with `independent` each level is its own run."""
-    seeds: Annotated[list[NonNegInt], AfterValidator(_levels)] = field(default_factory=lambda: [0])
-    """Seeds; each fixes head initialisation, data order and dropout, so a seed repeats its score."""
+    seeds: Annotated[list[Seed], AfterValidator(_levels)] = field(default_factory=lambda: [0])
+    """Seeds (0 to 2**32 - 1); each fixes head initialisation, data order and dropout, so a seed repeats its score."""
 
 
 @dataclass(config=_CONFIG, kw_only=True)
@@ -482,6 +507,7 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
     presets = _check_model_sizes(spec, err)
     volumes = _check_data_volumes(spec, err)
     _check_storage(spec, err)
+    _check_tracking(spec, err)
     _check_corpus(spec, err)
     _check_pretrain(spec, err)
     _check_external_models(spec, presets, err)
@@ -490,6 +516,25 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
         raise SpecErrors(err.errors)
     return Study(spec=spec, file=file, presets=presets, volumes=volumes, tasks=tasks, caps=_task_caps(spec, tasks),
                  folder=str(base_dir))
+
+
+def check_local_paths(study: Study) -> None:
+    """Folders the spec names that must exist where the study runs: `tasks.data_dir` and external
+    models given as local folders. `run` checks them before anything starts; `validate` does not
+    (a spec may be validated where its data is not, e.g. before `submit`)."""
+    err = _Problems(study.file, {})
+    data_dir = study.spec.tasks.data_dir
+    if data_dir and not study.resolve_path(data_dir).is_dir():
+        err(("tasks", "data_dir"), data_dir, "an existing folder of <task id>/<split file> (relative to the "
+            "spec's folder; ${VAR} expands), or null to download each task's data",
+            problem=f"no such folder: {study.resolve_path(data_dir)}")
+    for i, model in enumerate(study.spec.external_models):
+        local = model.source.startswith((".", "/", "~", "$"))  # as artifacts.model_source reads it
+        if local and not study.resolve_path(model.source).is_dir():
+            err(("external_models", i, "source"), model.source, "a Hugging Face model id, or an existing folder "
+                "holding config.json and the weights", problem=f"no such folder: {study.resolve_path(model.source)}")
+    if err.errors:
+        raise SpecErrors(err.errors)
 
 
 class _Problems:
@@ -547,6 +592,12 @@ def _check_model_sizes(spec: StudySpec, err: _Problems) -> dict:
             names = ", ".join(n for n, p in presets.items() if p.max_position_embeddings == limit)
             err(("pretrain", "seq_len"), spec.pretrain.seq_len, f"<= {limit} (max_position_embeddings of {names})",
                 problem="longer than the model takes")
+    if presets:  # finetuning the pretrained models: their position embeddings bound the input too
+        limit = min(p.max_position_embeddings for p in presets.values())
+        if spec.finetune.max_seq_len > limit:
+            names = ", ".join(n for n, p in presets.items() if p.max_position_embeddings == limit)
+            err(("finetune", "max_seq_len"), spec.finetune.max_seq_len,
+                f"<= {limit} (max_position_embeddings of {names})", problem="longer than the model takes")
     return presets
 
 
@@ -575,6 +626,17 @@ def _check_storage(spec: StudySpec, err: _Problems) -> None:
     if problem:
         err(("storage", "root"), spec.storage.root, "a local folder or a URI of scheme "
             + ", ".join(f"{s}://" for s in SCHEMES), problem=problem)
+
+
+def _check_tracking(spec: StudySpec, err: _Problems) -> None:
+    """A tracking URI MLflow can use (checked where `${VAR}` leaves none unexpanded: it may expand elsewhere)."""
+    from scaling_study.tracking import URI_ALLOWED, redact_uri, uri_problem
+
+    uri = expand_env(spec.tracking.uri) if spec.tracking.uri else None
+    problem = uri_problem(uri) if uri and "${" not in uri else None
+    if problem:
+        err(("tracking", "uri"), redact_uri(spec.tracking.uri), f"{URI_ALLOWED}, or null for a local server",
+            problem=problem)
 
 
 def _check_corpus(spec: StudySpec, err: _Problems) -> None:

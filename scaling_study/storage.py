@@ -31,6 +31,7 @@ whenever nothing runs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import shutil
@@ -59,9 +60,10 @@ def is_uri(location: str | os.PathLike) -> bool:
 
 
 def check_root(root: str) -> str | None:
-    """The problem with a storage root, or None: a plain path, or a URI of one of `SCHEMES`."""
+    """The problem with a storage root, or None: a plain path (a folder, or where one can be made),
+    or a URI of one of `SCHEMES`."""
     if not is_uri(root):
-        return None
+        return _folder_problem(Path(root).expanduser())
     scheme, _, rest = root.partition("://")
     if scheme.lower() not in SCHEMES:
         return f"unsupported URI scheme {scheme!r}"
@@ -69,6 +71,24 @@ def check_root(root: str) -> str | None:
         return "no bucket in the URI"
     if scheme.lower() == "file" and not rest.startswith("/"):
         return "a file:// URI needs an absolute path (file:///abs/path)"
+    return _folder_problem(Path(urllib.parse.unquote(urllib.parse.urlsplit(root).path))) if scheme == "file" else None
+
+
+_PSEUDO = ("/proc", "/sys", "/dev")
+"""Kernel pseudo-filesystems (/dev/shm, a tmpfs, is storage)."""
+
+
+def _folder_problem(path: Path) -> str | None:
+    """A root that is a file (or under one), or on a kernel pseudo-filesystem, can never hold a study."""
+    try:
+        resolved = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a link loop
+        return f"cannot resolve the path ({getattr(exc, 'strerror', None) or exc})"
+    if any(resolved.is_relative_to(p) for p in _PSEUDO) and not resolved.is_relative_to("/dev/shm"):
+        return f"{resolved} is on a kernel pseudo-filesystem ({resolved.parts[1]}), not storage"
+    for folder in (resolved, *resolved.parents):
+        if folder.exists():
+            return None if folder.is_dir() else f"{folder} is a file, not a folder"
     return None
 
 
@@ -149,6 +169,15 @@ class Store:
         if not self.remote:
             return (self.local / rel).is_file()
         return self._info(rel).type == pafs.FileType.File
+
+    def sizes(self, rel: str = "") -> dict[str, int]:
+        """Every file under `rel` (recursively) by its path relative to `rel`, with its size: one listing."""
+        base = self.path(rel).rstrip("/")
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+        except (FileNotFoundError, NotADirectoryError):
+            return {}
+        return {info.path[len(base) + 1:]: info.size for info in infos if info.type == pafs.FileType.File}
 
     def read_text(self, rel: str) -> str | None:
         """The file's text, or None if there is none."""
@@ -308,6 +337,25 @@ def write_atomic(path: Path, data: str | bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def no_space(exc: BaseException, path: Path, needed: int) -> OSError | None:
+    """The error to raise for a write that failed because `path`'s disk is full, or None if it was not
+    that: a real full disk shows as ENOSPC, or as whatever the writer makes of a short write (torch's
+    `RuntimeError: unexpected pos`, safetensors' own errors), with no room left. Call it before the
+    half-written files are removed (their space is what is missing)."""
+    try:
+        free = shutil.disk_usage(Path(path)).free
+    except OSError:
+        return None
+    if not (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) and free >= 1 << 20:
+        return None
+
+    def mb(n: int) -> str:
+        return f"{n / 1e6:,.1f} MB"
+
+    return OSError(errno.ENOSPC, f"No space left on {path}: it needs about {mb(needed)}, {mb(free)} free; what "
+                                 "was there before stays valid, and a re-run resumes once there is room")
 
 
 def replace_dir(tmp: Path, final: Path) -> None:

@@ -67,6 +67,16 @@ def test_redact_uri():
     assert redact_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
 
 
+@pytest.mark.parametrize("uri,shown", [
+    ("http://ghp_T0KEN@mlflow.example.org/", "http://***@mlflow.example.org/"),        # a token as user name
+    ("https://alice:p@ss@w0rd@host:5000/x", "https://alice:***@host:5000/x"),         # raw @ in the password
+    ("postgresql://u:a@b:c@db.internal/mlflow", "postgresql://u:***@db.internal/mlflow"),
+    ("see http://bob:pw@h:1/ and mail a@b.org", "see http://bob:***@h:1/ and mail a@b.org"),
+])
+def test_redaction_hides_everything_before_the_authoritys_last_at(uri, shown):
+    assert redact_uri(uri) == shown
+
+
 def test_failed_start_reports_log(tmp_path):
     busy = LocalMlflowServer(tmp_path / "a", startup_timeout=30)
     os.makedirs(busy.root, exist_ok=True)

@@ -27,13 +27,12 @@ import dataclasses
 import hashlib
 import os
 import random
-import stat
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
 from scaling_study import downloads
-from scaling_study.errors import UserError
+from scaling_study.errors import UserError, file_problem
 from scaling_study.tasks.loaders import SPLITS, LoadedSplit, load_split, tag_set
 from scaling_study.tasks.registry import TaskInfo
 
@@ -157,21 +156,15 @@ def _regular_file(path: Path) -> bool:
     """Whether `path` is a regular file (or a link to one); False when nothing is there. Anything else
     under a split file's name (a folder, a FIFO, which would block the reader, a socket, a device, a
     link to nowhere or a link loop) is a UserError: the data is there but wrong, not missing."""
-    try:
-        mode = path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError):  # nothing there (or `<dir>/<id>` is a file: not a task folder)
-        if not path.is_symlink():
-            return False
-        mode = None
-    except OSError as exc:  # ELOOP, EACCES on a folder on the way, ...
-        raise UserError(f"{path}: cannot look at the split file ({exc.strerror or exc}); allowed: a readable "
-                        "regular file") from None
-    if mode is not None and stat.S_ISREG(mode):
+    problem = file_problem(path)
+    if problem is None:
         return True
-    kind = ("a link to nowhere" if mode is None else "a folder" if stat.S_ISDIR(mode) else
-            "a FIFO (named pipe)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else
-            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a regular file")
-    raise UserError(f"{path}: the split file is {kind}; allowed: a regular file holding the split")
+    if problem == "no such file":  # (or `<dir>/<id>` is a file: not a task folder)
+        return False
+    if problem.startswith("cannot look at it"):  # EACCES on a folder on the way, ...
+        raise UserError(f"{path}: cannot look at the split file{problem.removeprefix('cannot look at it')}; "
+                        "allowed: a readable regular file")
+    raise UserError(f"{path}: the split file is {problem}; allowed: a regular file holding the split")
 
 
 def sample(examples: list, cap: int | None, *, task_id: str, split: str, seed: int = 0) -> list:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import re
 from dataclasses import field
 from pathlib import Path
@@ -138,7 +139,26 @@ def load_task(folder: Path) -> TaskInfo:
 
 
 def _task_folders(root: Path) -> list[Path]:
-    return sorted(p.parent for p in root.glob("*/task.yaml"))
+    """The folders in `root` holding a task.yaml. A folder that cannot be read is an error, not
+    skipped (glob would skip it silently, and its tasks would be "unknown")."""
+    allowed = "a readable folder of task folders, each holding a task.yaml"
+    try:
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+    except OSError as exc:
+        raise UserError(f"{root}: cannot read the folder ({exc.strerror or exc}); allowed: {allowed}") from None
+    found = []
+    for entry in entries:
+        try:
+            if not entry.is_dir():
+                continue
+            os.lstat(Path(entry.path) / "task.yaml")  # a task.yaml that is a bad link: read_yaml says so
+        except (FileNotFoundError, NotADirectoryError):
+            continue  # not a task folder: a README, __pycache__, ...
+        except OSError as exc:
+            raise UserError(f"{entry.path}: cannot read the task folder ({exc.strerror or exc}); "
+                            f"allowed: {allowed}") from None
+        found.append(Path(entry.path))
+    return found
 
 
 @functools.lru_cache(maxsize=1)
