@@ -41,12 +41,13 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from scaling_study import studies
 from scaling_study.artifacts import STATE_FILE, Layout, done_nodes, model_source, pull_tracking, push_tracking
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.progress import StudyProgress
 from scaling_study.raycluster import ray_cluster
 from scaling_study.records import Recorder
-from scaling_study.spec import Study, expand_env
+from scaling_study.spec import Study
 from scaling_study.studystate import Failure, StudyState, live_view, node_weights
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
 from scaling_study.workers import MAX_FAILURES, corpus_task, failure_reason, finetune_trial, pretrain_task
@@ -86,7 +87,7 @@ class Summary:
 @contextlib.contextmanager
 def tracking_uri(study: Study, layout: Layout):
     """The study's MLflow URI: the spec's (checked before any compute) or an embedded local server."""
-    uri = expand_env(study.spec.tracking.uri) if study.spec.tracking.uri else None
+    uri = studies.tracking_uri(study)  # the spec's, else $MLFLOW_TRACKING_URI
     if uri:
         check_server(uri)
         yield uri
@@ -97,13 +98,15 @@ def tracking_uri(study: Study, layout: Layout):
 
 
 def run_study(study: Study, *, address: str | None = None, progress: bool = True,
-              prepared: Prepared | None = None) -> Summary:
+              prepared: Prepared | None = None, extend: bool = False) -> Summary:
     """Execute the plan (see the module docstring); returns what happened, failures included.
 
     `prepared`: the study's `prepare(study)`, when the caller already has it (`scaling-study run`).
+    `extend`: this spec may differ from the one the study's name was first run with (`studies.claim`).
     """
     prepared = prepared or prepare(study)
     plan, layout = prepared.plan, prepared.layout
+    studies.claim(study, layout, extend=extend)  # a different spec under a taken name stops here
     layout.root.mkdir(parents=True, exist_ok=True)
     state = StudyState(plan, node_weights(study, plan), done=prepared.done)
     started = time.monotonic()

@@ -40,6 +40,7 @@ server spends its time on is in `runreader.SqliteReader`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -80,25 +81,34 @@ class Source:
     """The study's storage folder (the cache lives under it)."""
 
 
-def _source(study: str, tracking_uri: str | None, root: str | Path) -> Source:
+def _source(study: str, tracking_uri: str | None, root: str | Path | None) -> Source:
+    """Where a study's runs are: `tracking_uri`; else the spec's tracking.uri (a spec file, or the one the
+    user's index names for a bare name); else $MLFLOW_TRACKING_URI; else the embedded server's database
+    in the study's folder (`studies.root_of`: --root, ./studies, or the index)."""
+    from scaling_study import studies
     from scaling_study.artifacts import Layout, pull_tracking
+    from scaling_study.spec import load_spec
 
-    if study.endswith((".yaml", ".yml")):
-        from scaling_study.spec import expand_env, load_spec
-
-        loaded = load_spec(study)
-        name = loaded.spec.tracking.experiment or loaded.spec.name
-        uri = tracking_uri or (expand_env(loaded.spec.tracking.uri) if loaded.spec.tracking.uri else None)
+    loaded = load_spec(study) if study.endswith((".yaml", ".yml")) else None
+    if loaded is not None:
         layout = Layout.of(loaded)
     else:
-        name, uri, layout = study, tracking_uri, Layout.named(study, str(root))
+        used = studies.root_of(study, root)
+        layout = Layout.named(study, used)
+        found = studies.where(study) if root is None else None
+        if found is not None and found.root == used and Path(found.spec).is_file():
+            with contextlib.suppress(UserError):  # a spec broken since: the folder still holds the study
+                candidate = load_spec(found.spec)
+                loaded = candidate if candidate.spec.name == study else None
+    name = (loaded.spec.tracking.experiment or loaded.spec.name) if loaded is not None else study
+    uri = tracking_uri or studies.tracking_uri(loaded)
     if uri:
         return Source(uri, name, layout.root)
     # the embedded server's db: here, or downloaded from an object-store root (artifacts.pull_tracking)
     return Source(f"sqlite:///{pull_tracking(layout) / 'mlflow.db'}", name, layout.root)
 
 
-def locate(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> tuple[str, str]:
+def locate(study: str, *, tracking_uri: str | None = None, root: str | Path | None = None) -> tuple[str, str]:
     """(tracking URI, experiment name) of a study given by name or by its spec file; checks it answers."""
     src = _source(study, tracking_uri, root)
     if src.uri.startswith("sqlite:///"):
@@ -125,7 +135,7 @@ def _row(run: RunRecord, study: str) -> dict:
         row["model_size"] = row["data_volume"] = row["pretrain_tokens"] = row["pretrain_flops"] = None
     elif row["model_size"] is not None:
         row["model"] = f"{row['model_size']} | {row['data_volume']}"
-    row.update({k: v for k, v in metrics.items() if k != "collapsed"})
+    row.update({k: v for k, v in metrics.items() if k != "collapsed" and not k.startswith("epoch/")})  # curves
     row["collapsed"] = tags["collapsed"] == "True" if "collapsed" in tags else bool(metrics.get("collapsed"))
     row["_parent"] = tags.get(PARENT_TAG)
     return row
@@ -281,7 +291,7 @@ def _write_cache(path: Path, df: pd.DataFrame, meta: dict) -> None:
 # ----------------------------------------------------------------------------------- loading
 
 
-def load(study: str, tracking_uri: str | None = None, root: str | Path = "studies", refresh: bool = True, *,
+def load(study: str, tracking_uri: str | None = None, root: str | Path | None = None, refresh: bool = True, *,
          cache_dir: str | Path | None = None, page_size: int = PAGE_SIZE, overlap_s: float = OVERLAP_S,
          use_cache: bool = True, direct: bool = True) -> pd.DataFrame:
     """Every finished finetune job of a study, one row each (see the module docstring).
@@ -405,7 +415,7 @@ def pivot(df: pd.DataFrame, row: str, column: str, value: str = "test_f1", *,
     return table
 
 
-def loss_curves(study: str, tracking_uri: str | None = None, root: str | Path = "studies", *,
+def loss_curves(study: str, tracking_uri: str | None = None, root: str | Path | None = None, *,
                 page_size: int = PAGE_SIZE) -> pd.DataFrame:
     """Pretraining metric histories, one row per pretraining run and logged step.
 
@@ -456,7 +466,7 @@ def _parameters(preset, vocab) -> int | None:
     return count_parameters(preset, int(vocab)) if preset is not None and vocab is not None else None
 
 
-def status(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> pd.DataFrame:
+def status(study: str, *, tracking_uri: str | None = None, root: str | Path | None = None) -> pd.DataFrame:
     """Runs of a study by node kind and MLflow status."""
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
     rows = [{"kind": r.tags.get(KIND_TAG, "?"), "status": r.status} for r in open_reader(uri, name).search()]
