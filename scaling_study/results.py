@@ -1,7 +1,7 @@
 """Read a study's results back from MLflow as one tidy DataFrame, cached and refreshed incrementally.
 
     from scaling_study import results
-    df = results.load("smoke")                       # ./studies/smoke (the embedded server's db)
+    df = results.load("smoke")                       # ./studies/smoke, else where "smoke" last ran (studies)
     df = results.load("scholarbert", tracking_uri="http://127.0.0.1:5000")
     df = results.load("smoke", refresh=False)        # the Parquet cache only; no tracking server needed
     df.pivot_table(index="task", columns="model_size", values="test_f1")      # mean over seeds
@@ -17,8 +17,12 @@ metrics, then `collapsed`):
   data_volume (as the spec writes it; NA for external), tokens (in that data volume's corpus build),
   pretrain_tokens and pretrain_flops (up to the checkpoint; NA for external), steps, epochs, task,
   task_type (ner, re, cls), domain, seed
-- metrics: every logged metric as a float column (test_f1, dev_f1, ... as fractions), and
-  collapsed (bool)
+- metrics: every logged metric as a float column (test_f1, dev_f1, ... as fractions; not the
+  per-epoch curves, `epoch/...`), and collapsed (bool)
+
+A study given by name is found from any working directory (`studies.root_of`: `root`, else
+./studies/<name>, else the root the user's index recorded); its runs are read from `tracking_uri`,
+else the spec's tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded server's database.
 
 The study driver logs every factor with each finetune run (`grid.cell_factors`); for runs logged
 before it did, the missing ones are derived here: task_type and domain from the task registry,
