@@ -21,7 +21,8 @@ creates runs; a finetune trial logs its results into the run ids it was given (`
 is what keeps one run per node under Ray retries.
 
 What a user sees in the MLflow UI: the experiment tagged as model development
-(`mlflow.experimentKind`, so MLflow 3 opens the runs table, not its GenAI overview); run names
+(`mlflow.experimentKind`; with MLflow 3.17's UI the runs table opens at `ui_url`, which `scaling-study
+ui` prints, rather than at the GenAI overview); run names
 that start with the factors that vary in the study (`run_name`); the full recipe as params on
 pretraining and finetune runs (`recipe_params`, and a finetune result's `config`), as transformers'
 MLflow callback logs its training arguments; per-epoch dev F1, train loss and LR with `step` =
