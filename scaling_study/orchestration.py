@@ -106,12 +106,13 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
     """
     prepared = prepared or prepare(study)
     plan, layout = prepared.plan, prepared.layout
-    studies.claim(study, layout, extend=extend)  # a different spec under a taken name stops here
+    studies.check(study, layout, extend=extend)  # a different spec under a taken name stops here
     layout.root.mkdir(parents=True, exist_ok=True)
     state = StudyState(plan, node_weights(study, plan), done=prepared.done)
     started = time.monotonic()
     trained = 0
     with tracking_uri(study, layout) as uri:
+        studies.claim(study, layout, extend=extend)  # the server answers: the study is this spec's now
         tracker = Tracker(uri, study.spec.tracking.experiment or study.spec.name, tags={"study_file": study.file})
         recorder = Recorder(tracker, study, plan, layout)
         recorder.open()

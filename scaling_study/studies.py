@@ -39,6 +39,7 @@ from pathlib import Path
 
 from scaling_study.errors import UserError
 from scaling_study.spec import Study
+from scaling_study.tracking import redact_uri
 
 RECORD = "study.json"
 SPECS = "specs"
@@ -125,8 +126,9 @@ def claim(study: Study, layout, *, extend: bool = False) -> str:
         record["specs"].append({"fingerprint": mine, "file": file, "spec": comparable(study),
                                 "recorded": datetime.datetime.now(datetime.timezone.utc).isoformat(
                                     timespec="seconds")})
-        with contextlib.suppress(OSError):
-            layout.store.write_text(f"{SPECS}/{mine}.yaml", Path(study.file).read_text(encoding="utf-8"))
+        with contextlib.suppress(OSError):  # a tracking.uri's password stays in the user's file
+            text = redact_uri(Path(study.file).read_text(encoding="utf-8"))
+            layout.store.write_text(f"{SPECS}/{mine}.yaml", text)
         layout.store.write_text(RECORD, json.dumps(record, indent=1) + "\n")
     remember(study, layout)
     return mine

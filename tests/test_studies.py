@@ -112,3 +112,13 @@ def test_the_index_is_a_convenience(tmp_path, base_spec, monkeypatch):
     study = load_spec(write_spec(tmp_path / "a", base_spec))
     studies.claim(study, Layout.of(study))
     assert studies.where("unit") is None and os.path.isfile(Layout.of(study).root / studies.RECORD)
+
+
+def test_the_kept_spec_holds_no_password(tmp_path, base_spec):
+    spec = dict(base_spec, tracking={"uri": "http://scaler:TOPSECRET@127.0.0.1:5999"})
+    study = load_spec(write_spec(tmp_path / "a", spec))
+    layout = Layout.of(study)
+    mine = studies.claim(study, layout)
+    kept = (layout.root / "specs" / f"{mine}.yaml").read_text()
+    assert "TOPSECRET" not in kept and "scaler:***@127.0.0.1" in kept
+    assert "TOPSECRET" not in (layout.root / studies.RECORD).read_text()
