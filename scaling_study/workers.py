@@ -125,9 +125,10 @@ def _finetune_run(config: dict, study: Study, uri: str) -> float:
     seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
     cells = config["cells"]
     faults.point("finetune-log")
+    datasets = task_datasets(task, data)  # the splits as used: MLflow dataset inputs of every cell
     with tracking_calls(uri):  # a lost server fails the run before DONE.json: a re-run redoes it
         for result in results:
-            log_cell(uri, cells[str(result["epochs"])], result, store.local, datasets=task_datasets(task, data))
+            log_cell(uri, cells[str(result["epochs"])], result, store.local, datasets=datasets)
     store.upload()
     write_done(store, cells=cells, results=results, seconds=seconds)
     return float(results[-1]["test"]["f1"])
