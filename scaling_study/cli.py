@@ -22,10 +22,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from scaling_study.errors import UserError
 
@@ -154,25 +157,48 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_tasks(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def _registry(args: argparse.Namespace):
     from scaling_study.tasks.registry import discover
 
-    registry = discover([Path(p) for p in args.registry_path])
-    if args.action == "check":
-        return _tasks_check(registry, args)
-    if args.action == "list":
-        for tid, t in sorted(registry.tasks.items()):
-            suites = f"  [{', '.join(t.suites)}]" if t.suites else ""
-            print(f"{tid:20s} {t.type:4s} {t.domain:18s} {t.metric:10s} {t.name}{suites}")
-        print()
-        for suite, ids in registry.suites.items():
-            print(f"suite {suite}: {', '.join(ids)}")
+    return discover([Path(p) for p in args.registry_path])
+
+
+def _dump_json(data) -> None:
+    json.dump(data, sys.stdout, indent=2, default=str)
+    sys.stdout.write("\n")
+
+
+def _known(registry, ids: list[str], verb: str) -> None:
+    unknown = [t for t in ids if t not in registry.tasks]
+    if unknown:
+        raise UserError(f"tasks {verb}: unknown task(s) {', '.join(unknown)}; "
+                        f"allowed: {', '.join(sorted(registry.tasks))}")
+
+
+def cmd_tasks_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    if args.format == "json":
+        keys = ("id", "name", "type", "domain", "metric", "version", "suites")
+        _dump_json({"tasks": [{k: getattr(t, k) for k in keys} for _, t in sorted(registry.tasks.items())],
+                    "suites": registry.suites})
+        return 0
+    for tid, t in sorted(registry.tasks.items()):
+        suites = f"  [{', '.join(t.suites)}]" if t.suites else ""
+        print(f"{tid:20s} {t.type:4s} {t.domain:18s} {t.metric:10s} {t.name}{suites}")
+    print()
+    for suite, ids in registry.suites.items():
+        print(f"suite {suite}: {', '.join(ids)}")
+    return 0
+
+
+def cmd_tasks_show(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    _known(registry, args.ids, "show")
+    if args.format == "json":
+        _dump_json([{**dataclasses.asdict(registry.tasks[tid]), "folder": registry.tasks[tid].folder}
+                    for tid in args.ids])
         return 0
     for tid in args.ids:
-        if tid not in registry.tasks:
-            raise UserError(f"tasks show: unknown task {tid!r}; allowed: {', '.join(sorted(registry.tasks))}")
         t = registry.tasks[tid]
         print(f"{t.id}: {t.name} ({t.type}, {t.domain}), metric {t.metric}, version {t.version}")
         print(f"  {t.description}")
@@ -183,57 +209,82 @@ def cmd_tasks(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tasks_check(registry, args: argparse.Namespace) -> int:
-    """Load every task whose data can be found; print split sizes and label sets. A malformed file raises."""
+def _check_task(task, dirs, *, offline: bool) -> dict:
+    """One task's data, loaded: per split its size, label counts, file and reader notes (`tasks check`)."""
     from collections import Counter
-    from pathlib import Path
 
     from scaling_study.metrics import entity_spans
-    from scaling_study.tasks.data import DataNotFound, load_task_data, mirror_dirs
+    from scaling_study.tasks.data import DataNotFound, load_task_data
     from scaling_study.tasks.loaders import check_options
 
-    unknown = [t for t in args.ids if t not in registry.tasks]
-    if unknown:
-        raise UserError(f"tasks check: unknown task(s) {', '.join(unknown)}; "
-                        f"allowed: {', '.join(sorted(registry.tasks))}")
+    check_options(task)
+    try:
+        data = load_task_data(task, dirs, allow_download=not offline)
+    except DataNotFound as exc:
+        return {"task": task.id, "loaded": False, "reason": str(exc).split(": ", 2)[-1]}
+    splits = {}
+    for split, examples in data.splits.items():
+        if task.type == "ner":
+            counts = Counter(kind for ex in examples for kind, _, _ in entity_spans(ex["tags"]))
+            size = {"sentences": len(examples), "words": sum(len(ex["tokens"]) for ex in examples),
+                    "entities": sum(counts.values())}
+        else:
+            counts = Counter(ex["label"] for ex in examples)
+            size = {"examples": len(examples)}
+        expected = task.splits[split].num_examples
+        splits[split] = {**size, "labels": {k: counts[k] for k in task.labels if counts.get(k)},
+                         "absent": [k for k in task.labels if not counts.get(k)], "file": str(data.files[split]),
+                         "expected": expected, "mismatch": expected is not None and expected != len(examples),
+                         "notes": dict(sorted(data.notes[split].items()))}
+    return {"task": task.id, "loaded": True, "type": task.type, "format": task.format,
+            "label_scheme": task.label_scheme, "metric": task.metric, "splits": splits}
+
+
+def _print_check(record: dict) -> None:
+    if not record["loaded"]:
+        print(f"{record['task']}: skipped, data not found ({record['reason']})")
+        return
+    print(f"{record['task']} ({record['type']}, {record['format']}, {record['label_scheme']}, "
+          f"metric {record['metric']})")
+    for split, info in record["splits"].items():
+        size = (f"{info['sentences']:>6} sentences, {info['words']:>7} words, {info['entities']:>6} entities"
+                if "sentences" in info else f"{info['examples']:>6} examples")
+        labels = ", ".join(f"{k} {n}" for k, n in info["labels"].items()) or "(none)"
+        absent = f"  absent: {', '.join(info['absent'])}" if info["absent"] else ""
+        flag = f"  MISMATCH: task.yaml says {info['expected']}" if info["mismatch"] else ""
+        print(f"  {split:5s} {size}  [{labels}]{absent}{flag}")
+        print(f"        {info['file']}")
+        for note, n in info["notes"].items():
+            print(f"        {n} x {note}")
+
+
+def cmd_tasks_check(args: argparse.Namespace) -> int:
+    """Load every task whose data can be found; print split sizes and label sets. A malformed file raises.
+    Exit 1 when a split's size differs from its task.yaml."""
+    from scaling_study.tasks.data import mirror_dirs
+
+    registry = _registry(args)
+    _known(registry, args.ids, "check")
     if args.data_dir and not Path(args.data_dir).expanduser().is_dir():
         raise UserError(f"--data-dir {args.data_dir}: no such folder; allowed: a folder holding one folder per "
                         "task id with its split files")
     dirs = mirror_dirs(args.data_dir)
-    print(f"Data folders: {', '.join(map(str, dirs)) or '(none)'}; then the download cache"
-          + (" (offline: no downloads)" if args.offline else ""))
-    loaded, missing, mismatched = 0, [], []
+    if args.format != "json":
+        print(f"Data folders: {', '.join(map(str, dirs)) or '(none)'}; then the download cache"
+              + (" (offline: no downloads)" if args.offline else ""))
+    records = []
     for tid in args.ids or sorted(registry.tasks):
-        task = registry.tasks[tid]
-        check_options(task)
-        try:
-            data = load_task_data(task, dirs, allow_download=not args.offline)
-        except DataNotFound as exc:
-            missing.append(tid)
-            print(f"{tid}: skipped, data not found ({str(exc).split(': ', 2)[-1]})")
-            continue
-        loaded += 1
-        print(f"{tid} ({task.type}, {task.format}, {task.label_scheme}, metric {task.metric})")
-        for split, examples in data.splits.items():
-            expected = task.splits[split].num_examples
-            flag = "" if expected is None or expected == len(examples) else f"  MISMATCH: task.yaml says {expected}"
-            if flag:
-                mismatched.append(f"{tid}/{split}")
-            if task.type == "ner":
-                counts = Counter(kind for ex in examples for kind, _, _ in entity_spans(ex["tags"]))
-                words = sum(len(ex["tokens"]) for ex in examples)
-                size = f"{len(examples):>6} sentences, {words:>7} words, {sum(counts.values()):>6} entities"
-            else:
-                counts = Counter(ex["label"] for ex in examples)
-                size = f"{len(examples):>6} examples"
-            labels = ", ".join(f"{k} {counts.get(k, 0)}" for k in task.labels if counts.get(k, 0)) or "(none)"
-            absent = [k for k in task.labels if not counts.get(k)]
-            print(f"  {split:5s} {size}  [{labels}]" + (f"  absent: {', '.join(absent)}" if absent else "") + flag)
-            print(f"        {data.files[split]}")
-            for note, n in sorted(data.notes[split].items()):
-                print(f"        {n} x {note}")
-    print(f"{loaded} task(s) loaded, {len(missing)} skipped (no data)"
-          + (f", split sizes differ from task.yaml: {', '.join(mismatched)}" if mismatched else ""))
+        records.append(_check_task(registry.tasks[tid], dirs, offline=args.offline))
+        if args.format != "json":
+            _print_check(records[-1])
+    mismatched = [f"{r['task']}/{split}" for r in records if r["loaded"]
+                  for split, info in r["splits"].items() if info["mismatch"]]
+    if args.format == "json":
+        _dump_json({"data_dirs": [str(d) for d in dirs], "tasks": records})
+    else:
+        loaded = sum(r["loaded"] for r in records)
+        print(f"{loaded} task(s) loaded, {len(records) - loaded} skipped (no data)"
+              + (f", split sizes differ from task.yaml: {', '.join(mismatched)}" if mismatched else ""))
     return 1 if mismatched else 0
 
 
@@ -263,44 +314,70 @@ def cmd_spec_reference(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
+    from scaling_study import studies
     from scaling_study.artifacts import Layout
     from scaling_study.lifecycle import check_free
     from scaling_study.orchestration import prepare, run_study
     from scaling_study.raycluster import check_local_resources
     from scaling_study.spec import check_local_paths, load_spec
+    from scaling_study.studystate import quiet_terminal
 
     study = load_spec(args.spec)
     check_free(Layout.of(study).root)  # a second driver learns it now, not after the input checks
     check_local_paths(study)
     check_local_resources(study, args.address)
     prepared = prepare(study)
+    studies.check(study, prepared.layout, extend=args.extend)  # before any input is read or anything written
     _check_inputs(prepared)
     for nid, why in prepared.damaged.items():
         node = prepared.plan.nodes[nid]
         print(f"scaling-study: warning: {node.kind} {nid} ({prepared.layout.rel(prepared.plan, node)}) is damaged: "
               f"{why}; it is computed again", file=sys.stderr)
-    summary = run_study(study, address=args.address, progress=not args.quiet, prepared=prepared)
+    log = prepared.layout.root / "logs" / "driver.log"
+    # on a terminal, only the live table: Ray's and Tune's notices go to the study's log
+    with quiet_terminal(log, enabled=sys.stdout.isatty()) as quiet:
+        summary = run_study(study, address=args.address, progress=not args.quiet, prepared=prepared,
+                            extend=args.extend)
     console = Console(soft_wrap=True)
-    c = summary.counts
-    done = {k: f"{v['done']}/{sum(v.values())}" for k, v in c.items()}
+    done = {k: f"{v['done']}/{sum(v.values())}" for k, v in summary.counts.items()}
     console.print(f"[bold]{summary.study}[/bold]: {summary.seconds / 60:.1f} min, {summary.trained} nodes computed; "
                   f"done: corpus {done['corpus']}, pretrain {done['pretrain']}, checkpoints {done['checkpoint']}, "
                   f"finetune jobs {done['finetune']}")
-    console.print(f"Storage: {summary.root}   Tracking: {summary.tracking_uri}")
+    console.print(f"Storage: {summary.root}" + (f"   Ray and Tune messages: {quiet}" if quiet else ""))
+    _print_failures(console, summary.failures)
+    # the embedded server stops with this command: say how to open the UI, not where it was
+    name = _study_name(study, prepared.layout)
+    tracked = studies.tracking_uri(study)
+    console.print(f"Tracking: {summary.tracking_uri}   " if tracked else "", end="")
+    if summary.stopped:
+        console.print(f"[red]STOPPED[/red]: {summary.stopped.reason} (exit {summary.exit_code}); "
+                      f"run it again to finish: scaling-study run {args.spec}")
+    console.print(f"UI: scaling-study ui {name}   Results: scaling-study results {name}   "
+                  f"Report: scaling-study report {name}")
+    return summary.exit_code
+
+
+def _print_failures(console, failures) -> None:
     blocked: dict[str, int] = {}
-    for f in summary.failures:
+    for f in failures:
         if f.reason.startswith("not run"):
             blocked[f"{f.reason}  log: {f.log}"] = blocked.get(f"{f.reason}  log: {f.log}", 0) + 1
         else:
             console.print(f"[red]FAILED[/red] {f.kind} {f.node} ({f.what}): {f.reason}" + (f"  log: {f.log}" if f.log else ""))
     for reason, count in blocked.items():
         console.print(f"[yellow]blocked[/yellow] {count} nodes, {reason}")
-    if summary.stopped:
-        console.print(f"[red]STOPPED[/red]: {summary.stopped.reason} (exit {summary.exit_code}); "
-                      f"run it again to finish: scaling-study run {args.spec}")
-    if summary.ok:
-        console.print(f"Results: scaling-study results {args.spec}   UI: scaling-study ui {args.spec}")
-    return summary.exit_code
+
+
+def _study_name(study, layout) -> str:
+    """The study's name where a bare name finds this study (`studies.root_of`), else its spec file."""
+    from scaling_study import studies
+    from scaling_study.artifacts import Layout
+
+    name = study.spec.name
+    with contextlib.suppress(UserError):
+        if Layout.named(name, studies.root_of(name, None)).store.location == layout.store.location:
+            return name
+    return study.file
 
 
 def _check_inputs(prepared) -> None:
@@ -396,7 +473,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     from scaling_study import results
 
     _note_reaped(_layout(args.study, args.root).root)
-    print(results.status(args.study, tracking_uri=args.tracking_uri, root=args.root).to_string(index=False))
+    table = results.status(args.study, tracking_uri=args.tracking_uri, root=args.root)
+    if args.format == "json":  # {kind: {status: count}}
+        _dump_json({row["kind"]: {k: int(v) for k, v in row.items() if k != "kind"}
+                    for row in table.to_dict(orient="records")})
+    else:
+        print(table.to_string(index=False))
     return 0
 
 
@@ -412,14 +494,21 @@ def _jobs_status(args: argparse.Namespace) -> int:
     client = connect(args.address)
     rows = study_jobs(client, name)
     if not rows:
-        print(f"no study jobs{' of ' + name if name else ''} on {client.get_address()}")
+        if args.format == "json":
+            _dump_json([])
+        else:
+            print(f"no study jobs{' of ' + name if name else ''} on {client.get_address()}")
         return 0
     import pandas as pd
 
     df = pd.DataFrame(rows)
     df["started"] = pd.to_datetime(df.pop("start_time"), unit="ms").dt.strftime("%Y-%m-%d %H:%M")
     df["seconds"] = df["seconds"].map(lambda s: "" if s is None or s != s else f"{s:.0f}")
-    print(df[["submission_id", "study", "status", "started", "seconds", "message"]].to_string(index=False))
+    df = df[["submission_id", "study", "status", "started", "seconds", "message"]]
+    if args.format == "json":
+        _dump_json(df.to_dict(orient="records"))
+    else:
+        print(df.to_string(index=False))
     return 0
 
 
@@ -432,7 +521,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
     study = load_spec(args.spec)  # bad input fails here, before anything reaches the cluster
     client = connect(args.address)
     root = Path(args.working_dir) if args.working_dir else None
-    job = submit(client, study, root=root, tracking_uri=args.tracking_uri, retry=args.retry)
+    job = submit(client, study, root=root, tracking_uri=args.tracking_uri, retry=args.retry, extend=args.extend)
     address = client.get_address()
     if job.new:
         print(f"submitted {job.submission_id} to {address}")
@@ -456,7 +545,19 @@ def _layout(study: str, root: str):
         from scaling_study.spec import load_spec
 
         return Layout.of(load_spec(study))
-    return Layout.named(study, root)  # the name is checked there: no `../`
+    from scaling_study import studies
+
+    return Layout.named(study, studies.root_of(study, root))  # the name is checked there: no `../`
+
+
+def _experiment(study: str) -> str:
+    """The MLflow experiment of a study given by name or spec file (tracking.experiment, else its name)."""
+    if not study.endswith((".yaml", ".yml")):
+        return study
+    from scaling_study.spec import load_spec
+
+    spec = load_spec(study).spec
+    return spec.tracking.experiment or spec.name
 
 
 def _note_reaped(folder) -> None:
@@ -474,7 +575,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from scaling_study.lifecycle import StudyLock
     from scaling_study.tracking import LocalMlflowServer, check_sqlite_store
 
-    layout = _layout(args.study, args.root)
+    layout, experiment = _layout(args.study, args.root), _experiment(args.study)
     live = LocalMlflowServer.live(layout.mlflow)
     if live:  # a running study's server: open it, never start a second one over its store
         return _attach_ui(args.study, live)
@@ -486,7 +587,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     check_sqlite_store(db, f"sqlite:///{db}")  # an empty file would be made a store, a damaged one fail later
     with StudyLock(layout.root, "ui") as lock, \
             LocalMlflowServer(folder, port=args.port, on_start=lock.own) as server:
-        print(f"MLflow UI for {args.study}: {server.uri}  (Ctrl-C to stop)", flush=True)
+        print(f"MLflow UI for {args.study}: {_runs_page(server.uri, experiment)}  (Ctrl-C to stop)", flush=True)
         try:
             while server.process.poll() is None:
                 time.sleep(1)
@@ -510,30 +611,83 @@ def _attach_ui(study: str, live: dict) -> int:
     return 0
 
 
+def _runs_page(uri: str, experiment: str) -> str:
+    """The experiment's runs table in the UI (`records.ui_url`), else the server's front page."""
+    from mlflow.tracking import MlflowClient
+
+    from scaling_study.records import ui_url
+
+    with contextlib.suppress(Exception):
+        found = MlflowClient(uri).get_experiment_by_name(experiment)
+        if found is not None:
+            return ui_url(uri, found.experiment_id)
+    return uri
+
+
+def _verb(sub, name: str, func, help: str, description: str, examples: Sequence[str]) -> argparse.ArgumentParser:
+    """A verb's parser: a one-line `help` for the verb list, a `description` and `examples` for its --help."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    p = sub.add_parser(name, help=help, description=textwrap.fill(description, 100), epilog=epilog,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.set_defaults(func=func)
+    return p
+
+
 def _study_args(p: argparse.ArgumentParser, *, optional: bool = False) -> None:
-    p.add_argument("study", nargs="?" if optional else None, help="study name (under --root) or its spec file")
-    p.add_argument("--root", default="studies",
-                   help="storage root of the embedded default: a folder or s3://, gs:// URI (default: ./studies)")
-    p.add_argument("--tracking-uri", default=None, help="read from this MLflow server instead")
+    p.add_argument("study", nargs="?" if optional else None,
+                   help="a study's name, or its spec file (then its storage.root and tracking.uri apply)")
+    p.add_argument("--root", default=None,
+                   help="storage root holding the study: a folder, or an s3://, gs:// or file:// URI (default: "
+                        "./studies when the study is there, else the root it last ran under, from the user's "
+                        "index; see `scaling_study.studies`)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="read the runs from this MLflow server (default: the spec's tracking.uri, then "
+                        "$MLFLOW_TRACKING_URI, then the embedded server's database in the study's folder)")
 
 
-def _study_verbs(sub) -> None:
-    """The study's lifecycle: plan, run, results, report, status."""
-    p = sub.add_parser("plan", help="show a study's plan and cost before anything runs")
+def _format_arg(p: argparse.ArgumentParser, choices=("table", "json")) -> None:
+    p.add_argument("--format", choices=choices, default=choices[0],
+                   help=f"output format: {', '.join(choices)} (default {choices[0]})")
+
+
+def _plan_and_run(sub) -> None:
+    p = _verb(sub, "plan", cmd_plan, "show a study's plan and cost before anything runs",
+              "Expand a study spec into its plan (corpus builds, pretraining runs, checkpoints, finetune jobs) and "
+              "estimate its FLOPs, device-hours and storage. Writes nothing.",
+              ["scaling-study plan experiments/smoke.yaml --device cpu",
+               "scaling-study plan experiments/scholarbert.yaml --device a100 --mfu 0.35",
+               "scaling-study plan experiments/smoke.yaml --format json --nodes > plan.json"])
     p.add_argument("spec", help="study spec (YAML)")
-    p.add_argument("--device", default="h100", help="device for the estimate: h100, h200, a100, cpu (default h100)")
+    p.add_argument("--device", default="h100", help="device for the estimate: h100, h200, a100, cpu (default h100; "
+                   "`scaling-study presets` lists them)")
     p.add_argument("--mfu", type=float, default=None, help="override the device's assumed MFU (0-1)")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    _format_arg(p)
     p.add_argument("--nodes", action="store_true", help="with --format json: include every node of the DAG")
-    p.set_defaults(func=cmd_plan)
 
-    p = sub.add_parser("run", help="run a study on Ray (local by default), tracked in MLflow; idempotent")
+    p = _verb(sub, "run", cmd_run, "run a study on Ray (local by default), tracked in MLflow; idempotent",
+              "Run every unfinished node of a study's plan: corpus builds, pretraining (Ray Train), finetuning "
+              "(Ray Tune), each tracked as an MLflow run. A finished study trains nothing; an interrupted one "
+              "resumes. A study's name is its identity: a different spec under a name already run is refused "
+              "unless --extend. On a terminal only the live table shows; Ray's and Tune's messages go to "
+              "<root>/<study>/logs/driver.log. Exit 1 when a node failed, 2 for bad input.",
+              ["scaling-study run experiments/smoke.yaml",
+               "scaling-study run experiments/x.yaml --address ray://head:10001",
+               "scaling-study run experiments/smoke-more-seeds.yaml --extend"])
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: $RAY_ADDRESS, else a local one)")
     p.add_argument("--quiet", action="store_true", help="no live view of the grid")
-    p.set_defaults(func=cmd_run)
+    p.add_argument("--extend", action="store_true",
+                   help="this spec extends the study of the same name (more seeds, tasks, levels): record it "
+                        "beside the study's first spec instead of refusing it")
 
-    p = sub.add_parser("results", help="a study's finetune results from MLflow: one row per job, filters, pivots")
+
+def _results_verb(sub) -> None:
+    p = _verb(sub, "results", cmd_results, "a study's finetune results from MLflow: one row per job, filters, pivots",
+              "Print one row per finished finetune job (model x task x epochs x seed), read from MLflow and cached "
+              "as Parquet in the study's folder. --pivot prints the paper table's definition for any two columns.",
+              ["scaling-study results smoke", "scaling-study results smoke --pivot task model",
+               "scaling-study results smoke --where task=scierc_re --where model_size=tiny,base --format json",
+               "scaling-study results experiments/smoke.yaml --format parquet -o smoke.parquet"])
     _study_args(p)
     p.add_argument("--pivot", nargs=2, metavar=("ROW", "COL"), default=None,
                    help="a ROW x COL table of --value: mean over seeds, every other factor at its largest level, "
@@ -542,34 +696,42 @@ def _study_verbs(sub) -> None:
     p.add_argument("--where", action="append", default=[], metavar="COLUMN=V1[,V2]",
                    help="keep rows whose COLUMN is one of the values; repeat for more columns "
                         "(e.g. --where task=scierc_re --where model_size=tiny,base)")
-    p.add_argument("--format", choices=("table", "csv", "json", "parquet"), default="table",
-                   help="parquet needs -o")
-    p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout")
+    _format_arg(p, ("table", "csv", "json", "parquet"))
+    p.add_argument("--output", "-o", default=None, help="write to this file instead of stdout (parquet needs it)")
     p.add_argument("--no-refresh", action="store_true",
                    help="read the results cache (<root>/<study>/cache/) only; do not ask MLflow")
     p.add_argument("--include-collapsed", action="store_true", help="--pivot counts collapsed runs too")
-    p.set_defaults(func=cmd_results)
 
-    p = sub.add_parser("report", help="a study's results as one self-contained HTML page (tables, plots, verdicts)")
+    p = _verb(sub, "report", cmd_report, "a study's results as one self-contained HTML page (tables, plots, verdicts)",
+              "Write one HTML page: a summary of where scaling paid, the paper's table, collapsed shares, F1 "
+              "against each factor with 95% bands, verdicts, power-law fits and loss curves; the figures also as "
+              "SVG and 300-dpi PNG beside it (report-figures/).",
+              ["scaling-study report smoke", "scaling-study report smoke -o smoke.html --threshold 0.5"])
     _study_args(p)
     p.add_argument("--output", "-o", default=None, help="HTML file to write (default: ROOT/STUDY/report.html)")
     p.add_argument("--threshold", type=float, default=1.0,
                    help="F1 points a step of a factor must surely buy to count as a gain (default 1.0, the paper's)")
     p.add_argument("--include-collapsed", action="store_true",
                    help="count collapsed runs in the table, verdicts and fits (left out by default)")
-    p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("status", help="a study's MLflow runs by kind and status; with --address, its Ray jobs")
+    p = _verb(sub, "status", cmd_status, "a study's MLflow runs by kind and status; with --address, its Ray jobs",
+              "Count a study's MLflow runs by node kind and status (RUNNING, FINISHED, FAILED, KILLED); with "
+              "--address, list the study jobs on a Ray cluster instead.",
+              ["scaling-study status smoke", "scaling-study status smoke --format json",
+               "scaling-study status --address http://127.0.0.1:8265"])
     _study_args(p, optional=True)
     p.add_argument("--address", default=None,
                    help="a Ray cluster's dashboard URL: list the study jobs there (all of them without STUDY)")
-    p.set_defaults(func=cmd_status)
-
+    _format_arg(p)
 
 
 def _cluster_verbs(sub) -> None:
     """A Ray cluster and the MLflow UI: submit, ui."""
-    p = sub.add_parser("submit", help="run a study on a Ray cluster as a Ray job; idempotent")
+    p = _verb(sub, "submit", cmd_submit, "run a study on a Ray cluster as a Ray job; idempotent",
+              "Submit `scaling-study run SPEC` as a Ray job (this source checkout as its working directory). "
+              "Submitting the same study again attaches to its job; a changed spec is a new job. See docs/cluster.md.",
+              ["scaling-study submit experiments/scholarbert.yaml --address http://127.0.0.1:8265 --follow",
+               "scaling-study submit experiments/x.yaml --retry"])
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--address", default=None,
                    help="the cluster's dashboard URL, e.g. http://127.0.0.1:8265 "
@@ -579,49 +741,83 @@ def _cluster_verbs(sub) -> None:
                    help="log to this MLflow server instead of the spec's tracking.uri (as seen from the cluster; "
                         "'${MLFLOW_TRACKING_URI}' expands there)")
     p.add_argument("--retry", action="store_true", help="start a new attempt if the study's last job failed or stopped")
+    p.add_argument("--extend", action="store_true", help="the job runs with --extend (see `run --help`)")
     p.add_argument("--working-dir", default=None,
                    help="folder uploaded as the job's working directory (default: this source checkout)")
-    p.set_defaults(func=cmd_submit)
 
-    p = sub.add_parser("ui", help="serve the MLflow UI over a study run with the embedded server")
-    p.add_argument("study", help="study name (under --root) or its spec file")
-    p.add_argument("--root", default="studies", help="storage root: a folder or s3://, gs:// URI (default: ./studies)")
-    p.add_argument("--port", type=int, default=5000)
-    p.set_defaults(func=cmd_ui)
+    p = _verb(sub, "ui", cmd_ui, "serve the MLflow UI over a study run with the embedded server",
+              "Start an MLflow server on 127.0.0.1 over the study's embedded tracking database and keep it until "
+              "Ctrl-C. The experiment opens on its runs table: one run per node, nested study > pretraining "
+              "run > finetune job.",
+              ["scaling-study ui smoke", "scaling-study ui experiments/smoke.yaml --port 5001",
+               "scaling-study ui smoke --root s3://bucket/studies"])
+    p.add_argument("study", help="a study's name, or its spec file")
+    p.add_argument("--root", default=None, help="storage root holding the study: a folder or an s3://, gs:// URI "
+                   "(default: ./studies when the study is there, else the root it last ran under)")
+    p.add_argument("--port", type=int, default=5000, help="port on 127.0.0.1 (default 5000)")
 
+
+def _tasks_verbs(sub) -> None:
+    tasks = sub.add_parser("tasks", help="the task registry: list, show, check", allow_abbrev=False,
+                           description="The downstream tasks: one folder each (task.yaml and a README card).",
+                           epilog="examples:\n  scaling-study tasks list\n  scaling-study tasks show scierc_re\n"
+                                  "  scaling-study tasks check --data-dir ../shared/datasets",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = tasks.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    def registry(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--registry-path", action="append", default=[], metavar="DIR",
+                       help="extra folder of task folders (<DIR>/<id>/task.yaml); repeat for more")
+        _format_arg(p)
+
+    p = _verb(actions, "list", cmd_tasks_list, "every task and suite",
+              "List every task (id, type, domain, metric, name, suites) and every suite.",
+              ["scaling-study tasks list", "scaling-study tasks list --format json",
+               "scaling-study tasks list --registry-path my_tasks"])
+    registry(p)
+    p = _verb(actions, "show", cmd_tasks_show, "one or more tasks in full",
+              "Show tasks in full: description, format, labels, splits with sizes and URLs, folder.",
+              ["scaling-study tasks show scierc_re", "scaling-study tasks show bc5cdr_ner chemprot_re --format json"])
+    p.add_argument("ids", nargs="+", help="task ids")
+    registry(p)
+    p = _verb(actions, "check", cmd_tasks_check, "load each task's data: sizes and labels",
+              "Load each task's data from the local mirrors (then the download cache): split sizes, label counts, "
+              "reader notes. Exit 1 when a split's size differs from its task.yaml.",
+              ["scaling-study tasks check --data-dir ../shared/datasets",
+               "scaling-study tasks check scierc_re --offline --format json"])
+    p.add_argument("ids", nargs="*", help="task ids (default: all)")
+    registry(p)
+    p.add_argument("--data-dir", default=None,
+                   help="local mirror, <DIR>/<task id>/<file> (then $SCALING_STUDY_DATA_DIR, then the cache)")
+    p.add_argument("--offline", action="store_true", help="never download; use mirrors and the cache only")
 
 
 def _registry_verbs(sub) -> None:
     """Specs, tasks and presets: validate, tasks, spec-reference, presets."""
-    p = sub.add_parser("validate", help="check study specs; write nothing")
-    p.add_argument("specs", nargs="+")
-    p.set_defaults(func=cmd_validate)
-
-    p = sub.add_parser("tasks", help="the task registry")
-    p.add_argument("action", choices=("list", "show", "check"),
-                   help="list the registry; show tasks; check: load each task's data, print sizes and labels")
-    p.add_argument("ids", nargs="*", help="task ids (show; check: default all)")
-    p.add_argument("--registry-path", action="append", default=[], help="extra folder of task folders")
-    p.add_argument("--data-dir", default=None,
-                   help="check: local mirror, <DIR>/<task id>/<file> (then $SCALING_STUDY_DATA_DIR, then the cache)")
-    p.add_argument("--offline", action="store_true", help="check: never download; use mirrors and the cache only")
-    p.set_defaults(func=cmd_tasks)
-
-    p = sub.add_parser("spec-reference", help="every spec field with its type, default and meaning (Markdown)")
-    p.set_defaults(func=cmd_spec_reference)
-
-    p = sub.add_parser("presets", help="model-size presets and devices")
-    p.add_argument("--vocab-size", type=int, default=30522)
-    p.set_defaults(func=cmd_presets)
+    p = _verb(sub, "validate", cmd_validate, "check study specs; write nothing",
+              "Validate study specs and expand their plans; one line per problem (FILE:LINE: FIELD: ...), exit 2.",
+              ["scaling-study validate experiments/*.yaml"])
+    p.add_argument("specs", nargs="+", help="study spec files (YAML)")
+    _tasks_verbs(sub)
+    _verb(sub, "spec-reference", cmd_spec_reference, "every spec field with its type, default and meaning (Markdown)",
+          "Print every study spec field, its type, default and documentation, as Markdown (docs/spec.md).",
+          ["scaling-study spec-reference > docs/spec.md"])
+    p = _verb(sub, "presets", cmd_presets, "model-size presets and devices",
+              "List the model-size presets (layers, hidden size, heads, FFN, exact parameter count of the MLM model) "
+              "and the devices `plan` can cost.", ["scaling-study presets", "scaling-study presets --vocab-size 50000"])
+    p.add_argument("--vocab-size", type=int, default=30522,
+                   help="vocabulary size the parameter counts assume (default 30522, BERT's; ScholarBERT: 50000)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from scaling_study import __version__
 
-    parser = argparse.ArgumentParser(prog="scaling-study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="scaling-study", description=__doc__.split("\n\n")[0],
+                                     epilog="`scaling-study COMMAND --help` describes a command, with examples.")
     parser.add_argument("--version", action="version", version=f"scaling-study {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _study_verbs(sub)
+    _plan_and_run(sub)
+    _results_verb(sub)
     _cluster_verbs(sub)
     _registry_verbs(sub)
     return parser

@@ -134,6 +134,11 @@ def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: F
 # ----------------------------------------------------------------------------------- the loop
 
 
+ALGORITHM = {"optimizer": "adamw", "schedule": "linear"}
+"""What `_train_run` trains with whatever the recipe (AdamW; linear warmup, then linear decay to 0):
+a result's `config` says so beside the recipe, and MLflow logs both as params."""
+
+
 @dataclasses.dataclass
 class _Job:
     """What every run of one `finetune` call shares: the task, its data and features, how to train."""
@@ -458,7 +463,7 @@ def _result(job: _Job, level: _Level) -> dict:
         "num_examples": {s: len(v) for s, v in data.splits.items()},
         "truncated_test": {"words" if ner else "examples": int(truncated)},
         "collapse": collapse["collapse"], "collapse_reasons": collapse["reasons"], "collapse_detail": collapse,
-        "config": dataclasses.asdict(config),
+        "config": {**dataclasses.asdict(config), **ALGORITHM},
         "artifacts": [str((level_dir / "scores.json").relative_to(job.out)), str(predictions.relative_to(job.out))],
     }
     (level_dir / "scores.json").write_text(json.dumps(result, indent=2))

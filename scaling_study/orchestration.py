@@ -41,6 +41,7 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from scaling_study import studies
 from scaling_study.artifacts import Layout, done_nodes, model_source, node_done, pull_tracking, push_tracking
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.lifecycle import (
@@ -55,7 +56,7 @@ from scaling_study.lifecycle import (
 from scaling_study.progress import StudyProgress
 from scaling_study.raycluster import ray_cluster
 from scaling_study.records import Recorder
-from scaling_study.spec import Study, expand_env
+from scaling_study.spec import Study
 from scaling_study.studystate import Failure, StudyState, live_view, node_weights
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
 from scaling_study.workers import MAX_FAILURES, corpus_task, failure_reason, finetune_trial, pretrain_task
@@ -107,7 +108,7 @@ class Summary:
 def tracking_uri(study: Study, layout: Layout, lock: StudyLock | None = None):
     """The study's MLflow URI: the spec's (checked before any compute) or an embedded local server,
     watched: restarted on the same store if it dies, the study stopped if it cannot be."""
-    uri = expand_env(study.spec.tracking.uri) if study.spec.tracking.uri else None
+    uri = studies.tracking_uri(study)  # the spec's, else $MLFLOW_TRACKING_URI
     if uri:
         check_server(uri)
         yield uri
@@ -124,25 +125,27 @@ def tracking_uri(study: Study, layout: Layout, lock: StudyLock | None = None):
 
 
 def run_study(study: Study, *, address: str | None = None, progress: bool = True,
-              prepared: Prepared | None = None) -> Summary:
+              prepared: Prepared | None = None, extend: bool = False) -> Summary:
     """Execute the plan (see the module docstring); returns what happened, failures included.
 
     One driver per study (`lifecycle.StudyLock`: a second one gets `StudyBusy`). SIGTERM, SIGHUP,
     a tracking server that cannot be restarted and storage that turns read-only stop it early:
     `Summary.stopped` says why, what finished is kept. `prepared`: the study's `prepare(study)`,
-    when the caller already has it (`scaling-study run`).
+    when the caller already has it (`scaling-study run`). `extend`: this spec may differ from the
+    one the study's name was first run with (`studies.claim`).
     """
     prepared = prepared or prepare(study)
     plan, layout = prepared.plan, prepared.layout
+    studies.check(study, layout, extend=extend)  # a different spec under a taken name stops here
     state = StudyState(plan, node_weights(study, plan), done=prepared.done)
     started = time.monotonic()
     box = {"trained": 0}
-    if study.spec.tracking.uri:  # a server that is down: one line before anything is written, the lock too
-        check_server(expand_env(study.spec.tracking.uri))
+    if studies.tracking_uri(study):  # a server that is down: one line before anything is written, the lock too
+        check_server(studies.tracking_uri(study))
     with StudyLock(layout.root, "run") as lock, stop_on_signals():
         try:
             with tracking_uri(study, layout, lock) as uri, watch_storage(layout.root):
-                _drive(study, prepared, state, uri, lock, box, address=address, progress=progress)
+                _drive(study, prepared, state, uri, lock, box, address=address, progress=progress, extend=extend)
             stopped = None
         except Stopped as stop:
             stopped = stop
@@ -155,10 +158,11 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
 
 
 def _drive(study: Study, prepared: Prepared, state: StudyState, uri: str, lock: StudyLock, box: dict, *,
-           address: str | None, progress: bool) -> None:
+           address: str | None, progress: bool, extend: bool) -> None:
     """Records first (the study's run, repairs from storage), then every unfinished node, then the close."""
     plan, layout = prepared.plan, prepared.layout
     box["uri"] = uri
+    studies.claim(study, layout, extend=extend)  # the server answers: the study is this spec's now
     tracker = Tracker(uri, study.spec.tracking.experiment or study.spec.name, tags={"study_file": study.file})
     recorder = Recorder(tracker, study, plan, layout)
     recorder.open()

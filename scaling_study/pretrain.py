@@ -84,7 +84,7 @@ from scaling_study.artifacts import (
 )
 from scaling_study.models import ModelPreset, bert_config, load_devices, mlm_flops_breakdown
 from scaling_study.schedules import Schedule, build_optimizer
-from scaling_study.storage import no_space, replace_dir
+from scaling_study.storage import follow_umask, no_space, replace_dir
 from scaling_study.spec import PretrainRecipe
 
 if TYPE_CHECKING:
@@ -134,6 +134,9 @@ class PretrainConfig(PretrainRecipe):
     """Peak FLOP/s of one device for MFU; None: presets/devices.yaml by the detected device."""
     model_overrides: dict = dataclasses.field(default_factory=dict)
     """Extra `bert_config` settings (e.g. dropout 0 in tests); the default is BERT's."""
+    provenance: dict = dataclasses.field(default_factory=dict)
+    """Where the run comes from (study, model_size, data_volume, pretrain node), for the checkpoints'
+    model cards (`model_card`); `from_study` fills it."""
 
     def __post_init__(self) -> None:
         self.checkpoint_steps = tuple(sorted(set(int(s) for s in self.checkpoint_steps)))
@@ -172,8 +175,11 @@ class PretrainConfig(PretrainRecipe):
         p = study.spec.pretrain
         levels = sorted(c.inputs["step"] for c in plan.children(run_node.id) if c.kind == "checkpoint")
         recipe = {f.name: getattr(p, f.name) for f in dataclasses.fields(PretrainRecipe)}
+        provenance = {"study": study.spec.name, "model_size": run_node.factors["model_size"],
+                      "data_volume": run_node.factors["data_volume"], "pretrain_node": run_node.id}
         return cls(**{**recipe, "preset": study.presets[run_node.factors["model_size"]], "vocab_size": vocab_size,
-                      "total_steps": run_node.inputs["total_steps"], "checkpoint_steps": tuple(levels), **runtime})
+                      "total_steps": run_node.inputs["total_steps"], "checkpoint_steps": tuple(levels),
+                      "provenance": provenance, **runtime})
 
 
 # ----------------------------------------------------------------------------------- data
@@ -671,9 +677,13 @@ def _write_checkpoint(folder: Path, saved: _Saved, model: MaskedLM, config: Pret
             hf = new_model(config)
             hf.load_state_dict({k.removeprefix("model."): v for k, v in saved.model_state.items()})
             hf.save_pretrained(tmp)
-        AutoTokenizer.from_pretrained(corpus.tokenizer_dir).save_pretrained(tmp)
+        # the model's position limit, not the tokenizer's 1e30: a long input truncates instead of crashing
+        limit = config.preset.max_position_embeddings
+        AutoTokenizer.from_pretrained(corpus.tokenizer_dir, model_max_length=limit).save_pretrained(tmp)
+        (tmp / "README.md").write_text(model_card(saved, config, corpus), encoding="utf-8")
         faults.point("checkpoint-write", saved.step)  # weights written, trainer state not yet: a half checkpoint
         torch.save(saved.trainer_state(config), tmp / STATE_FILE)
+        follow_umask(tmp)  # safetensors writes 0600; its siblings follow the umask
         write_file_list(tmp)  # sizes and checksums: a checkpoint damaged later is not taken as done
     except BaseException as exc:
         # a full disk: say where and how much (torch only says "unexpected pos"), and give the space back
@@ -686,6 +696,30 @@ def _write_checkpoint(folder: Path, saved: _Saved, model: MaskedLM, config: Pret
             raise full from None
         raise
     replace_dir(tmp, folder)
+
+
+def model_card(saved: _Saved, config: PretrainConfig, corpus: CorpusBuild) -> str:
+    """A checkpoint's README.md (a Hugging Face model card): what it is and where it comes from."""
+    p, prov, m = config.preset, config.provenance, corpus.manifest
+    tokens = saved.step * config.batch_size * config.seq_len
+    loss = saved.metrics.get("loss")
+    rows = [("study", prov.get("study", "?")), ("model size", f"{prov.get('model_size', '?')}: {p.num_layers} layers, "
+             f"hidden {p.hidden_size}, {p.num_heads} heads, FFN {p.ffn_size}, {p.max_position_embeddings} positions"),
+            ("data volume", f"{prov.get('data_volume', '?')} ({m.tokens:,} tokens, {m.documents:,} documents)"),
+            ("corpus build", f"{m.node_id} (tokenizer {m.tokenizer_hash[:12] or '?'}, vocabulary {m.vocab_size:,})"),
+            ("pretraining run", prov.get("pretrain_node", "?")),
+            ("steps", f"{saved.step:,} of {config.total_steps:,} ({config.schedule} schedule, peak lr {config.lr:g}, "
+                      f"{config.optimizer}, {config.precision})"),
+            ("tokens seen", f"{tokens:,} ({config.batch_size} sequences x {config.seq_len} tokens per step)"),
+            ("MLM loss", f"{loss:.4f} (the last logged: a mean over up to {config.log_every} steps)"
+                         if loss is not None else "not logged yet")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    return (f"---\nlibrary_name: transformers\npipeline_tag: fill-mask\ntags:\n- scaling-study\n- bert\n---\n\n"
+            f"# {prov.get('study', 'scaling-study')}: {prov.get('model_size', '')} | {prov.get('data_volume', '')} | "
+            f"step {saved.step}\n\nA BERT masked language model pretrained from scratch by `scaling-study` "
+            f"(masked-language modelling, {config.mask_rate:.0%} of tokens). Load it with "
+            f"`AutoModelForMaskedLM.from_pretrained` and `AutoTokenizer.from_pretrained` on this folder.\n\n"
+            f"| | |\n|---|---|\n{table}\n")
 
 
 def _load_weights(model: nn.Module, folder: Path) -> None:

@@ -622,7 +622,7 @@ def render(df: pd.DataFrame, curves: pd.DataFrame | None, out_path: str | Path, 
     return page.plots
 
 
-def build(study: str, tracking_uri: str | None = None, root: str | Path = "studies", out: str | Path | None = None,
+def build(study: str, tracking_uri: str | None = None, root: str | Path | None = None, out: str | Path | None = None,
           *, threshold: float = 1.0, include_collapsed: bool = False) -> Path:
     """Load a study's results (results.load, results.loss_curves) and render its report; returns the path
     (default: the study's folder under the storage root, report.html; its figures in report-figures/)."""
@@ -645,7 +645,9 @@ def build(study: str, tracking_uri: str | None = None, root: str | Path = "studi
 
         folder = Layout.of(load_spec(study)).root
     else:  # an object-store root: its local mirror
-        folder = Layout.named(study, str(root)).root
+        from scaling_study.studies import root_of
+
+        folder = Layout.named(study, root_of(study, root)).root
     out = Path(out) if out else folder / "report.html"
     render(df, curves, out, title=f"Scaling study: {folder.name}", threshold=threshold,
            include_collapsed=include_collapsed)

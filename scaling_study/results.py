@@ -1,7 +1,7 @@
 """Read a study's results back from MLflow as one tidy DataFrame, cached and refreshed incrementally.
 
     from scaling_study import results
-    df = results.load("smoke")                       # ./studies/smoke (the embedded server's db)
+    df = results.load("smoke")                       # ./studies/smoke, else where "smoke" last ran (studies)
     df = results.load("scholarbert", tracking_uri="http://127.0.0.1:5000")
     df = results.load("smoke", refresh=False)        # the Parquet cache only; no tracking server needed
     df.pivot_table(index="task", columns="model_size", values="test_f1")      # mean over seeds
@@ -17,8 +17,12 @@ metrics, then `collapsed`):
   data_volume (as the spec writes it; NA for external), tokens (in that data volume's corpus build),
   pretrain_tokens and pretrain_flops (up to the checkpoint; NA for external), steps, epochs, task,
   task_type (ner, re, cls), domain, seed
-- metrics: every logged metric as a float column (test_f1, dev_f1, ... as fractions), and
-  collapsed (bool)
+- metrics: every logged metric as a float column (test_f1, dev_f1, ... as fractions; not the
+  per-epoch curves, `epoch/...`), and collapsed (bool)
+
+A study given by name is found from any working directory (`studies.root_of`: `root`, else
+./studies/<name>, else the root the user's index recorded); its runs are read from `tracking_uri`,
+else the spec's tracking.uri, else $MLFLOW_TRACKING_URI, else the embedded server's database.
 
 The study driver logs every factor with each finetune run (`grid.cell_factors`); for runs logged
 before it did, the missing ones are derived here: task_type and domain from the task registry,
@@ -40,6 +44,7 @@ server spends its time on is in `runreader.SqliteReader`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -91,28 +96,36 @@ class Source:
     """The study's storage folder (the cache lives under it)."""
 
 
-def _source(study: str, tracking_uri: str | None, root: str | Path) -> Source:
+def _source(study: str, tracking_uri: str | None, root: str | Path | None) -> Source:
+    """Where a study's runs are: `tracking_uri`; else the spec's tracking.uri (a spec file, or the one the
+    user's index names for a bare name); else $MLFLOW_TRACKING_URI; else the embedded server's database
+    in the study's folder (`studies.root_of`: --root, ./studies, or the index)."""
+    from scaling_study import studies
     from scaling_study.artifacts import Layout, pull_tracking
+    from scaling_study.spec import load_spec
 
     if tracking_uri:
         check_uri(tracking_uri, "--tracking-uri")
-    if study.endswith((".yaml", ".yml")):
-        from scaling_study.spec import expand_env, load_spec
-
-        loaded = load_spec(study)
-        name = loaded.spec.tracking.experiment or loaded.spec.name
-        uri = tracking_uri or (expand_env(loaded.spec.tracking.uri) if loaded.spec.tracking.uri else None)
+    loaded = load_spec(study) if study.endswith((".yaml", ".yml")) else None
+    if loaded is not None:
         layout = Layout.of(loaded)
     else:
-        # the name is checked there: its cache goes to <root>/<study>/cache, never outside the root
-        name, uri, layout = study, tracking_uri, Layout.named(study, str(root))
+        used = studies.root_of(study, root)
+        layout = Layout.named(study, used)  # checks the name: its cache stays under the root
+        found = studies.where(study) if root is None else None
+        if found is not None and found.root == used and Path(found.spec).is_file():
+            with contextlib.suppress(UserError):  # a spec broken since: the folder still holds the study
+                candidate = load_spec(found.spec)
+                loaded = candidate if candidate.spec.name == study else None
+    name = (loaded.spec.tracking.experiment or loaded.spec.name) if loaded is not None else study
+    uri = tracking_uri or studies.tracking_uri(loaded)
     if uri:
         return Source(uri, name, layout.root)
     # the embedded server's db: here, or downloaded from an object-store root (artifacts.pull_tracking)
     return Source(f"sqlite:///{pull_tracking(layout) / 'mlflow.db'}", name, layout.root)
 
 
-def locate(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> tuple[str, str]:
+def locate(study: str, *, tracking_uri: str | None = None, root: str | Path | None = None) -> tuple[str, str]:
     """(tracking URI, experiment name) of a study given by name or by its spec file; checks it answers."""
     src = _source(study, tracking_uri, root)
     if src.uri.startswith("sqlite:///"):
@@ -143,7 +156,7 @@ def _row(run: RunRecord, study: str) -> dict:
         row["model_size"] = row["data_volume"] = row["pretrain_tokens"] = row["pretrain_flops"] = None
     elif row["model_size"] is not None:
         row["model"] = f"{row['model_size']} | {row['data_volume']}"
-    row.update({k: v for k, v in metrics.items() if k != "collapsed"})
+    row.update({k: v for k, v in metrics.items() if k != "collapsed" and not k.startswith("epoch/")})  # curves
     row["collapsed"] = tags["collapsed"] == "True" if "collapsed" in tags else bool(metrics.get("collapsed"))
     row["_parent"] = tags.get(PARENT_TAG)
     return row
@@ -299,7 +312,7 @@ def _write_cache(path: Path, df: pd.DataFrame, meta: dict) -> None:
 # ----------------------------------------------------------------------------------- loading
 
 
-def load(study: str, tracking_uri: str | None = None, root: str | Path = "studies", refresh: bool = True, *,
+def load(study: str, tracking_uri: str | None = None, root: str | Path | None = None, refresh: bool = True, *,
          cache_dir: str | Path | None = None, page_size: int = PAGE_SIZE, overlap_s: float = OVERLAP_S,
          use_cache: bool = True, direct: bool = True) -> pd.DataFrame:
     """Every finished finetune job of a study, one row each (see the module docstring).
@@ -430,7 +443,7 @@ def pivot(df: pd.DataFrame, row: str, column: str, value: str = "test_f1", *,
     return table
 
 
-def loss_curves(study: str, tracking_uri: str | None = None, root: str | Path = "studies", *,
+def loss_curves(study: str, tracking_uri: str | None = None, root: str | Path | None = None, *,
                 page_size: int = PAGE_SIZE) -> pd.DataFrame:
     """Pretraining metric histories, one row per pretraining run and logged step.
 
@@ -485,7 +498,7 @@ def _parameters(preset, vocab) -> int | None:
     return count_parameters(preset, int(vocab)) if preset is not None and vocab is not None else None
 
 
-def status(study: str, *, tracking_uri: str | None = None, root: str | Path = "studies") -> pd.DataFrame:
+def status(study: str, *, tracking_uri: str | None = None, root: str | Path | None = None) -> pd.DataFrame:
     """Runs of a study by node kind and MLflow status."""
     uri, name = locate(study, tracking_uri=tracking_uri, root=root)
     with reading(uri):

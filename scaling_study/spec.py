@@ -419,7 +419,8 @@ class StudySpec:
     """One factorial scaling study."""
 
     name: Name
-    """Study name: the MLflow experiment and the folder under the storage root."""
+    """Study name, the study's identity: the MLflow experiment and the folder under the storage root. A
+    different spec under a name already run is refused unless `run --extend` (`scaling_study.studies`)."""
     description: str = ""
     """What the study asks."""
     corpus: CorpusSpec | None = None

@@ -358,6 +358,28 @@ def no_space(exc: BaseException, path: Path, needed: int) -> OSError | None:
                                  "was there before stays valid, and a re-run resumes once there is room")
 
 
+def _umask() -> int:
+    try:  # read, not set: os.umask's set-and-restore would race with threads creating files
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under `folder` the mode the umask gives new ones (files 0666 & ~umask,
+    folders 0777 & ~umask): some writers (safetensors) create files 0600, which colleagues on shared
+    storage cannot read."""
+    mask = _umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
+
+
 def replace_dir(tmp: Path, final: Path) -> None:
     """Move a finished folder into place; an existing `final` is moved aside first and removed after,
     so at every moment one complete copy exists (`restore_replaced` finishes a killed swap)."""

@@ -5,6 +5,8 @@
     state.set(node_id, "running"); state.fail(node, "reason", log_path)
     with live_view(state, enabled=True):      # a rich table of node counts by kind and state, with an ETA
         ...
+    with quiet_terminal("studies/x/logs/driver.log"), live_view(state, enabled=True):
+        ...                                   # the table on the terminal; Ray's and Tune's messages in the log
 
 One lock guards the states: the study driver, its Ray Tune search algorithm and the metrics
 thread (`scaling_study.progress`) read and write them from different threads.
@@ -14,9 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
+import sys
 import threading
 import time
 from collections.abc import Iterable
+from pathlib import Path
+from typing import TextIO
 
 from scaling_study.grid import Node, Plan
 
@@ -116,14 +122,60 @@ class StudyState:
         return table
 
 
+_terminal: TextIO | None = None
+"""The terminal while `quiet_terminal` sends stdout and stderr to a log: where the live view draws."""
+
+
+@contextlib.contextmanager
+def quiet_terminal(log: str | Path, *, enabled: bool = True):
+    """Send what this process and the processes it starts write to stdout and stderr to `log` (appended),
+    at the file-descriptor level: Ray's token-auth warning, Tune's experiment box, its "View detailed
+    results" and TensorBoard hints, the raylet's worker-pool warnings. A user can act on none of them
+    during a run; the study's log keeps them for when something fails. The live view (`live_view`)
+    still draws on the terminal. Yields the log's path (None when not `enabled`)."""
+    global _terminal
+    if not enabled:
+        yield None
+        return
+    log = Path(log)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved = (os.dup(1), os.dup(2))
+    terminal = os.fdopen(os.dup(saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")
+    target = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+    os.dup2(target, 1)
+    os.dup2(target, 2)
+    os.close(target)
+    _terminal = terminal
+    try:
+        yield log
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        _terminal = None
+        terminal.close()
+
+
 def live_view(state: StudyState, enabled: bool):
     """A context in which the terminal shows `state.table()`, refreshed every second."""
     if not enabled:
         return contextlib.nullcontext()
+    from rich.console import Console
     from rich.live import Live
 
     class _View:
         def __rich__(self):
             return state.table()
 
-    return Live(_View(), refresh_per_second=1, transient=False)
+    if _terminal is None:
+        return Live(_View(), refresh_per_second=1, transient=False)
+    # under quiet_terminal: draw on the terminal, and leave what Python prints to the log
+    return Live(_View(), console=Console(file=_terminal), refresh_per_second=1, transient=False,
+                redirect_stdout=False, redirect_stderr=False)

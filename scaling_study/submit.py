@@ -126,8 +126,9 @@ def _list_jobs(client) -> list:
         raise _cluster_error(client.get_address(), exc) from None
 
 
-def entrypoint_and_env(study: Study, root: Path, tracking_uri: str | None = None) -> tuple[str, dict[str, str]]:
-    """The job's shell entrypoint and its env vars, the spec's text among them.
+def entrypoint_and_env(study: Study, root: Path, tracking_uri: str | None = None, *,
+                       extend: bool = False) -> tuple[str, dict[str, str]]:
+    """The job's shell entrypoint and its env vars, the spec's text among them (`extend`: `run --extend`).
 
     The spec always travels as text (so a spec in an excluded or git-ignored folder, or from outside
     the working directory, arrives too) and is written where it sat relative to the working
@@ -155,7 +156,7 @@ def entrypoint_and_env(study: Study, root: Path, tracking_uri: str | None = None
     env[SPEC_TEXT_ENV], env[SPEC_PATH_ENV] = text, target
     home = '"${SCALING_STUDY_HOME:-$HOME/scaling-study}"'
     entry = (f'W="$PWD" && python -m scaling_study.submit && mkdir -p {home} && cd {home} && '
-             f'scaling-study run "$W/{target}" --quiet')
+             f'scaling-study run "$W/{target}" --quiet' + (" --extend" if extend else ""))
     return entry, env
 
 
@@ -172,8 +173,9 @@ def _attempts(client, base: str) -> list:
 
 
 def submit(client, study: Study, *, root: Path | None = None, tracking_uri: str | None = None,
-           retry: bool = False) -> Submitted:
-    """Start the study's job, or attach to the one that exists (see the module docstring)."""
+           retry: bool = False, extend: bool = False) -> Submitted:
+    """Start the study's job, or attach to the one that exists (see the module docstring); `extend`:
+    the job runs `scaling-study run --extend` (a spec that extends a study of the same name)."""
     base = submission_id(study, tracking_uri)
     attempts = _attempts(client, base)
     if attempts:
@@ -185,7 +187,7 @@ def submit(client, study: Study, *, root: Path | None = None, tracking_uri: str 
     else:
         job_id = base
     root = (root or source_root()).resolve()
-    entry, env = entrypoint_and_env(study, root, tracking_uri)
+    entry, env = entrypoint_and_env(study, root, tracking_uri, extend=extend)
     runtime_env = {"working_dir": str(root), "excludes": EXCLUDES, "env_vars": env}
     metadata = {METADATA_KEY: study.spec.name, "spec": Path(study.file).name, "study_digest": base.rsplit("-", 1)[1]}
     try:

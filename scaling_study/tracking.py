@@ -497,8 +497,9 @@ class Tracker:
         return runs[0] if runs else None
 
     def run_for(self, node_id: str, *, kind: str, name: str, factors: dict | None = None,
-                parent_run_id: str | None = None, tags: dict | None = None) -> str:
-        """The id of the node's run: the existing one, or a new one tagged with the node and its factors."""
+                parent_run_id: str | None = None, tags: dict | None = None, params: dict | None = None) -> str:
+        """The id of the node's run: the existing one, or a new one tagged with the node and its factors
+        (as tags and params), with `params` (a recipe) as params too."""
         existing = self.find_run(node_id)
         if existing is not None:
             return existing.info.run_id
@@ -508,10 +509,11 @@ class Tracker:
             all_tags[PARENT_TAG] = parent_run_id
         run = self.client.create_run(self.experiment_id, run_name=name,
                                      tags={k: _tag_value(v) for k, v in all_tags.items()})
-        if factors:
+        values = {**(params or {}), **(factors or {})}
+        if values:
             from mlflow.entities import Param
 
-            self.client.log_batch(run.info.run_id, params=[Param(k, _tag_value(v)) for k, v in factors.items()
+            self.client.log_batch(run.info.run_id, params=[Param(k, _tag_value(v)) for k, v in values.items()
                                                            if v is not None])
         if self._runs is not None:
             self._runs[node_id] = run

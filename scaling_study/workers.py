@@ -110,7 +110,7 @@ def _finetune_run(config: dict, study: Study, uri: str) -> float:
     import torch
 
     from scaling_study.finetune import FinetuneConfig, finetune
-    from scaling_study.records import log_cell
+    from scaling_study.records import EpochLogger, log_cell, task_datasets
     from scaling_study.tasks.data import load_task_data, mirror_dirs
 
     torch.set_num_threads(max(1, int(config["cpus"])))
@@ -121,13 +121,14 @@ def _finetune_run(config: dict, study: Study, uri: str) -> float:
     data = load_task_data(task, mirror_dirs(None, study, tasks=[task.id]), caps=study.caps[task.id])
     model = local_copy(config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
     results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
-                       config["levels"], config["seed"], store.local)
+                       config["levels"], config["seed"], store.local, logger=EpochLogger(uri, config["cells"]))
     seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
     cells = config["cells"]
     faults.point("finetune-log")
+    datasets = task_datasets(task, data)  # the splits as used: MLflow dataset inputs of every cell
     with tracking_calls(uri):  # a lost server fails the run before DONE.json: a re-run redoes it
         for result in results:
-            log_cell(uri, cells[str(result["epochs"])], result, store.local)
+            log_cell(uri, cells[str(result["epochs"])], result, store.local, datasets=datasets)
     store.upload()
     write_done(store, cells=cells, results=results, seconds=seconds)
     return float(results[-1]["test"]["f1"])

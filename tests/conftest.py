@@ -1,7 +1,10 @@
 """Shared test setup: offline, no telemetry, and a valid study spec to mutate."""
 
+import atexit
 import copy
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,11 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["SCALING_STUDY_OFFLINE"] = "1"  # task data and corpora from local mirrors only: no downloads
+# `run` records each study in the user's index (scaling_study.studies): the tests' own, removed at exit
+_INDEX = tempfile.mkdtemp(prefix="ss-index-", dir="/tmp")
+os.environ["SCALING_STUDY_INDEX"] = os.path.join(_INDEX, "studies.json")
+atexit.register(shutil.rmtree, _INDEX, True)
+os.environ.pop("MLFLOW_TRACKING_URI", None)  # the tests' studies use their embedded servers unless they say
 
 REPO = Path(__file__).resolve().parent.parent
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))

@@ -9,7 +9,7 @@ import pytest
 
 from scaling_study.cli import main
 
-from conftest import EXPERIMENTS, REPO
+from conftest import EXPERIMENTS, REPO, SHARED, needs_mirror
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
@@ -59,3 +59,65 @@ def test_tasks_and_presets(capsys):
     assert main(["tasks", "show", "nope"]) == 2
     assert main(["presets", "--vocab-size", "50000"]) == 0
     assert "355M" in capsys.readouterr().out  # ScholarBERT (large, 50k vocab): 355,139,408
+
+
+def _verbs(parser):
+    """(name, parser) of every verb, `tasks list|show|check` included."""
+    import argparse
+
+    def walk(p, prefix):
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, child in action.choices.items():
+                    yield f"{prefix}{name}", child
+                    yield from walk(child, f"{prefix}{name} ")
+
+    return list(walk(parser, ""))
+
+
+def test_every_verb_has_a_description_examples_and_help_for_every_option(capsys):
+    import argparse
+
+    from scaling_study.cli import build_parser
+
+    verbs = dict(_verbs(build_parser()))
+    assert {"plan", "run", "results", "report", "status", "submit", "ui", "validate", "tasks", "tasks list",
+            "tasks show", "tasks check", "spec-reference", "presets"} <= set(verbs)
+    for name, parser in verbs.items():
+        with pytest.raises(SystemExit) as done:
+            main([*name.split(), "--help"])
+        assert done.value.code == 0
+        text = capsys.readouterr().out
+        assert parser.description and parser.description.split()[0] in text, name
+        assert "examples:\n  scaling-study " + name.split()[0] in text, name
+        for action in parser._actions:
+            if not isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                assert action.help, f"{name}: {action.option_strings or action.dest} has no help"
+
+
+def test_tasks_actions_are_sub_commands_with_their_own_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["tasks", "list", "--help"])
+    out = capsys.readouterr().out
+    assert "usage: scaling-study tasks list" in out and "--data-dir" not in out
+    with pytest.raises(SystemExit) as done:
+        main(["tasks", "list", "--data-dir", "x"])  # belongs to check only
+    assert done.value.code == 2 and "unrecognized arguments: --data-dir" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["tasks", "check", "--help"])
+    assert "--data-dir" in capsys.readouterr().out
+
+
+@needs_mirror("datasets")
+def test_tasks_as_json(capsys):
+    assert main(["tasks", "list", "--format", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert "scierc_re" in {t["id"] for t in listed["tasks"]} and "scierc_re" in listed["suites"]["paper12"]
+    assert main(["tasks", "show", "bc5cdr_ner", "scierc_re", "--format", "json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert [t["id"] for t in shown] == ["bc5cdr_ner", "scierc_re"] and shown[0]["metric"] == "entity_f1"
+    assert set(shown[1]["splits"]) == {"train", "dev", "test"} and shown[1]["folder"]
+    code = main(["tasks", "check", "scierc_re", "--offline", "--data-dir", str(SHARED / "datasets"),
+                 "--format", "json"])
+    checked = json.loads(capsys.readouterr().out)
+    assert code == 0 and checked["tasks"][0]["loaded"] and checked["tasks"][0]["splits"]["train"]["examples"] > 0

@@ -140,6 +140,8 @@ def test_entrypoint_ships_the_spec_beside_where_it_was(tmp_path):
     assert shipped["corpus"] == yaml.safe_load((tmp_path / "clustered.yaml").read_text())["corpus"]
     assert env[SPEC_PATH_ENV] == ".scaling-study/.clustered.submitted.yaml"
     assert {".git", ".venv", "data", "studies", "outputs"} <= set(EXCLUDES)
+    entry, _ = entrypoint_and_env(outside, REPO, extend=True)  # `submit --extend`: the job's run extends
+    assert entry.endswith('scaling-study run "$W/.scaling-study/.clustered.submitted.yaml" --quiet --extend')
 
 
 def test_attempt_numbers():

@@ -6,6 +6,7 @@ keeps each run to a minute or two. The smoke study itself (the README's main job
 """
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -97,6 +98,33 @@ def test_tracking_layout(finished):
     assert [a.path for a in study_run_artifacts(study, study_run)] == ["spec.yaml"]
 
 
+def test_what_the_mlflow_ui_shows(finished):
+    """The experiment is model development, no run is left RUNNING, pretraining and finetune runs carry
+    their recipe, finetune jobs their learning curves and dataset inputs; checkpoints a model card."""
+    from mlflow.tracking import MlflowClient
+
+    study, _ = finished
+    client = MlflowClient(f"sqlite:///{Layout.of(study).mlflow / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name(study.spec.name)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = mlflow_runs(study)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    pretrain = next(r for r in runs if r.data.tags["node_kind"] == "pretrain")
+    assert (pretrain.data.params["lr"], pretrain.data.params["seq_len"]) == ("0.001", "64")
+    assert [i.dataset.name for i in pretrain.inputs.dataset_inputs] == ["sci/100%"]
+    cell = next(r for r in runs if r.data.tags["node_kind"] == "finetune" and r.data.params["epochs"] == "2")
+    assert (cell.data.params["lr"], cell.data.params["optimizer"], cell.data.params["max_seq_len"]) == \
+        ("0.001", "adamw", "64")
+    assert sorted(m.step for m in client.get_metric_history(cell.info.run_id, "epoch/dev_f1")) == [1, 2]
+    task = cell.data.params["task"]
+    splits = sorted(i.dataset.name for i in cell.inputs.dataset_inputs)
+    assert splits == [f"{task}/{split}" for split in ("dev", "test", "train")]
+    assert cell.info.run_name.startswith(f"{task} | 2 ep | ")  # what varies first: task, epochs, steps
+    for folder in Layout.of(study).root.glob("pretrain/*/checkpoints/step-*"):
+        assert "tokens seen" in (folder / "README.md").read_text()
+        assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 512
+
+
 def study_run_artifacts(study, run):
     from mlflow.tracking import MlflowClient
 
@@ -146,6 +174,7 @@ def test_failed_node_does_not_stop_others(tmp_path, capsys):
     assert code == 1
     assert "FAILED finetune_run" in out or "FAILED finetune" in out
     assert "scierc_re" in out and "log:" in out
+    assert "UI: scaling-study ui" in out and "Tracking: http" not in out  # the embedded server is gone by now
     df = results.load(str(path))
     assert list(df["task"]) == ["bc5cdr_ner"]
 

@@ -279,6 +279,40 @@ def test_checkpoint_folder_loads_with_auto_classes_and_holds_the_trainer_state(s
         train_mlm(_config(total_steps=6, checkpoint_steps=(6,), lr=1.0), synthetic, tmp_path)
 
 
+def test_checkpoint_truncates_long_inputs_reads_for_colleagues_and_says_where_it_comes_from(synthetic, tmp_path):
+    """The saved tokenizer knows the model's position limit (a 600-token input truncates to it and the
+    model takes it), every file follows the umask (safetensors alone wrote 0600), and README.md is a
+    model card with the run's provenance."""
+    import os
+
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    provenance = {"study": "cardy", "model_size": "debug", "data_volume": "100%", "pretrain_node": "pt-0123"}
+    config = _config(total_steps=4, checkpoint_steps=(4,), log_every=2, provenance=provenance)
+    old = os.umask(0o022)
+    try:
+        train_mlm(config, synthetic, tmp_path)
+    finally:
+        os.umask(old)
+    folder = checkpoint_dir(tmp_path, 4)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    limit = config.preset.max_position_embeddings
+    assert tokenizer.model_max_length == limit
+    batch = tokenizer(" ".join(["tok7"] * 600), truncation=True, return_tensors="pt")
+    assert batch["input_ids"].shape[1] == limit
+    with torch.no_grad():
+        assert AutoModelForMaskedLM.from_pretrained(folder)(**batch).logits.shape[1] == limit
+    modes = {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()}
+    assert modes["model.safetensors"] == 0o644 and set(modes.values()) == {0o644}, modes
+    assert folder.stat().st_mode & 0o777 == 0o755
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers\n")
+    state = torch.load(folder / STATE_FILE, weights_only=True)
+    for fact in ("cardy", "debug", "100%", "pt-0123", "synthetic", f"{4 * 8 * 32:,}", "4 of 4",
+                 f"{state['metrics']['loss']:.4f}"):
+        assert fact in card, fact
+
+
 def test_compiled_run_matches_eager_and_its_checkpoint_loads(synthetic, tmp_path):
     from transformers import AutoModelForMaskedLM
 
@@ -352,6 +386,8 @@ def test_config_from_a_study(base_spec):
     assert config.total_steps == 20 and config.checkpoint_steps == (10, 20)
     assert (config.schedule, config.optimizer, config.betas, config.batch_size) == ("wsd", "lamb", (0.9, 0.999), 8)
     assert config.micro_batch_size(2) == 4
+    assert config.provenance == {"study": "unit", "model_size": "tiny", "data_volume": run.factors["data_volume"],
+                                 "pretrain_node": run.id}
     base_spec["pretrain"]["protocol"] = "independent"
     study = spec_from_data(base_spec)
     plan = expand(study)
