@@ -50,6 +50,8 @@ FACTOR_ORDER = {"model_size": "parameters", "data_volume": "tokens", "steps": "s
 #: The factors' names in prose.
 FACTOR_NAMES = {"model_size": "model size", "data_volume": "data volume", "steps": "pretraining steps",
                 "epochs": "finetuning epochs"}
+#: The `factor` of the control arm's verdicts (`pretraining_vs_none`).
+CONTROL = "pretraining"
 #: Factors a table column or row stands for (a model is a size and a data volume).
 IMPLIED = {"model": ("model_size", "data_volume"), "parameters": ("model_size",), "tokens": ("data_volume",),
            "pretrain_tokens": ("steps",), "pretrain_flops": ("model_size", "data_volume", "steps")}
@@ -83,6 +85,13 @@ def _points(df: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 def _keys(df: pd.DataFrame, names: Sequence[str]) -> list[str]:
     return [c for c in names if c in df.columns]
+
+
+def is_control(df: pd.DataFrame) -> np.ndarray:
+    """Rows of the control arm: `steps` 0, the initial weights (`pretrain.random_init`), never pretrained."""
+    if "steps" not in df:
+        return np.zeros(len(df), dtype=bool)
+    return (pd.to_numeric(df["steps"], errors="coerce") == 0).fillna(False).to_numpy(dtype=bool)
 
 
 def _collapsed(df: pd.DataFrame) -> np.ndarray:
@@ -266,18 +275,56 @@ def diminishing_returns(df: pd.DataFrame, factor: str = "model_size", threshold:
     `change` is the estimate in points, [ci_low, ci_high] its interval, `verdict` what that says
     (`verdict`); `n_from`/`n_to` count the seeds used, `n_collapsed_from`/`n_collapsed_to` the
     collapsed runs left out, `note` why there is no interval. External models (no size, volume or
-    steps) take part only in `factor="epochs"`.
+    steps) take part only in `factor="epochs"`; the control arm (steps 0) is no steps level here
+    (`pretraining_vs_none` compares it), but its sizes, volumes and epochs are compared like any.
     """
-    if not threshold >= 0:
-        raise UserError(f"diminishing_returns: threshold must be F1 points >= 0; got {threshold!r}")
     if factor not in FACTOR_ORDER:
         raise UserError(f"diminishing_returns: factor {factor!r} is not one; allowed: {', '.join(FACTOR_ORDER)}")
-    if factor not in df:
-        raise UserError(f"diminishing_returns: no column {factor!r} in the results")
-    if "seed" not in df:
-        raise UserError("diminishing_returns: no column 'seed' in the results")
+    _check_comparable(df, factor, threshold, "diminishing_returns")
     data = _points(df, metric)
-    data = data[data[factor].notna()].reset_index(drop=True)
+    keep = data[factor].notna().to_numpy()
+    if factor == "steps":  # the control arm is no level of pretraining: pretraining_vs_none compares it
+        keep = keep & ~is_control(data)
+    data = data[keep]
+    return _changes(data.reset_index(drop=True), factor, threshold, confidence=confidence, min_seeds=min_seeds,
+                    include_collapsed=include_collapsed)
+
+
+def pretraining_vs_none(df: pd.DataFrame, threshold: float = 1.0, metric: str = "test_f1", *,
+                        confidence: float = LEVEL, min_seeds: int = MIN_SEEDS,
+                        include_collapsed: bool = False) -> pd.DataFrame:
+    """Does pretraining buy more than `threshold` F1 points over none at all? One row per comparison.
+
+    For each task, model size, data volume and epochs level, the control arm (`steps` 0: the
+    initial weights, `pretrain.random_init`) against the same size and volume at the largest steps
+    level present, as `diminishing_returns` compares levels (same columns, paired by seed); `factor`
+    is `CONTROL`, `from` "none", `to` the steps ("2000 steps"). No rows without a control arm.
+    """
+    _check_comparable(df, "steps", threshold, "pretraining_vs_none")
+    data = _points(df, metric)
+    data = data[data["steps"].notna()].reset_index(drop=True)
+    control = is_control(data)
+    if not control.any():
+        return _changes(data.iloc[:0], "steps", threshold).assign(factor=CONTROL)
+    largest = data.groupby(held_fixed(data, "steps"), dropna=False)["steps"].transform("max")
+    data = data[control | (data["steps"] == largest).fillna(False).to_numpy()].reset_index(drop=True)
+    out = _changes(data, "steps", threshold, confidence=confidence, min_seeds=min_seeds,
+                   include_collapsed=include_collapsed)
+    return out.assign(factor=CONTROL, **{"from": "none", "to": [f"{int(s):,} steps" for s in out["to"]]})
+
+
+def _check_comparable(df: pd.DataFrame, factor: str, threshold: float, what: str) -> None:
+    if not threshold >= 0:
+        raise UserError(f"{what}: threshold must be F1 points >= 0; got {threshold!r}")
+    if factor not in df:
+        raise UserError(f"{what}: no column {factor!r} in the results")
+    if "seed" not in df:
+        raise UserError(f"{what}: no column 'seed' in the results")
+
+
+def _changes(data: pd.DataFrame, factor: str, threshold: float, *, confidence: float = LEVEL,
+             min_seeds: int = MIN_SEEDS, include_collapsed: bool = False) -> pd.DataFrame:
+    """Each level of `factor` against the next one present, every other cell key held fixed (`_points` rows)."""
     fixed, attrs = held_fixed(data, factor), _keys(data, ("task_type", "domain"))
     order_col = FACTOR_ORDER[factor] if FACTOR_ORDER[factor] in data else None
     y_all, seeds_all, collapsed = data["_y"].to_numpy(), data["seed"].to_numpy(), _collapsed(data)
@@ -347,6 +394,8 @@ class TableRows:
     fixed: dict
     """Factor -> the level it is held at (the study's largest)."""
     include_collapsed: bool
+    control: bool = False
+    """Whether the control arm (steps 0) stays beside the largest steps level, as a model of its own."""
 
     @property
     def rows(self) -> pd.DataFrame:
@@ -360,7 +409,9 @@ class TableRows:
     def definition(self, value: str = "test_f1") -> str:
         """One sentence saying what the table's numbers are: the same on the CLI and in the report."""
         unit = f"{value} in points (100 x the fraction)" if is_score(value) else f"{value} as logged"
-        held = ", ".join(f"{FACTOR_NAMES.get(f, f)} {lv}" for f, lv in self.fixed.items())
+        held = ", ".join(f"{FACTOR_NAMES.get(f, f)} {lv}" + (" (0 for the control arm: no pretraining)"
+                                                             if f == "steps" and self.control else "")
+                         for f, lv in self.fixed.items())
         text = (f"{unit}, mean over seeds; every factor not in the table at the study's largest level"
                 f"{f' ({held}; published models have no size, volume or steps)' if held else ''}; ")
         counts = f"{self.n_collapsed} of {len(self.jobs)} jobs"
@@ -374,8 +425,10 @@ def table_rows(df: pd.DataFrame, keep: Iterable[str] = ("task", "model"), *,
     """The jobs of a table whose rows and columns are `keep`: every factor (model size, data volume,
     pretraining steps, finetuning epochs) that `keep` neither names nor implies (a model implies its
     size and volume) at the study's largest level; external models, which have no size, volume or
-    steps, stay. The report's results table is `keep=("task", "model")`."""
+    steps, stay, and so does the control arm (steps 0) where `keep` has a model: its name says it is
+    one of its own ("tiny | 10% | no pretraining"). The report's results table is `keep=("task", "model")`."""
     keep = set(keep)
+    control = "model" in keep and bool(is_control(df).any())
     keep |= {f for k in list(keep) for f in IMPLIED.get(k, ())}
     rows, fixed = df, {}
     for factor in FACTOR_ORDER:
@@ -383,8 +436,9 @@ def table_rows(df: pd.DataFrame, keep: Iterable[str] = ("task", "model"), *,
             continue
         levels = sorted_levels(rows, factor)
         fixed[factor] = levels[-1]
-        rows = rows[(rows[factor] == levels[-1]).fillna(False) | rows[factor].isna()]
-    return TableRows(rows.reset_index(drop=True), fixed, include_collapsed)
+        stays = (rows[factor] == levels[-1]).fillna(False).to_numpy() | rows[factor].isna().to_numpy()
+        rows = rows[stays | (is_control(rows) if factor == "steps" and control else False)]
+    return TableRows(rows.reset_index(drop=True), fixed, include_collapsed, control and "steps" in fixed)
 
 
 def model_order(df: pd.DataFrame) -> list[str]:

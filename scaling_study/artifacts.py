@@ -42,13 +42,14 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import pyarrow.fs as pafs
 
-from scaling_study.errors import UserError
+from scaling_study.errors import SpecError, UserError
 from scaling_study.spec import Study, expand_env, is_name
 from scaling_study.storage import SCHEMES, Store, check_root, is_uri, write_atomic
 
@@ -604,10 +605,44 @@ def done_nodes(layout: Layout, plan: Plan, damaged: dict[str, str] | None = None
 
 
 def model_source(study: Study, layout: Layout, plan: Plan, model: Node) -> str:
-    """What a finetune run loads: a checkpoint folder, or an external model's folder or hub id."""
+    """What a finetune run loads: a checkpoint folder, or an external model's folder or hub id
+    (`external_source`)."""
     if model.kind == "checkpoint":
         return layout.location(plan, model)
-    source = model.inputs["source"]
-    if source.startswith((".", "/", "~", "$")):
-        return str(study.resolve_path(source))
+    return external_source(study, model.inputs["source"])
+
+
+def model_options(study: Study, model: Node) -> dict:
+    """How finetuning loads an external model (`finetune.finetune`'s `revision` and `do_lower_case`, as
+    the spec's external_models entry says); nothing for a checkpoint, whose files say it all."""
+    if model.kind != "external":
+        return {}
+    ext = next(m for m in study.spec.external_models if m.name == model.factors["model"])
+    return {"revision": ext.revision, "do_lower_case": ext.do_lower_case}
+
+
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.-]*/)?[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def external_source(study: Study, source: str) -> str:
+    """An external model's source as finetuning loads it: a local folder (absolute) or a hub id.
+
+    Any path that exists is local (relative to the spec's folder; `${VAR}` and `~` expand), and so
+    is one written as a path (`./`, `/`, `~`, `$`). Anything else is a hub id (`name` or `org/name`);
+    one whose first part is a folder beside the spec (`models/scibert`, with `models/` there but not
+    `models/scibert`) reads as both, and is a SpecError naming both readings; so is a source that is
+    neither an existing path nor a hub id."""
+    path = study.resolve_path(source)
+    if source.startswith((".", "/", "~", "$")) or path.exists():
+        return str(path)
+    index = next((i for i, m in enumerate(study.spec.external_models) if m.source == source), None)
+    field = f"external_models[{index}].source" if index is not None else "external_models[].source"
+    if not _HUB_ID.match(source) or ".." in source or "--" in source:
+        raise SpecError(study.file, field, source, "an existing folder, or a Hugging Face id (name or org/name)",
+                        problem=f"no folder ({path} does not exist) and no Hugging Face id")
+    if "/" in source and path.parent.is_dir():
+        raise SpecError(study.file, field, source, f"./{source} once that folder exists, or a hub id whose first "
+                        "part is no folder beside the spec",
+                        problem=f"reads two ways: the local folder {path}, which does not exist (though "
+                                f"{path.parent} does), or the Hugging Face id {source}")
     return source

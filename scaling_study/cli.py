@@ -124,7 +124,8 @@ def _pretrain_table(report):
         table.add_column(col, justify="left" if col in ("size", "volume", "checkpoints at") else "right")
     for r in report.pretrain_runs:
         table.add_row(r.model_size, _si(r.parameters), r.data_volume, _si(r.volume_tokens),
-                      f"{r.steps:,}", ", ".join(f"{s:,}" for s in r.checkpoints), _si(r.tokens),
+                      f"{r.steps:,}", ", ".join("0 (control)" if s == 0 else f"{s:,}" for s in r.checkpoints),
+                      _si(r.tokens),
                       f"{r.epochs_over_data:.2g}" if r.epochs_over_data else "?",
                       f"{r.flops:.3g}", _hours(r.device_hours))
     return table
@@ -381,11 +382,15 @@ def _study_name(study, layout) -> str:
 
 
 def _check_inputs(prepared) -> None:
-    """Bad corpus files and task data stop `run` here, before anything is started or written."""
+    """Bad corpus files, task data and external model sources stop `run` here, before anything is
+    started or written."""
+    from scaling_study.artifacts import external_source
     from scaling_study.corpus import check_corpus
     from scaling_study.tasks.data import check_task_data
 
     plan, done = prepared.plan, prepared.done
+    for model in plan.of_kind("external"):  # a missing folder or a source that reads two ways
+        external_source(prepared.study, model.inputs["source"])
     if not all(n.id in done for n in plan.of_kind("corpus")):
         check_corpus(prepared.study)
     pending = {n.factors["task"] for n in plan.of_kind("finetune_run") if n.id not in done}

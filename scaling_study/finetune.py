@@ -12,6 +12,7 @@ Each result (one per epoch level) holds `dev` and `test` scores (with `per_type`
 conlleval scores), `score` (test F1), `majority_f1` (test score of always predicting the majority
 training class; 0 for NER), `train_loss` (mean over the level's last epoch), `train_losses`,
 `end_train_loss` (`metrics.end_loss`: the last steps up to the end of the selected epoch),
+`tokenizer` (`tokenizer_facts` on the test split: whether it lowercases, the share of [UNK] pieces),
 `examples_per_s` (training only), `collapse` and `collapse_reasons` (`metrics.detect_collapse`, on
 the test predictions and `end_train_loss`), and `artifacts`: paths relative to `out_dir` of
 `epochs_<L>/scores.json` (this dict) and the test predictions (`test_predictions.conll`,
@@ -119,7 +120,8 @@ def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: F
     feats = {split: encode(task, tokenizer, examples, labels, config.max_seq_len)
              for split, examples in data.splits.items()}
     job = _Job(task=task, data=data, feats=feats, labels=labels, config=config, seed=seed, device=device,
-               pad_id=tokenizer.pad_token_id or 0, out=out, logger=logger)
+               pad_id=tokenizer.pad_token_id or 0, out=out, logger=logger,
+               tokenizer=tokenizer_facts(tokenizer, feats["test"]))
     runs = [levels] if config.protocol == "trajectory" else [[level] for level in levels]
     results = []
     with _deterministic():
@@ -154,6 +156,8 @@ class _Job:
     pad_id: int
     out: Path
     logger: Callable[[dict], None] | None = None
+    tokenizer: dict = dataclasses.field(default_factory=dict)
+    """`tokenizer_facts`: what the results say of the tokenizer."""
 
     def score_split(self, model, split: str) -> tuple[dict, list]:
         return evaluate(model, self.task, self.data.splits[split], self.feats[split], self.labels, self.config,
@@ -285,6 +289,16 @@ def load_tokenizer(source: str | Path, task: TaskInfo, *, revision: str | None =
         tokenizer.add_special_tokens({"additional_special_tokens": list(markers)},
                                      replace_extra_special_tokens=False)
     return tokenizer
+
+
+def tokenizer_facts(tokenizer, feats: list[dict]) -> dict:
+    """`lowercase` (whether the tokenizer lowercases, as loaded) and `unk_share` (the share of the
+    split's word pieces, special tokens aside, that are the unknown token): a cased vocabulary read
+    lowercased shows as a high share."""
+    special = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    pieces = [i for f in feats for i in f["input_ids"] if i not in special]
+    unk = sum(i == tokenizer.unk_token_id for i in pieces)
+    return {"lowercase": _lowercases(tokenizer), "unk_share": unk / len(pieces) if pieces else 0.0}
 
 
 def declared_casing(source: str | Path, revision: str | None = None) -> bool | None:
@@ -463,6 +477,7 @@ def _result(job: _Job, level: _Level) -> dict:
         "num_examples": {s: len(v) for s, v in data.splits.items()},
         "truncated_test": {"words" if ner else "examples": int(truncated)},
         "collapse": collapse["collapse"], "collapse_reasons": collapse["reasons"], "collapse_detail": collapse,
+        "tokenizer": job.tokenizer,
         "config": {**dataclasses.asdict(config), **ALGORITHM},
         "artifacts": [str((level_dir / "scores.json").relative_to(job.out)), str(predictions.relative_to(job.out))],
     }

@@ -12,7 +12,8 @@ dependency order:
 - `corpus`: one build per data volume (tokenizer, tokenised and packed Parquet shards).
 - `pretrain`: one MLM training run, per size x volume (`trajectory`) or per size x volume x steps
   level (`independent`).
-- `checkpoint`: the model after a number of steps of a pretraining run; one per steps level.
+- `checkpoint`: the model after a number of steps of a pretraining run; one per steps level, plus
+  step 0 (the initial weights: the control arm) with `pretrain.random_init`.
 - `external`: a published model (Hugging Face id or local folder).
 - `finetune_run`: one finetuning run of a checkpoint or external model on a task with a seed
   (`trajectory`: over the largest epochs level; `independent`: one per epochs level).
@@ -141,6 +142,7 @@ def expand(study: Study) -> Plan:
         train = _pretrain_inputs(study)
         steps = spec.pretrain.steps
         schedules = [steps] if spec.pretrain.protocol == "trajectory" else [[s] for s in steps]
+        control = [0] if spec.pretrain.random_init else []  # the step-0 checkpoint, of the first run only
         for volume in study.volumes:
             build = add("corpus", {**corpus, "volume": volume.key()}, (), {"data_volume": volume.label})
             for size in sorted(study.presets):
@@ -149,11 +151,11 @@ def expand(study: Study) -> Plan:
                         "num_heads": preset.num_heads, "ffn_size": preset.ffn_size,
                         "max_position_embeddings": preset.max_position_embeddings,
                         "vocab_size": spec.corpus.vocab_size}
-                for levels in schedules:
+                for i, levels in enumerate(schedules):
                     factors = {"model_size": size, "data_volume": volume.label}
                     run = add("pretrain", {"arch": arch, "train": train, "total_steps": levels[-1]}, (build.id,),
                               {**factors, "total_steps": levels[-1]})
-                    for step in levels:
+                    for step in (control if i == 0 else []) + levels:
                         models.append(add("checkpoint", {"step": step}, (run.id,),
                                           {**factors, "model": f"{size}/{volume.label}/{step}", "steps": step}))
     for ext in sorted(spec.external_models, key=lambda m: m.name):

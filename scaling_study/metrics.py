@@ -261,8 +261,9 @@ def _metric_key(name: str) -> str:
 def mlflow_metrics(result: dict) -> dict[str, float]:
     """The MLflow metrics of one finetune result (a level of `finetune.finetune`): `dev_*` and `test_*`
     (`flat_scores`; per-type scores for test only), `train_loss`, `end_train_loss`, `examples_per_s`,
-    `train_seconds`, `selected_epoch`, `majority_f1`, and `collapsed` (0 or 1). `test_f1` is the
-    task's declared metric (`mlflow_tags(result)["metric"]` says which)."""
+    `train_seconds`, `selected_epoch`, `majority_f1`, `collapsed` (0 or 1) and `test_unk_share` (the
+    share of [UNK] pieces in the test split). `test_f1` is the task's declared metric
+    (`mlflow_tags(result)["metric"]` says which)."""
     out = {}
     for split in ("dev", "test"):
         for key, value in flat_scores(result.get(split) or {}, per_type=split == "test").items():
@@ -271,13 +272,18 @@ def mlflow_metrics(result: dict) -> dict[str, float]:
         if isinstance(result.get(key), (int, float)) and not isinstance(result.get(key), bool):
             out[key] = float(result[key])
     out["collapsed"] = float(bool(result.get("collapse")))
+    if isinstance((result.get("tokenizer") or {}).get("unk_share"), (int, float)):
+        out["test_unk_share"] = float(result["tokenizer"]["unk_share"])
     return out
 
 
 def mlflow_tags(result: dict) -> dict[str, str]:
     """The MLflow tags of one finetune result: `collapsed` ("True"/"False"), `metric` (what `test_f1` is:
-    `entity_f1_strict`, `micro_f1` or `macro_f1`) and, for a collapsed run, `collapse_reason`."""
+    `entity_f1_strict`, `micro_f1` or `macro_f1`), `tokenizer_lowercase` ("True"/"False": whether the
+    model's tokenizer lowercased) and, for a collapsed run, `collapse_reason`."""
     tags = {"collapsed": str(bool(result.get("collapse")))}
+    if isinstance((result.get("tokenizer") or {}).get("lowercase"), bool):
+        tags["tokenizer_lowercase"] = str(result["tokenizer"]["lowercase"])
     if result.get("metric") in METRIC_TAGS:  # every result of `finetune` names it
         tags["metric"] = METRIC_TAGS[result["metric"]]
     if result.get("collapse"):

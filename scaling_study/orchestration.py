@@ -42,7 +42,8 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from scaling_study import studies
-from scaling_study.artifacts import Layout, done_nodes, model_source, node_done, pull_tracking, push_tracking
+from scaling_study.artifacts import (Layout, done_nodes, model_options, model_source, node_done, pull_tracking,
+                                    push_tracking)
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.lifecycle import (
     STORAGE_ERRNOS,
@@ -299,10 +300,12 @@ class Scheduler:
 
     def trial_config(self, run_node: Node) -> dict:
         """What a finetune trial needs (`workers.finetune_trial`); its cells' MLflow runs are created here."""
-        source = model_source(self.study, self.layout, self.plan, self.plan.nodes[run_node.parents[0]])
+        model = self.plan.nodes[run_node.parents[0]]
+        source = model_source(self.study, self.layout, self.plan, model)
         with tracking_calls(self.recorder.uri):
             cells = self.recorder.finetune_cells(run_node, source)
-        return {"node": run_node.id, "model_source": source, "task": run_node.factors["task"],
+        return {"node": run_node.id, "model_source": source, "model_options": model_options(self.study, model),
+                "task": run_node.factors["task"],
                 "seed": run_node.inputs["seed"], "levels": sorted(int(e) for e in cells),
                 "out_dir": self.layout.location(self.plan, run_node), "log": self.layout.log(run_node.id),
                 "cells": cells, "cpus": self.study.spec.finetune.cpus_per_job}

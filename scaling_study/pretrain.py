@@ -126,7 +126,8 @@ class PretrainConfig(PretrainRecipe):
     total_steps: int
     """Optimizer steps the schedule spans (the run's largest step level)."""
     checkpoint_steps: tuple[int, ...] = ()
-    """Steps after which a Hugging Face checkpoint is kept (the run's step levels)."""
+    """Steps after which a Hugging Face checkpoint is kept (the run's step levels); 0: the initial
+    weights, before the first step (`pretrain.random_init`, the control arm)."""
     # --- runtime only: none of these changes what the run computes
     num_threads: int | None = None
     """torch intra-op threads (None: torch's default; Ray workers: their CPUs)."""
@@ -141,8 +142,8 @@ class PretrainConfig(PretrainRecipe):
     def __post_init__(self) -> None:
         self.checkpoint_steps = tuple(sorted(set(int(s) for s in self.checkpoint_steps)))
         self.betas = tuple(self.betas)
-        if any(s < 1 or s > self.total_steps for s in self.checkpoint_steps):
-            raise ValueError(f"checkpoint_steps {self.checkpoint_steps} must lie in [1, "
+        if any(s < 0 or s > self.total_steps for s in self.checkpoint_steps):
+            raise ValueError(f"checkpoint_steps {self.checkpoint_steps} must lie in [0, "
                              f"total_steps={self.total_steps}]")
         if not 0 < self.mask_rate < 1:
             raise ValueError(f"mask_rate must be in (0, 1), got {self.mask_rate}")
@@ -810,6 +811,8 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
                          f"expects {config.seq_len} / {config.vocab_size}")
     out_dir = Path(out_dir)
     where = Placement(rank, world, device)
+    if 0 in config.checkpoint_steps:
+        _initial_checkpoint(config, corpus, out_dir, where, on_checkpoint)
     run = _start(config, out_dir, resume=resume, where=where)
     model, optimizer, step, metrics = run.wrapped, run.optimizer, run.step, run.metrics
     stream = ShardStream(corpus, rank=rank, world=world, seed=config.seed, position=run.position)
@@ -860,6 +863,22 @@ def train_mlm(config: PretrainConfig, corpus_dir: str | Path, out_dir: str | Pat
                 on_checkpoint(step, folder, metrics)
             window.paused += time.perf_counter() - paused  # keep saving out of tokens_per_s
     return {"step": step, **metrics, "train_seconds": time.perf_counter() - started}
+
+
+def _initial_checkpoint(config: PretrainConfig, corpus: CorpusBuild, out_dir: Path, where: Placement,
+                        on_checkpoint: Callable[[int, Path, dict], None] | None) -> None:
+    """Write the step-0 checkpoint unless it exists: the state a fresh start trains from (`_start`
+    without resuming, weights, optimizer, RNG and data position), so resuming from it is starting
+    afresh. The RNG streams are forked: writing it changes nothing of the run itself, nor does
+    writing it after the run has moved on (random_init switched on for a finished study)."""
+    folder = checkpoint_dir(out_dir, 0)
+    if (folder / STATE_FILE).is_file():
+        return
+    devices = [where.device] if where.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        save_checkpoint(folder, _start(config, out_dir, resume=False, where=where), config, corpus, where)
+    if on_checkpoint is not None:
+        on_checkpoint(0, folder, {})
 
 
 def _start(config: PretrainConfig, out_dir: Path, *, resume: bool, where: Placement) -> TrainState:

@@ -39,6 +39,8 @@ from scaling_study import analysis
 from scaling_study.errors import UserError, output_problem
 
 FACTOR_NAMES = analysis.FACTOR_NAMES
+#: What the verdicts compare: the factors, and pretraining against none (the control arm).
+COMPARED = {**FACTOR_NAMES, analysis.CONTROL: "pretraining"}
 VERDICT_COLORS = {"significant gain": "#2e7d32", "gain below threshold": "#7986cb", "inconclusive": "#d6d6d6",
                   "significant loss": "#c62828", "too few seeds": "#ffffff"}
 #: Every plot the report can hold, by element id, in page order (also the figure files' names).
@@ -97,6 +99,7 @@ def _level_labels(cells: pd.DataFrame, factor: str, levels: list) -> list[str]:
     for lv in levels:
         sub = cells.loc[cells[factor] == lv]
         n = _si(sub[count].dropna().iloc[0]) if count in sub and sub[count].notna().any() else ""
+        n = "none" if factor == "steps" and str(lv) == "0" else n  # the control arm
         out.append(f"{lv}\n{n}" if n else str(lv))
     return out
 
@@ -156,8 +159,9 @@ def _factor_plot(cells: pd.DataFrame, factor: str, line_by: list[str], tasks: li
     fixed = [f for f in FACTOR_NAMES if f != factor and f not in line_by and f in pre]
     for f in fixed:
         present = analysis.sorted_levels(pre, f)
-        if present:
-            pre = pre[(pre[f] == present[-1]).fillna(False) | pre[f].isna()]
+        if present:  # lines by model keep the control arm (steps 0), a model of its own
+            pre = pre[(pre[f] == present[-1]).fillna(False).to_numpy() | pre[f].isna().to_numpy()
+                      | (analysis.is_control(pre) if f == "steps" and "model" in line_by else False)]
     x_of = {lv: i for i, lv in enumerate(levels)}
     by = [c if c in pre else "model" for c in line_by]
     label_of = lambda key: " · ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)) if not pd.isna(k))
@@ -209,7 +213,7 @@ def _verdict_heatmap(verdicts: pd.DataFrame, tasks: list[str], names: dict):
 
     columns, table = [], {}
     for (factor, lo, hi), pair in _top_comparisons(verdicts).groupby(["factor", "from", "to"], sort=False):
-        name = f"{FACTOR_NAMES[factor]}\n{lo} → {hi}"
+        name = f"{COMPARED[factor]}\n{lo} → {hi}"
         columns.append(name)
         table.update({(row["task"], name): row for _, row in pair.iterrows()})
     if not columns:
@@ -338,7 +342,7 @@ def _step_sentence(factor: str, lo, hi, pair: pd.DataFrame, threshold: float, na
         parts.append(f"too few seeds to decide in {get('too few seeds')} (fewer than {analysis.MIN_SEEDS}"
                      + (f"; {by_collapse} of them because collapsed runs were left out)" if by_collapse else ")"))
     median = pair["change"].median()
-    step = f"{FACTOR_NAMES[factor]} {lo} → {hi}"
+    step = f"{COMPARED[factor]} {lo} → {hi}"
     text = (f"{step[0].upper()}{step[1:]} ({n} comparison{'s' * (n != 1)}): " + "; ".join(parts)
             + (f"; median change {median:+.1f} points." if not pd.isna(median) else "."))
     if get("significant gain") > n / 2:
@@ -385,7 +389,7 @@ def summary(verdicts: pd.DataFrame, fits: pd.DataFrame | None, threshold: float,
     for (factor, lo, hi), pair in verdicts.groupby(["factor", "from", "to"], sort=False):
         text, kind = _step_sentence(factor, lo, hi, pair, threshold, names)
         lines.append(text)
-        groups[kind].append(f"{FACTOR_NAMES[factor]} {lo} → {hi}")
+        groups[kind].append(f"{COMPARED[factor]} {lo} → {hi}")
     t = _points_word(threshold)
     if groups["paid"]:
         lines.append(f"Scaling paid (a gain above {t} shown in most comparisons): {'; '.join(groups['paid'])}.")
@@ -559,6 +563,8 @@ class _Page:
 def _verdicts(df: pd.DataFrame, threshold: float, metric: str, include_collapsed: bool) -> pd.DataFrame:
     frames = [analysis.diminishing_returns(df, f, threshold, metric, include_collapsed=include_collapsed)
               for f in FACTOR_NAMES if f in df and df[f].notna().any()]
+    if analysis.is_control(df).any():
+        frames.append(analysis.pretraining_vs_none(df, threshold, metric, include_collapsed=include_collapsed))
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["factor", "task"])
 
 

@@ -12,11 +12,12 @@ One row per finished finetune job (model x task x epochs x seed). The columns (`
 metrics, then `collapsed`):
 
 - identity: run_id, node_id, study
-- factors: model (display name: "tiny | 10%", or the external model's name), model_source
+- factors: model (display name: "tiny | 10%", "tiny | 10% | no pretraining" for the control arm's
+  step-0 checkpoint, or the external model's name), model_source
   ("pretrained" or "external"), model_size (preset; NA for external), parameters (exact count),
   data_volume (as the spec writes it; NA for external), tokens (in that data volume's corpus build),
-  pretrain_tokens and pretrain_flops (up to the checkpoint; NA for external), steps, epochs, task,
-  task_type (ner, re, cls), domain, seed
+  pretrain_tokens and pretrain_flops (up to the checkpoint; NA for external), steps (0 for the
+  control arm, `pretrain.random_init`), epochs, task, task_type (ner, re, cls), domain, seed
 - metrics: every logged metric as a float column (test_f1, dev_f1, ... as fractions; not the
   per-epoch curves, `epoch/...`), and collapsed (bool)
 
@@ -82,6 +83,8 @@ DERIVED = ("parameters", "tokens", "pretrain_tokens", "pretrain_flops", "task_ty
 SORT = ("model_source", "model", "steps", "task", "epochs", "seed", "run_id")
 CURVE_METRICS = ("tokens_seen", "loss", "mlm_accuracy")
 OVERLAP_S = 60.0
+CONTROL = "no pretraining"
+"""The control arm's model names end with this (`pretrain.random_init`: the step-0 checkpoint)."""
 CACHE_FORMAT = 1
 
 
@@ -154,8 +157,9 @@ def _row(run: RunRecord, study: str) -> dict:
     row["model_source"] = "external" if external else "pretrained"
     if external:
         row["model_size"] = row["data_volume"] = row["pretrain_tokens"] = row["pretrain_flops"] = None
-    elif row["model_size"] is not None:
-        row["model"] = f"{row['model_size']} | {row['data_volume']}"
+    elif row["model_size"] is not None:  # the control arm (steps 0) is a model of its own in every table
+        control = str(row["steps"]) == "0"
+        row["model"] = f"{row['model_size']} | {row['data_volume']}{f' | {CONTROL}' if control else ''}"
     row.update({k: v for k, v in metrics.items() if k != "collapsed" and not k.startswith("epoch/")})  # curves
     row["collapsed"] = tags["collapsed"] == "True" if "collapsed" in tags else bool(metrics.get("collapsed"))
     row["_parent"] = tags.get(PARENT_TAG)

@@ -228,6 +228,11 @@ class _PretrainAxis:
     protocol: Literal["trajectory", "independent"] = "trajectory"
     """`trajectory`: one run per size x volume, scheduled over the largest level, with a checkpoint at
     each level. `independent`: one run per level, each with its own full schedule."""
+    random_init: bool = False
+    """The control arm: also finetune, per size x volume, the weights pretraining starts from (a
+    checkpoint at step 0, written by the run before its first step: the seeded initialisation,
+    with that volume's tokenizer). Results show it as `steps` 0; the report compares it with the
+    largest steps level ("pretraining vs none"). `independent`: the run of the smallest level writes it."""
 
 
 @dataclass(config=_CONFIG, kw_only=True)

@@ -90,8 +90,9 @@ def pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_d
 def finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> None:
     """One Tune trial: finetune a model on a task with a seed, log each epoch level's cell, mark done.
 
-    `config` (the driver's `Scheduler.trial_config`): node, model_source, task, seed, levels,
-    out_dir, log, cells ({epochs level: MLflow run id}), cpus. Tune retries a trial whose process
+    `config` (the driver's `Scheduler.trial_config`): node, model_source, model_options (an external
+    model's revision and do_lower_case), task, seed, levels, out_dir, log, cells ({epochs level:
+    MLflow run id}), cpus. Tune retries a trial whose process
     or node died; one that fails by itself (missing data, a lost tracking server, a bug) would fail
     the same way again, so it reports its error (`failure`, one line) instead of raising.
     """
@@ -121,7 +122,8 @@ def _finetune_run(config: dict, study: Study, uri: str) -> float:
     data = load_task_data(task, mirror_dirs(None, study, tasks=[task.id]), caps=study.caps[task.id])
     model = local_copy(config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
     results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
-                       config["levels"], config["seed"], store.local, logger=EpochLogger(uri, config["cells"]))
+                       config["levels"], config["seed"], store.local, logger=EpochLogger(uri, config["cells"]),
+                       **config.get("model_options", {}))
     seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
     cells = config["cells"]
     faults.point("finetune-log")

@@ -18,9 +18,11 @@ TASKS = {"bc5cdr_ner": ("ner", "biomedicine", 80.0), "scierc_re": ("re", "comput
 
 def synthetic(*, size_gain=3.0, data_gain=0.2, steps_gain=0.0, epochs_gain=0.5, noise=0.5, seeds=5,
               rng=None, sizes=SIZES, volumes=VOLUMES, steps=(1000, 2000), epochs=(1, 3), tasks=TASKS,
-              externals=("allenai/scibert",)) -> pd.DataFrame:
+              externals=("allenai/scibert",), control_gap: float | None = None) -> pd.DataFrame:
     """A results.load-shaped frame: F1 = base + size_gain per size level + data_gain per volume level
-    + steps_gain per steps level + epochs_gain per epochs level + N(0, noise) per job (fractions)."""
+    + steps_gain per steps level + epochs_gain per epochs level + N(0, noise) per job (fractions).
+    `control_gap`: a control arm too (steps 0, named as results.load names it), that much below the
+    largest steps level."""
     rng = rng or np.random.default_rng(0)
     rows = []
 
@@ -44,6 +46,9 @@ def synthetic(*, size_gain=3.0, data_gain=0.2, steps_gain=0.0, epochs_gain=0.5, 
                     for m, epoch in enumerate(epochs):
                         mean = base + i * size_gain + j * data_gain + k * steps_gain + m * epochs_gain
                         add(f"{size}-{vol}", "pretrained", size, vol, step, epoch, task, mean)
+                        if control_gap is not None and k == len(steps) - 1:
+                            add(f"{size}-{vol} | no pretraining", "pretrained", size, vol, 0, epoch, task,
+                                mean - control_gap)
         for model in externals:
             for m, epoch in enumerate(epochs):
                 add(model, "external", None, None, None, epoch, task, base + 1.0 + m * epochs_gain)
@@ -259,6 +264,37 @@ def test_table_rows_hold_other_factors_at_their_largest_level():
     by_size = analysis.table_rows(df, ("task", "model_size"))
     assert by_size.fixed == {"data_volume": "100%", "steps": 2000, "epochs": 3}
     assert analysis.model_order(table.rows) == [*(f"{s}-{v}" for s in SIZES for v in VOLUMES), "allenai/scibert"]
+
+
+def test_pretraining_vs_none_compares_the_control_with_the_largest_steps_level():
+    df = synthetic(control_gap=4.0, steps_gain=0.5, size_gain=0.0, data_gain=0.0, epochs_gain=0.0,
+                   sizes={"small": SIZES["small"]}, volumes={"1%": VOLUMES["1%"]}, noise=0.5)
+    out = analysis.pretraining_vs_none(df)
+    assert len(out) == 3 * 2  # per task and epochs level, for the one size and volume
+    assert set(out["factor"]) == {analysis.CONTROL} and set(out["from"]) == {"none"} and set(out["to"]) == {"2,000 steps"}
+    assert (out["from_x"] == 0).all() and (out["to_x"] == 2000).all() and out["paired"].all()
+    assert out["change"].to_numpy() == pytest.approx(4.0, abs=1.5)
+    assert set(out["verdict"]) == {"significant gain"}
+    # the control is no steps level: steps compare 1000 -> 2000 only
+    steps = analysis.diminishing_returns(df, "steps")
+    assert set(zip(steps["from"], steps["to"])) == {(1000, 2000)}
+    # model size, volume and epochs compare the control arm's cells among themselves too
+    assert analysis.is_control(df).sum() == 3 * 2 * 5
+    assert analysis.pretraining_vs_none(synthetic()).empty  # no control arm: no rows, the same columns
+    assert list(analysis.pretraining_vs_none(synthetic()).columns) == list(out.columns)
+    small_gap = analysis.pretraining_vs_none(synthetic(control_gap=0.0, noise=0.3, sizes={"small": 1},
+                                                       volumes={"1%": 1}))
+    assert set(small_gap["verdict"]) == {"gain below threshold"}
+
+
+def test_table_rows_keep_the_control_arm_as_a_model_of_its_own():
+    df = synthetic(control_gap=3.0, noise=0.0)
+    table = analysis.table_rows(df, ("task", "model"))
+    assert set(table.rows["steps"].dropna()) == {0, 2000} and table.control
+    assert "pretraining steps 2000 (0 for the control arm: no pretraining)" in table.definition()
+    assert "small-1% | no pretraining" in analysis.model_order(table.rows)
+    by_size = analysis.table_rows(df, ("task", "model_size"))  # a size column would mix both arms: not kept
+    assert set(by_size.rows["steps"].dropna()) == {2000} and not by_size.control
 
 
 def test_bad_input_is_one_clear_error():

@@ -121,6 +121,16 @@ def run_with_data(root: Path, files: dict) -> list[str]:
     return argv
 
 
+def run_with_external(root: Path, source: str, folders: tuple[str, ...] = ()) -> list[str]:
+    """`run` on a small study with one external model from `source`, beside `folders` that exist."""
+    argv = run_with_corpus(root, {"a.txt": "one document\nanother one\n"})
+    for folder in folders:
+        (root / folder).mkdir(parents=True)
+    spec = yaml.safe_load((root / "study.yaml").read_text())
+    (root / "study.yaml").write_text(yaml.safe_dump({**spec, "external_models": [{"name": "mine", "source": source}]}))
+    return argv
+
+
 def validate_with_task(root: Path, edit: Callable[[dict], None]) -> list[str]:
     task_folder(root, edit=edit)
     (root / "study.yaml").write_text(yaml.safe_dump(SPEC))
@@ -350,6 +360,16 @@ CASES = [
     Case("run-bad-task-data", "dataset file", "run: a malformed dev file stops the run before anything starts",
          lambda t: run_with_data(t, {"dev.tsv": "a\tO\nb\tB-Drug\n"}),
          ("data/toy/dev.tsv:2: tag 'B-Drug' is not in the task's label set",)),
+    # external models: `run` reads each source as a folder or a hub id before it starts anything
+    Case("external-two-readings", "external model", "a source that is a hub id and a missing folder beside the spec",
+         lambda t: run_with_external(t, "models/mine", folders=("models",)),
+         ("study.yaml: external_models[0].source: reads two ways: the local folder {tmp}/models/mine, which does "
+          "not exist (though {tmp}/models does), or the Hugging Face id models/mine; got 'models/mine'; allowed: "
+          "./models/mine once that folder exists",)),
+    Case("external-no-such-folder", "external model", "a source that is no existing folder and no hub id",
+         lambda t: run_with_external(t, "models/bio/mine"),
+         ("study.yaml: external_models[0].source: no folder ({tmp}/models/bio/mine does not exist) and no Hugging "
+          "Face id; got 'models/bio/mine'; allowed: an existing folder, or a Hugging Face id (name or org/name)",)),
     # corpus files: `run` checks them before it starts Ray, MLflow or writes anything
     Case("corpus-missing", "corpus file", "corpus.paths names a file that does not exist",
          lambda t: run_with_corpus(t, {}, paths=("nope.txt",)),

@@ -41,7 +41,8 @@ def specs(draw):
             "model_sizes": draw(st.lists(st.sampled_from(SIZES), min_size=1, max_size=3, unique=True)),
             "data_volumes": draw(st.lists(st.sampled_from(VOLUMES), min_size=1, max_size=3, unique=True)),
             "pretrain": {"steps": steps, "protocol": draw(st.sampled_from(["trajectory", "independent"])),
-                         "batch_size": 8, "seq_len": 64, "lr": draw(st.sampled_from([1e-4, 5e-4]))},
+                         "batch_size": 8, "seq_len": 64, "lr": draw(st.sampled_from([1e-4, 5e-4])),
+                         "random_init": draw(st.booleans())},
         })
     return spec
 
@@ -53,7 +54,8 @@ def plan_of(data):
 def _expected_counts(spec):
     sizes, volumes = len(spec.get("model_sizes", [])), len(spec.get("data_volumes", []))
     steps = spec["pretrain"]["steps"] if "pretrain" in spec else []
-    checkpoints = sizes * volumes * len(steps)
+    control = spec.get("pretrain", {}).get("random_init", False)
+    checkpoints = sizes * volumes * (len(steps) + control)
     runs = sizes * volumes * (1 if spec.get("pretrain", {}).get("protocol") == "trajectory" else len(steps))
     models = checkpoints + len(spec.get("external_models", []))
     tasks, seeds, epochs = len(spec["tasks"]["include"]), len(spec["finetune"]["seeds"]), len(spec["finetune"]["epochs"])
@@ -218,6 +220,28 @@ def test_checkpoint_factors(base_spec, protocol):
         assert ck.factors["steps"] <= run.inputs["total_steps"]
         if protocol == "independent":
             assert ck.factors["steps"] == run.inputs["total_steps"]
+
+
+@pytest.mark.parametrize("protocol", ["trajectory", "independent"])
+def test_random_init_adds_a_step_0_checkpoint_per_size_and_volume_only(base_spec, protocol):
+    base_spec["pretrain"]["protocol"] = protocol
+    before = plan_of(base_spec)
+    base_spec["pretrain"]["random_init"] = True
+    after = plan_of(base_spec)
+    added = [after.nodes[n] for n in set(after.nodes) - set(before.nodes)]
+    assert set(before.nodes) < set(after.nodes)  # switched on, nothing else is renamed
+    controls = [n for n in added if n.kind == "checkpoint"]
+    assert sorted((n.factors["model_size"], n.factors["data_volume"]) for n in controls) == \
+        sorted((s, v) for s in ("debug", "tiny") for v in ("50%", "100%"))
+    for ck in controls:
+        run = after.nodes[ck.parents[0]]
+        assert ck.inputs == {"step": 0} and ck.factors["steps"] == 0 and ck.factors["model"].endswith("/0")
+        # independent: the shortest run writes it (every run starts from the same weights)
+        assert run.inputs["total_steps"] == min(base_spec["pretrain"]["steps"]) or protocol == "trajectory"
+        assert after.downstream(ck.id) == {n.id for n in added if n.kind.startswith("finetune")
+                                           and ck.id in {*n.parents, *after.nodes[n.parents[0]].parents}}
+    # a finetune run per task and seed of each control, a cell per epochs level
+    assert len([n for n in added if n.kind == "finetune"]) == len(controls) * 3 * 1 * 2
 
 
 # Digests of the sorted node ids of each kind, per experiment spec. A change here renames nodes, so

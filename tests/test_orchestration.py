@@ -125,6 +125,45 @@ def test_what_the_mlflow_ui_shows(finished):
         assert json.loads((folder / "tokenizer_config.json").read_text())["model_max_length"] == 512
 
 
+def test_external_folders_and_the_control_arm_end_to_end(tmp_path):
+    """Issue 15: two local-folder external models, one an uncased folder written as a bare relative
+    path (any path that exists is local), one cased with only config.json, weights and vocab.txt and
+    its casing from the spec, beside the random-init control arm. Results hold both models and the
+    control's cells at steps 0; each tokenizer is as cased as its model."""
+    import shutil
+
+    from scaling_study.finetune import build_scratch_model
+
+    texts = micro_corpus(tmp_path).read_text().splitlines()
+    build_scratch_model(tmp_path / "models" / "uncased", texts, preset="debug", vocab_size=600, lowercase=True)
+    full = build_scratch_model(tmp_path / "full", texts, preset="debug", vocab_size=600, lowercase=False)
+    cased = tmp_path / "models" / "cased"
+    cased.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(full / name, cased / name)
+    vocab = json.loads((full / "tokenizer.json").read_text())["model"]["vocab"]  # as older checkpoints ship it
+    (cased / "vocab.txt").write_text("".join(f"{piece}\n" for piece in sorted(vocab, key=vocab.get)))
+    spec = micro_spec(tmp_path, "ext", external_models=[
+        {"name": "uncased", "source": "models/uncased"},
+        {"name": "cased", "source": "models/cased", "do_lower_case": False}])
+    data = yaml.safe_load(spec.read_text())
+    data["pretrain"].update(steps=[10], random_init=True)
+    data["finetune"]["epochs"] = [1]
+    data["tasks"]["include"] = ["bc5cdr_ner"]
+    spec.write_text(yaml.safe_dump(data))
+    summary = run_study(load_spec(spec), progress=False)
+    assert summary.ok, summary.failures
+    df = results.load(str(spec))
+    assert sorted(df["model"]) == ["cased", "debug | 100%", "debug | 100% | no pretraining", "uncased"]
+    assert df.set_index("model")["steps"].to_dict()["debug | 100% | no pretraining"] == 0
+    assert df["test_f1"].notna().all() and set(df.loc[df["model_source"] == "external", "model"]) == {"cased",
+                                                                                                    "uncased"}
+    lowercase = {r.data.params.get("model", r.data.tags.get("model")): r.data.tags["tokenizer_lowercase"]
+                 for r in mlflow_runs(load_spec(spec)) if r.data.tags["node_kind"] == "finetune"}
+    assert lowercase["cased"] == "False" and lowercase["uncased"] == "True"
+    assert df.set_index("model").loc["cased", "test_unk_share"] < 0.05  # "Aspirin" stays a word, not [UNK]
+
+
 def study_run_artifacts(study, run):
     from mlflow.tracking import MlflowClient
 

@@ -259,6 +259,44 @@ def test_resumed_run_reproduces_the_uninterrupted_loss_curve(synthetic, tmp_path
     assert again.history == []
 
 
+def test_step_0_checkpoint_is_the_initial_weights_and_changes_nothing_else(synthetic, tmp_path):
+    """The control arm (pretrain.random_init): a checkpoint at step 0 holds the seeded weights a fresh
+    run starts from, with the tokenizer; a run that writes it trains exactly as one that does not (its
+    RNG untouched, resuming from step 0 is starting afresh); a finished run asked for it later writes
+    the same weights and trains nothing."""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    from scaling_study.pretrain import new_model
+
+    config = _config(total_steps=20, checkpoint_steps=(10, 20))
+    with_init = dataclasses.replace(config, checkpoint_steps=(0, 10, 20))
+    plain, control = MemoryLogger(), MemoryLogger()
+    train_mlm(config, synthetic, tmp_path / "a", logger=plain)
+    train_mlm(with_init, synthetic, tmp_path / "b", logger=control)
+    assert [r["loss"] for r in control.history] == [r["loss"] for r in plain.history]
+
+    def weights(root, step):
+        return load_file(checkpoint_dir(root, step) / "model.safetensors")
+
+    assert all(torch.equal(v, weights(tmp_path / "a", 20)[k]) for k, v in weights(tmp_path / "b", 20).items())
+    torch.manual_seed(config.seed)
+    initial = new_model(config).state_dict()
+    step0 = weights(tmp_path / "b", 0)
+    assert all(torch.equal(v, initial[k]) for k, v in step0.items())
+    assert not torch.equal(step0["bert.encoder.layer.0.attention.self.query.weight"],
+                           weights(tmp_path / "b", 10)["bert.encoder.layer.0.attention.self.query.weight"])
+    assert len(AutoTokenizer.from_pretrained(checkpoint_dir(tmp_path / "b", 0))) == 1000
+    assert torch.load(checkpoint_dir(tmp_path / "b", 0) / STATE_FILE, weights_only=True)["step"] == 0
+
+    later = MemoryLogger()
+    before = weights(tmp_path / "a", 20)
+    train_mlm(with_init, synthetic, tmp_path / "a", logger=later)
+    assert later.history == []
+    assert all(torch.equal(v, step0[k]) for k, v in weights(tmp_path / "a", 0).items())
+    assert all(torch.equal(v, before[k]) for k, v in weights(tmp_path / "a", 20).items())
+
+
 def test_checkpoint_folder_loads_with_auto_classes_and_holds_the_trainer_state(synthetic, tmp_path):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 

@@ -288,6 +288,26 @@ def test_flat_frontier_and_two_seeds_still_give_a_report(tmp_path):
     assert cells["ci_low"].isna().all()                                          # no bands to draw
 
 
+def test_the_control_arm_in_the_table_the_steps_plot_and_the_verdicts(tmp_path):
+    """pretrain.random_init: the step-0 cells are a model of their own in the table, the steps plot's
+    first level, and a verdict of their own, "pretraining none -> the largest steps level"."""
+    df = synthetic(rng=np.random.default_rng(5), seeds=3, sizes={"small": SIZES["small"]},
+                   volumes={"100%": VOLUMES["100%"]}, externals=(), control_gap=5.0)
+    plots = report.render(df, None, tmp_path / "c.html")
+    text = (tmp_path / "c.html").read_text()
+    summary = _summary(text)
+    assert "Pretraining none → 2,000 steps (6 comparisons): a gain above 1 F1 point in 6 (all 3 tasks); " \
+           "median change +5.0 points." in summary
+    assert "pretraining none → 2,000 steps" in summary.split("Scaling paid")[1].split("</li>")[0]
+    assert "Pretraining steps 1000 → 2000 (6 comparisons)" in summary  # the control is no steps level
+    assert "<th>small-100%</th><th>small-100% | no pretraining</th>" in text
+    assert "(0 for the control arm: no pretraining)" in text
+    assert "plot-steps" in plots and "plot-verdicts" in plots
+    top = report._top_comparisons(report._verdicts(df, 1.0, "test_f1", False))
+    assert set(top.loc[top["factor"] == analysis.CONTROL, "task"]) == set(TASKS)
+    assert report._level_labels(analysis.cell_stats(df), "steps", [0, 1000]) == ["0\nnone", "1000"]
+
+
 def test_single_level_factors_get_a_note_not_a_plot(tmp_path):
     df = synthetic(sizes={"base": SIZES["base"]}, steps=(1000,), seeds=2)
     plots = report.render(df, None, tmp_path / "r.html")

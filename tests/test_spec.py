@@ -235,7 +235,7 @@ def test_every_field_documented_and_reference_current():
 # Every spec field of pretrain and finetune either reaches the runtime config (set here to a value
 # that is not its default) or is named here as not a runtime setting: a field added, renamed or
 # dropped on one side only fails this test.
-PRETRAIN_NOT_RUNTIME = {"steps", "protocol",  # the plan's: a run gets total_steps and checkpoint_steps
+PRETRAIN_NOT_RUNTIME = {"steps", "protocol", "random_init",  # the plan's: total_steps, checkpoint_steps
                         "num_workers", "gpus_per_worker", "cpus_per_worker"}  # resources, for Ray Train
 PRETRAIN_VALUES = {"batch_size": 12, "seq_len": 32, "lr": 3e-4, "schedule": "wsd", "warmup_fraction": 0.1,
                    "decay_fraction": 0.3, "min_lr_ratio": 0.1, "weight_decay": 0.05, "mask_rate": 0.2,
