@@ -60,8 +60,6 @@ studies 1 saved the most jobs for the same agreement with the fixed grid (0.7-6 
 DRAWS = 200_000
 """Simulated sequences behind the levels (the error they spend is within 0.001 of the nominal)."""
 SETTLED = ("significant gain", "gain below threshold", "significant loss")
-DECISIONS_FILE = "adaptive_seeds.json"
-"""The per-wave decisions: an artifact of the study's MLflow run and a file in the study folder."""
 
 
 @functools.lru_cache(maxsize=32)
@@ -334,7 +332,7 @@ class SeedWaves:
         return {g: len(s) for g, s in self.finished.items()}
 
     def log(self) -> dict:
-        """The decisions as plain JSON-able data (`DECISIONS_FILE`): the rule, each wave's levels,
+        """The decisions as plain JSON-able data (`artifacts.SEEDS_FILE`: a file in the study folder and an artifact of the study's MLflow run): the rule, each wave's levels,
         settled comparisons and groups given another seed, every comparison's state, seeds per group."""
         comps = self.design.comparisons
         table = self.comparisons().astype(object).where(lambda d: d.notna(), None)
@@ -363,6 +361,73 @@ def simulate(design: Design, rule, draw: Callable[[Hashable, int], dict]) -> See
             waves.record(group, seed, draw(group, seed))
         todo = waves.step()
     return waves
+
+
+# ----------------------------------------------------------------------------------- a study's runs
+
+
+def run_group(run) -> tuple:
+    """The group of a finetune_run node (`design_from_plan`'s key): model node, task, total epochs."""
+    return (run.parents[0], run.factors["task"], run.inputs["total_epochs"])
+
+
+def run_scores(run, saved: dict) -> dict[Hashable, tuple[float, bool]]:
+    """A finished run's cells from its DONE.json (`artifacts.write_done`): test F1 points, collapsed."""
+    return {(*run_group(run), int(r["epochs"])): (100.0 * float(r["test"]["f1"]), bool(r.get("collapse")))
+            for r in saved["results"]}
+
+
+class StudySeeds:
+    """Which finetune runs of a study to start: with a fixed list of seeds every unfinished one at
+    once; with an adaptive rule, wave by wave (`SeedWaves`) from the finished runs' DONE.json.
+
+        seeds = StudySeeds(study, plan, done_ids, read=lambda run: read_done(layout.read(plan, run, DONE_FILE)))
+        seeds.release()          # runs to start now (each once)
+        seeds.finished(run)      # it wrote its DONE.json: maybe more runs to release
+        seeds.failed(run)        # it will not finish: its comparisons stop there
+        seeds.unreleased()       # at the end: the runs the rule did not need
+    """
+
+    def __init__(self, study, plan, done: Iterable[str], read: Callable):
+        self.plan, self.read, self.rule = plan, read, study.spec.finetune.adaptive
+        self.runs = plan.of_kind("finetune_run")
+        self.handed = {n.id for n in self.runs if n.id in set(done)}
+        self.waves = None
+        if self.rule is None:
+            return
+        self.waves = SeedWaves(design_from_plan(study, plan), self.rule)
+        self.by_key = {(run_group(n), n.inputs["seed"]): n for n in self.runs}
+        for run in self.runs:
+            if run.id in self.handed:
+                self.finished(run)
+
+    def release(self) -> list:
+        if self.waves is None:
+            todo = [n for n in self.runs if n.id not in self.handed]
+        else:
+            todo = [self.by_key[key] for key in self.waves.step() if self.by_key[key].id not in self.handed]
+        self.handed.update(n.id for n in todo)
+        return todo
+
+    def finished(self, run) -> None:
+        if self.waves is None:
+            return
+        saved = self.read(run)
+        if not saved or not saved.get("results"):  # unreadable: as good as lost
+            self.failed(run)
+            return
+        self.waves.record(run_group(run), run.inputs["seed"], run_scores(run, saved))
+
+    def failed(self, run) -> None:
+        if self.waves is not None:
+            self.waves.lose(run_group(run), run.inputs["seed"])
+
+    def unreleased(self) -> list:
+        return [n for n in self.runs if n.id not in self.handed]
+
+    def log(self) -> dict | None:
+        """The decisions (`SeedWaves.log`), None for a fixed list of seeds."""
+        return self.waves.log() if self.waves is not None else None
 
 
 # ----------------------------------------------------------------------------------- synthetic studies

@@ -35,18 +35,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import time
 from collections.abc import Callable
 from typing import Any
 
 from ray.tune.search import Searcher
 
-from scaling_study.artifacts import STATE_FILE, Layout, done_nodes, model_source, pull_tracking, push_tracking
+from scaling_study.adaptive import StudySeeds
+from scaling_study.artifacts import (DONE_FILE, SEEDS_FILE, STATE_FILE, Layout, done_nodes, model_source, pull_tracking,
+                                     push_tracking, read_done)
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.progress import StudyProgress
 from scaling_study.raycluster import ray_cluster
 from scaling_study.records import Recorder
 from scaling_study.spec import Study, expand_env
+from scaling_study.storage import write_atomic
 from scaling_study.studystate import Failure, StudyState, live_view, node_weights
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
 from scaling_study.workers import MAX_FAILURES, corpus_task, failure_reason, finetune_trial, pretrain_task
@@ -108,16 +112,19 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
     state = StudyState(plan, node_weights(study, plan), done=prepared.done)
     started = time.monotonic()
     trained = 0
+    seeds = StudySeeds(study, plan, prepared.done, lambda run: read_done(layout.read(plan, run, DONE_FILE)))
+    first = seeds.release()  # every unfinished run, or an adaptive rule's next wave
     with tracking_uri(study, layout) as uri:
         tracker = Tracker(uri, study.spec.tracking.experiment or study.spec.name, tags={"study_file": study.file})
         recorder = Recorder(tracker, study, plan, layout)
         recorder.open()
         recorder.repair(state)
-        if state.unfinished():
+        if first or any(n.kind != "finetune_run" for n in state.unfinished()):
             with ray_cluster(address), live_view(state, progress), StudyProgress(study, state):
-                trained = Scheduler(study, plan, layout, recorder, state).run()
+                trained = Scheduler(study, plan, layout, recorder, state, seeds, first).run()
         try:
             with tracking_calls(uri):
+                _seeds_done(seeds, state, recorder, layout)
                 recorder.close(failed=bool(state.failures))
         except Exception as exc:
             state.tracking_lost(None, failure_reason(exc))
@@ -125,11 +132,28 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
                    time.monotonic() - started, trained)
 
 
+def _seeds_done(seeds: StudySeeds, state: StudyState, recorder: Recorder, layout: Layout) -> None:
+    """Runs an adaptive rule did not need are skipped; its decisions go to storage and the study's run."""
+    for run in seeds.unreleased():
+        for cell in state.plan.children(run.id):
+            state.set(cell.id, "skipped")
+    decisions = seeds.log()
+    if decisions is not None:
+        text = json.dumps(decisions, indent=1, default=str)
+        write_atomic(layout.root / SEEDS_FILE, text)
+        if layout.store.remote:
+            layout.store.write_text(SEEDS_FILE, text)
+        recorder.log_study_file(layout.root / SEEDS_FILE)
+
+
 class Scheduler:
     """Starts every unfinished node as soon as its inputs exist, and records how each ends."""
 
-    def __init__(self, study: Study, plan: Plan, layout: Layout, recorder: Recorder, state: StudyState):
+    def __init__(self, study: Study, plan: Plan, layout: Layout, recorder: Recorder, state: StudyState,
+                 seeds: StudySeeds | None = None, first: list[Node] | None = None):
         self.study, self.plan, self.layout, self.recorder, self.state = study, plan, layout, recorder, state
+        self.seeds = seeds or StudySeeds(study, plan, (), lambda run: None)
+        self.first = self.seeds.release() if first is None else first
         self.refs: dict[str, Any] = {}  # node id -> the Ray task computing it
         self.finished: set[str] = set()  # nodes whose task has ended (well or not)
         self.pretrain_runs: dict[str, str] = {}  # pretrain node -> its MLflow run
@@ -239,34 +263,51 @@ class Scheduler:
             return None
         return False
 
-    def trial_config(self, run_node: Node) -> dict:
-        """What a finetune trial needs (`workers.finetune_trial`); its cells' MLflow runs are created here."""
-        source = model_source(self.study, self.layout, self.plan, self.plan.nodes[run_node.parents[0]])
-        with tracking_calls(self.recorder.uri):
-            cells = self.recorder.finetune_cells(run_node, source)
-        return {"node": run_node.id, "model_source": source, "task": run_node.factors["task"],
-                "seed": run_node.inputs["seed"], "levels": sorted(int(e) for e in cells),
-                "out_dir": self.layout.location(self.plan, run_node), "log": self.layout.log(run_node.id),
-                "cells": cells, "cpus": self.study.spec.finetune.cpus_per_job}
+    def trial_config(self, runs: list[Node]) -> dict:
+        """What a finetune trial needs (`workers.finetune_trial`): finetune runs of one model on one
+        task, run one after the other in one process; their cells' MLflow runs are created here."""
+        source = model_source(self.study, self.layout, self.plan, self.plan.nodes[runs[0].parents[0]])
+        configs = []
+        for run in runs:
+            with tracking_calls(self.recorder.uri):
+                cells = self.recorder.finetune_cells(run, source)
+            configs.append({"node": run.id, "seed": run.inputs["seed"], "levels": sorted(int(e) for e in cells),
+                            "out_dir": self.layout.location(self.plan, run), "log": self.layout.log(run.id),
+                            "cells": cells})
+        return {"runs": configs, "model_source": source, "task": runs[0].factors["task"],
+                "cpus": self.study.spec.finetune.cpus_per_job}
+
+    def trial_slots(self) -> int:
+        """Finetune trials at once: `max_concurrent`, else what the cluster's CPUs and GPUs hold."""
+        import ray
+
+        f = self.study.spec.finetune
+        if f.max_concurrent:
+            return f.max_concurrent
+        have = ray.cluster_resources()
+        slots = have.get("CPU", 1) // f.cpus_per_job
+        if f.gpus_per_job:
+            slots = min(slots, have.get("GPU", 0) // f.gpus_per_job)
+        return max(1, int(slots))
 
     def release_finetunes(self) -> None:
-        """Every unfinished finetune run as a Ray Tune trial, each released once its model exists."""
+        """The finetune runs `self.seeds` releases, as Ray Tune trials, each once its model exists."""
         from ray import tune
 
-        pending = self._todo("finetune_run")
-        if not pending:
+        if not self.first:
             return
         f = self.study.spec.finetune
-        searcher = ReadyFinetunes(pending, self.readiness, self.trial_config, self.state)
+        slots = self.trial_slots()
+        searcher = ReadyFinetunes(self.seeds, self.first, self.readiness, self.trial_config, self.state, slots)
         # the URI (it may hold a password) travels as a parameter, not in the config Tune writes to disk
         trainable = tune.with_resources(
             tune.with_parameters(finetune_trial, study=self.study, uri=self.recorder.uri),
             {"cpu": f.cpus_per_job, "gpu": f.gpus_per_job})
         store = self.layout.store
         tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(pending),
-                                        max_concurrent_trials=f.max_concurrent or 0),
+            trainable,  # at most one trial per run: the searcher says when there are no more
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(self._todo("finetune_run")),
+                                        max_concurrent_trials=slots),
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,
@@ -274,22 +315,25 @@ class Scheduler:
                                       # runs); one that failed by itself reports it (finetune_trial)
                                       failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
         grid = tuner.fit()
-        self._record_trials(grid)
+        self._record_trials(grid, searcher.outcome)
 
-    def _record_trials(self, grid) -> None:
+    def _record_trials(self, grid, outcome: dict[str, str]) -> None:
+        """`outcome`: run id -> "" (done) or its own error (workers.finetune_trial), from the searcher."""
         for result in grid:
-            reason = (result.metrics or {}).get("failure")  # the trial's own error (workers.finetune_trial)
-            if result.error is None and reason is None:
-                self.trained += 1
-                continue
-            reason = reason or failure_reason(result.error)  # or its process died, retries and all
-            if not (result.config or {}).get("node"):  # died before Tune kept its config: no node to name
-                self.state.tracking_lost(None, reason, what="finetune trial")
-                continue
-            run_node = self.plan.nodes[result.config["node"]]
-            for cell in self.plan.children(run_node.id):
-                self.state.fail(cell, reason, self.layout.log(run_node.id))
-                self.recorder.mark_failed(cell.id)
+            runs = [r["node"] for r in (result.config or {}).get("runs", [])]
+            if not runs and result.error is not None:  # died before Tune kept its config: no node to name
+                self.state.tracking_lost(None, failure_reason(result.error), what="finetune trial")
+            for nid in runs:
+                reason = outcome.get(nid)
+                if reason == "":
+                    self.trained += 1
+                    continue
+                # or its process died (retries and all), or the trial ended before it
+                reason = reason or (failure_reason(result.error) if result.error is not None
+                                    else "the trial ended before this run")
+                for cell in self.plan.children(nid):
+                    self.state.fail(cell, reason, self.layout.log(nid))
+                    self.recorder.mark_failed(cell.id)
 
     def drain(self) -> None:
         """Wait for pretraining whose checkpoints no finetune run needed any more."""
@@ -302,47 +346,90 @@ class Scheduler:
 class ReadyFinetunes(Searcher):
     """A Ray Tune search algorithm that hands out finetune runs whose model is ready.
 
-    `suggest` returns a trial config as soon as some pending run's checkpoint exists, `None` while
-    pretraining is still producing them, and FINISHED when every run has been handed out or can
-    never run (its pretraining failed).
+    `suggest` returns a trial config as soon as some released run's checkpoint exists, `None` while
+    pretraining is still producing them or trials whose results may release more are running, and
+    FINISHED when nothing is left to hand out. A trial packs runs of one model and one task (seeds,
+    epoch levels): a share of the ready runs per free slot, so that one process loads the checkpoint
+    and encodes the task once while every slot still gets work. Each run a trial reports
+    (`on_trial_result`) goes to the study's seeds (`adaptive.StudySeeds`), which may release more.
     """
 
-    def __init__(self, pending: list[Node], readiness: Callable[[Node], bool | None],
-                 make_config: Callable[[Node], dict], state: StudyState):
+    def __init__(self, seeds: StudySeeds, first: list[Node], readiness: Callable[[Node], bool | None],
+                 make_config: Callable[[list[Node]], dict], state: StudyState, slots: int = 1):
         super().__init__(metric="test_f1", mode="max")
-        self.pending, self.readiness, self.make_config, self.st = list(pending), readiness, make_config, state
-        self.trials: dict[str, Node] = {}
+        self.seeds, self.pending, self.readiness, self.make_config = seeds, list(first), readiness, make_config
+        self.st, self.slots = state, max(1, slots)
+        self.trials: dict[str, list[Node]] = {}
+        self.live: set[str] = set()
+        self.outcome: dict[str, str] = {}  # run id -> "" (done) or why it failed
 
     def suggest(self, trial_id: str):
+        ready, known = [], {}
         for node in list(self.pending):
-            ready = self.readiness(node)
-            if ready is None:
+            model = node.parents[0]
+            if model not in known:  # one readiness check per model: its runs share it
+                known[model] = self.readiness(node)
+            if known[model] is None:
                 self.pending.remove(node)
-            elif ready:
+                self._ended(node, failed=True)
+            elif known[model]:
+                ready.append(node)
+        if ready:
+            first, size = ready[0], -(-len(ready) // self.slots)
+            pack = [n for n in ready if (n.parents[0], n.factors["task"]) == (first.parents[0], first.factors["task"])]
+            pack = pack[:size]
+            for node in pack:
                 self.pending.remove(node)
-                try:
-                    config = self.make_config(node)
-                except Exception as exc:  # tracking lost: these cells fail, a re-run redoes them
+            try:
+                config = self.make_config(pack)
+            except Exception as exc:  # tracking lost: these cells fail, a re-run redoes them
+                for node in pack:
                     for cell in self.st.plan.children(node.id):
                         self.st.fail(cell, failure_reason(exc), None)
-                    continue
-                self.trials[trial_id] = node
+                    self._ended(node, failed=True)
+                return None
+            self.trials[trial_id] = pack
+            self.live.add(trial_id)
+            for node in pack:
                 for cell in self.st.plan.children(node.id):
                     self.st.set(cell.id, "running")
-                return config
-        return Searcher.FINISHED if not self.pending else None
+            return config
+        if not self.pending and not self.live:
+            self.pending += self.seeds.release()
+            return self.suggest(trial_id) if self.pending else Searcher.FINISHED
+        return None
+
+    def _ended(self, node: Node, *, failed: bool) -> None:
+        if failed:
+            self.seeds.failed(node)
+        else:
+            self.seeds.finished(node)
+        self.pending += self.seeds.release()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        node = next((n for n in self.trials.get(trial_id, []) if n.id == result.get("node")), None)
+        if node is None or node.id in self.outcome:  # a retried trial reports its finished runs again
+            return
+        reason = result.get("failure") or ""
+        self.outcome[node.id] = reason
+        for cell in self.st.plan.children(node.id):
+            self.st.set(cell.id, "failed" if reason else "done")
+        self._ended(node, failed=bool(reason))
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        node = self.trials.get(trial_id)
-        if node is None:
-            return
-        for cell in self.st.plan.children(node.id):
-            self.st.set(cell.id, "failed" if error or (result or {}).get("failure") else "done")
+        self.live.discard(trial_id)
+        if result and not error:
+            self.on_trial_result(trial_id, result)
+        for node in self.trials.get(trial_id, []):
+            if node.id not in self.outcome:  # its process died, or the trial ended before it
+                for cell in self.st.plan.children(node.id):
+                    self.st.set(cell.id, "failed")
+                self._ended(node, failed=True)
 
     def __getstate__(self) -> dict:
         # Tune pickles its search algorithm for Tuner.restore, which we never use (storage says
         # what is done); the driver-side callbacks and locks do not pickle.
-        return {"pending": [n.id for n in self.pending], "trials": {k: v.id for k, v in self.trials.items()}}
+        return {"pending": [n.id for n in self.pending], "trials": {k: [n.id for n in v] for k, v in self.trials.items()}}
 
     def save(self, checkpoint_path: str) -> None:  # nothing to save: storage says what is done
         pass

@@ -123,6 +123,10 @@ class Recorder:
                 self.tracker.client.log_artifact(self.study_run, str(path))
         return self.study_run
 
+    def log_study_file(self, path: Path) -> None:
+        """A file of the whole study (adaptive seeds' decisions) as an artifact of the study's run."""
+        self.tracker.client.log_artifact(self.study_run, str(path))
+
     def close(self, *, failed: bool) -> None:
         self.tracker.client.set_terminated(self.study_run, "FAILED" if failed else "FINISHED")
 
