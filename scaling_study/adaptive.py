@@ -105,7 +105,8 @@ class Comparison:
 
     @property
     def label(self) -> str:
-        held = ", ".join(f"{k} {v}" for k, v in self.held.items() if k != "task")
+        held = ", ".join(f"{analysis.FACTOR_NAMES.get(k, k)} {v}" for k, v in self.held.items()
+                         if k not in ("task", "model_source"))
         return f"{self.held.get('task', '')}: {analysis.FACTOR_NAMES[self.factor]} {self.low} -> {self.high}" + (
             f" ({held})" if held else "")
 
@@ -318,14 +319,16 @@ class SeedWaves:
             status = ("settled" if state.settled_after is not None else "futile" if state.futile_after is not None
                       else "max seeds" if state.wave >= self.rule.max
                       else "stopped" if any(self.design.group_of[c] in self.lost for c in comp.cells) else "open")
-            rows.append({**comp.held, "factor": comp.factor, "from": comp.low, "to": comp.high,
+            rows.append({**{k: _plain(v) for k, v in comp.held.items()}, "factor": comp.factor, "from": comp.low,
+                         "to": comp.high,
                          "comparison": comp.label, "verdict": state.verdict, "change": state.estimate,
                          "ci_low": state.low if math.isfinite(state.low) else math.nan,
                          "ci_high": state.high if math.isfinite(state.high) else math.nan,
                          "seeds": state.wave, "settled_after": state.settled_after,
                          "futile_after": state.futile_after, "status": status,
                          "note": state.note})
-        return pd.DataFrame(rows)
+        return pd.DataFrame(rows).astype({"settled_after": "Int64", "futile_after": "Int64"}) if rows else \
+            pd.DataFrame(rows)
 
     def seeds_run(self) -> dict[Hashable, int]:
         """Group -> seeds finished."""
@@ -335,7 +338,7 @@ class SeedWaves:
         """The decisions as plain JSON-able data (`artifacts.SEEDS_FILE`: a file in the study folder and an artifact of the study's MLflow run): the rule, each wave's levels,
         settled comparisons and groups given another seed, every comparison's state, seeds per group."""
         comps = self.design.comparisons
-        table = self.comparisons().astype(object).where(lambda d: d.notna(), None)
+        table = [{k: _plain(v) for k, v in row.items()} for row in self.comparisons().to_dict(orient="records")]
         return {
             "rule": {"min": self.rule.min, "max": self.rule.max, "threshold": self.rule.threshold,
                      "confidence": self.rule.confidence, "spending": f"alpha (n / max)^{RHO:g}"},
@@ -346,9 +349,18 @@ class SeedWaves:
                        "futile": [comps[i].label for i in wave["futile"]],
                        "given_another_seed": [self.design.labels[g] for g in wave["given_another_seed"]]}
                       for n, wave in sorted(self.waves.items())],
-            "comparisons": table.to_dict(orient="records"),
+            "comparisons": table,
             "groups": [{"group": self.design.labels[g], "seeds": k} for g, k in self.seeds_run().items()],
         }
+
+
+def _plain(value):
+    """JSON's kind of value: None for NaN, int for a whole count."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, (np.integer, np.floating)):
+        value = value.item()
+    return value
 
 
 def simulate(design: Design, rule, draw: Callable[[Hashable, int], dict]) -> SeedWaves:
@@ -397,15 +409,22 @@ class StudySeeds:
             return
         self.waves = SeedWaves(design_from_plan(study, plan), self.rule)
         self.by_key = {(run_group(n), n.inputs["seed"]): n for n in self.runs}
-        for run in self.runs:
-            if run.id in self.handed:
-                self.finished(run)
+        self.wanted: list = []
+        # a re-run replays the finished runs wave by wave, as they came (a seed after the one
+        # before it), so its decisions are those of the first run; what they want and lack is released
+        for seed in range(self.rule.max):
+            for run in self.runs:
+                if run.id in self.handed and run.inputs["seed"] == seed:
+                    self.finished(run)
+            self.wanted += self.waves.step()
 
     def release(self) -> list:
         if self.waves is None:
             todo = [n for n in self.runs if n.id not in self.handed]
         else:
-            todo = [self.by_key[key] for key in self.waves.step() if self.by_key[key].id not in self.handed]
+            self.wanted += self.waves.step()
+            todo = [self.by_key[key] for key in self.wanted if self.by_key[key].id not in self.handed]
+            self.wanted = []
         self.handed.update(n.id for n in todo)
         return todo
 
