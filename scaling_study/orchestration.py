@@ -306,8 +306,9 @@ class Scheduler:
         store = self.layout.store
         tuner = tune.Tuner(
             trainable,  # at most one trial per run: the searcher says when there are no more
+            # a slot's worker process is kept for its next trial: torch and transformers imported once
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(self._todo("finetune_run")),
-                                        max_concurrent_trials=slots),
+                                        max_concurrent_trials=slots, reuse_actors=True),
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,
