@@ -448,6 +448,28 @@ class StudySeeds:
         """The decisions (`SeedWaves.log`), None for a fixed list of seeds."""
         return self.waves.log() if self.waves is not None else None
 
+    def close(self, state, layout):
+        """At the study's end: the jobs of unreleased runs are `skipped` in `state`; with an adaptive
+        rule, its decisions are written to the study folder (`artifacts.SEEDS_FILE`, uploaded on an
+        object store). Returns that file's local path, or None."""
+        import json
+
+        from scaling_study.artifacts import SEEDS_FILE
+        from scaling_study.storage import write_atomic
+
+        unreleased = {run.id for run in self.unreleased()}
+        for cell in self.plan.of_kind("finetune"):
+            if cell.parents[0] in unreleased and state.state[cell.id] == "pending":
+                state.set(cell.id, "skipped")
+        decisions = self.log()
+        if decisions is None:
+            return None
+        text = json.dumps(decisions, indent=1, default=str)
+        write_atomic(layout.root / SEEDS_FILE, text)
+        if layout.store.remote:
+            layout.store.write_text(SEEDS_FILE, text)
+        return layout.root / SEEDS_FILE
+
 
 # ----------------------------------------------------------------------------------- synthetic studies
 

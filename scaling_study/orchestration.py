@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -43,14 +42,13 @@ from typing import Any
 from ray.tune.search import Searcher
 
 from scaling_study.adaptive import StudySeeds
-from scaling_study.artifacts import (DONE_FILE, SEEDS_FILE, STATE_FILE, Layout, done_nodes, model_source, pull_tracking,
+from scaling_study.artifacts import (DONE_FILE, STATE_FILE, Layout, done_nodes, model_source, pull_tracking,
                                      push_tracking, read_done)
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.progress import StudyProgress
 from scaling_study.raycluster import ray_cluster
 from scaling_study.records import Recorder
 from scaling_study.spec import Study, expand_env
-from scaling_study.storage import write_atomic
 from scaling_study.studystate import Failure, StudyState, live_view, node_weights
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
 from scaling_study.workers import MAX_FAILURES, corpus_task, failure_reason, finetune_trial, pretrain_task
@@ -124,26 +122,14 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
                 trained = Scheduler(study, plan, layout, recorder, state, seeds, first).run()
         try:
             with tracking_calls(uri):
-                _seeds_done(seeds, state, recorder, layout)
+                decisions = seeds.close(state, layout)  # skipped jobs; adaptive seeds' decisions file
+                if decisions:
+                    recorder.log_study_file(decisions)
                 recorder.close(failed=bool(state.failures))
         except Exception as exc:
             state.tracking_lost(None, failure_reason(exc))
     return Summary(study.spec.name, layout.store.location, redact_uri(uri), state.counts(), state.failures,
                    time.monotonic() - started, trained)
-
-
-def _seeds_done(seeds: StudySeeds, state: StudyState, recorder: Recorder, layout: Layout) -> None:
-    """Runs an adaptive rule did not need are skipped; its decisions go to storage and the study's run."""
-    for run in seeds.unreleased():
-        for cell in state.plan.children(run.id):
-            state.set(cell.id, "skipped")
-    decisions = seeds.log()
-    if decisions is not None:
-        text = json.dumps(decisions, indent=1, default=str)
-        write_atomic(layout.root / SEEDS_FILE, text)
-        if layout.store.remote:
-            layout.store.write_text(SEEDS_FILE, text)
-        recorder.log_study_file(layout.root / SEEDS_FILE)
 
 
 class Scheduler:
@@ -278,17 +264,17 @@ class Scheduler:
                 "cpus": self.study.spec.finetune.cpus_per_job}
 
     def trial_slots(self) -> int:
-        """Finetune trials at once: `max_concurrent`, else what the cluster's CPUs and GPUs hold."""
+        """Finetune trials the cluster's CPUs and GPUs hold now (`max_concurrent`, when set)."""
         import ray
 
         f = self.study.spec.finetune
         if f.max_concurrent:
             return f.max_concurrent
         have = ray.cluster_resources()
-        slots = have.get("CPU", 1) // f.cpus_per_job
+        slots = have.get("CPU", 0) // f.cpus_per_job
         if f.gpus_per_job:
             slots = min(slots, have.get("GPU", 0) // f.gpus_per_job)
-        return max(1, int(slots))
+        return int(slots)
 
     def release_finetunes(self) -> None:
         """The finetune runs `self.seeds` releases, as Ray Tune trials, each once its model exists."""
@@ -297,8 +283,8 @@ class Scheduler:
         if not self.first:
             return
         f = self.study.spec.finetune
-        slots = self.trial_slots()
-        searcher = ReadyFinetunes(self.seeds, self.first, self.readiness, self.trial_config, self.state, slots)
+        searcher = ReadyFinetunes(self.seeds, self.first, self.readiness, self.trial_config, self.state,
+                                  self.trial_slots, fixed=bool(f.max_concurrent))
         # the URI (it may hold a password) travels as a parameter, not in the config Tune writes to disk
         trainable = tune.with_resources(
             tune.with_parameters(finetune_trial, study=self.study, uri=self.recorder.uri),
@@ -308,7 +294,7 @@ class Scheduler:
             trainable,  # at most one trial per run: the searcher says when there are no more
             # a slot's worker process is kept for its next trial: torch and transformers imported once
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(self._todo("finetune_run")),
-                                        max_concurrent_trials=slots, reuse_actors=True),
+                                        max_concurrent_trials=f.max_concurrent or 0, reuse_actors=True),
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,
@@ -344,27 +330,43 @@ class Scheduler:
         self.poll()
 
 
+SLOTS_EVERY = 10.0
+"""Seconds between two looks at the cluster's resources while finetuning (nodes come and go)."""
+
+
 class ReadyFinetunes(Searcher):
     """A Ray Tune search algorithm that hands out finetune runs whose model is ready.
 
     `suggest` returns a trial config as soon as some released run's checkpoint exists, `None` while
     pretraining is still producing them or trials whose results may release more are running, and
     FINISHED when nothing is left to hand out. A trial packs runs of one model and one task (seeds,
-    epoch levels): a share of the ready runs per free slot, so that one process loads the checkpoint
-    and encodes the task once while every slot still gets work. Each run a trial reports
+    epoch levels): a share of the ready runs per slot (the trials the cluster holds, `slots`), so
+    that one process loads the checkpoint and encodes the task once while every slot still gets
+    work. Without `max_concurrent`, at most twice the slots are handed out at once. Each run a trial reports
     (`on_trial_result`) goes to the study's seeds (`adaptive.StudySeeds`), which may release more.
     """
 
     def __init__(self, seeds: StudySeeds, first: list[Node], readiness: Callable[[Node], bool | None],
-                 make_config: Callable[[list[Node]], dict], state: StudyState, slots: int = 1):
+                 make_config: Callable[[list[Node]], dict], state: StudyState,
+                 slots: Callable[[], int] = lambda: 1, *, fixed: bool = False):
         super().__init__(metric="test_f1", mode="max")
         self.seeds, self.pending, self.readiness, self.make_config = seeds, list(first), readiness, make_config
-        self.st, self.slots = state, max(1, slots)
+        self.st, self._slots, self.fixed, self._seen = state, slots, fixed, (-1e9, 1)
         self.trials: dict[str, list[Node]] = {}
         self.live: set[str] = set()
         self.outcome: dict[str, str] = {}  # run id -> "" (done) or why it failed
 
+    def slots(self) -> int:
+        """Trials the cluster holds (`Scheduler.trial_slots`), asked again every SLOTS_EVERY seconds."""
+        if time.monotonic() - self._seen[0] > SLOTS_EVERY:
+            self._seen = (time.monotonic(), self._slots())
+        return self._seen[1]
+
     def suggest(self, trial_id: str):
+        slots = self.slots()
+        # without max_concurrent, twice what fits now: an autoscaler sees demand and grows the cluster
+        if not self.fixed and len(self.live) >= max(1, 2 * slots):
+            return None
         ready, known = [], {}
         for node in list(self.pending):
             model = node.parents[0]
@@ -376,7 +378,7 @@ class ReadyFinetunes(Searcher):
             elif known[model]:
                 ready.append(node)
         if ready:
-            first, size = ready[0], -(-len(ready) // self.slots)
+            first, size = ready[0], -(-len(ready) // max(1, slots))
             pack = [n for n in ready if (n.parents[0], n.factors["task"]) == (first.parents[0], first.factors["task"])]
             pack = pack[:size]
             for node in pack:
