@@ -183,3 +183,50 @@ def test_study_seeds_fixed_and_adaptive():
     for run in first:  # no readable DONE.json: as good as lost, its comparisons stop
         seeds.finished(run)
     assert seeds.release() == [] and len(seeds.unreleased()) == len(plan.of_kind("finetune_run")) // 2
+
+
+def test_the_searcher_packs_runs_and_releases_waves():
+    """orchestration.ReadyFinetunes driven as Tune drives it (suggest, results, completion), with
+    finished runs' DONE.json made up: trials pack runs of one model and task, at most a share of
+    the ready runs per slot; each run is handed out once; the waves give every group a prefix of
+    seeds; FINISHED only when nothing is left."""
+    from ray.tune.search import Searcher
+
+    from scaling_study.orchestration import ReadyFinetunes
+    from scaling_study.studystate import StudyState
+
+    study = spec_from_data(adaptive_spec())
+    plan = expand(study)
+    rng, saved = np.random.default_rng(0), {}
+    size_gain = {"debug": 0.0, "tiny": 5.0}
+
+    def done(run):
+        f1 = (50 + size_gain[run.factors["model_size"]] + rng.normal(0, 1.0)) / 100
+        saved[run.id] = {"results": [{"epochs": e, "test": {"f1": f1 + e / 100}, "collapse": False}
+                                     for e in (1, 2)]}
+
+    state = StudyState(plan, {})
+    seeds = adaptive.StudySeeds(study, plan, (), read=lambda run: saved.get(run.id))
+    searcher = ReadyFinetunes(seeds, seeds.release(), lambda node: True, lambda pack: {"runs": pack}, state,
+                              lambda: 2)
+    handed, trial = [], 0
+    while True:
+        got = searcher.suggest(str(trial))
+        if got is Searcher.FINISHED:
+            break
+        assert got is not None  # every model is ready: nothing to wait for
+        pack = got["runs"]
+        assert len({(n.parents[0], n.factors["task"]) for n in pack}) == 1 and len(pack) <= 6
+        handed += pack
+        for node in pack:
+            done(node)
+            searcher.on_trial_result(str(trial), {"node": node.id, "test_f1": 0.5, "failure": ""})
+        searcher.on_trial_complete(str(trial), {"node": pack[-1].id, "failure": ""})
+        trial += 1
+    assert len(handed) == len({n.id for n in handed}) and trial < len(handed)  # packed, each once
+    by_group = {}
+    for node in handed:
+        by_group.setdefault(adaptive.run_group(node), []).append(node.inputs["seed"])
+    assert all(sorted(s) == list(range(len(s))) and len(s) >= 2 for s in by_group.values())
+    assert len(handed) + len(seeds.unreleased()) == len(plan.of_kind("finetune_run"))
+    assert all(state.state[c.id] == "done" for n in handed for c in plan.children(n.id))
