@@ -8,6 +8,7 @@
     waves.step()                                         # -> [(group, seed), ...] to run next
     waves.log()                                          # per wave: comparisons settled, groups given a seed
     adaptive.simulate(design, rule, draw)                # the same rule on synthetic scores (benchmarks, plan)
+    seeds = adaptive.StudySeeds(study, plan, done_ids, read)   # the study driver's view: plan nodes, DONE.json
 
 Seeds are numbered 0, 1, ...: a cell's seeds are always a prefix 0..k-1, and the plan holds every
 seed up to `max` with the ids a fixed list of them has, so an adaptive study, run again or turned
@@ -20,9 +21,14 @@ The rule, in waves: every group gets seeds 0..min-1. A comparison whose two grou
 seeds 0..n-1 finished is judged at wave n (n from max(min, 3): a t interval needs 3 seeds) on
 exactly those seeds, paired by seed (`analysis.compare`). It is *settled* when its verdict
 (`analysis.verdict` against `threshold`) is "significant gain", "gain below threshold" or
-"significant loss"; else both its groups get seed n, until `max`. A group keeps getting seeds while
-any of its comparisons is open. Comparisons are judged as results arrive, inside the running
-study (`orchestration.ReadyFinetunes` asks `step` after every finished run), not after a barrier.
+"significant loss"; it is *futile* when the predictive chance that its interval at `max` seeds
+settles it is below `futility` (`SeedWaves.chance_to_settle`: stopping without a verdict costs
+no error, only seeds the study would spend on a comparison that stays inconclusive anyway); else
+both its groups get seed n, until `max`. A group keeps getting seeds while any of its comparisons
+is open, which is what bounds the saving in a full factorial: a group sits in comparisons along
+every factor. Comparisons are judged as results arrive, inside the running study
+(`orchestration.ReadyFinetunes` asks `StudySeeds.release` after every finished run), not after a
+barrier; a re-run replays the finished runs wave by wave and takes the same decisions.
 
 Honest statistics. Judging an interval after every wave and stopping at the first settled one
 inflates the error rate of a fixed 95% interval (at a true change equal to the threshold, a naive
@@ -36,8 +42,9 @@ are exact for normal seed noise: the paired t statistics of waves 3..max have on
 whatever the change and the noise, so the boundaries are computed once from DRAWS simulated
 sequences (seeded: the same levels on every machine). A comparison's verdict is that of the
 intersection of its intervals so far (each covers with the joint guarantee, so their intersection
-does). Collapsed runs are left out, as everywhere; a wave's interval then has fewer seeds than its
-level assumes, which keeps it valid but not exact.
+does). Collapsed runs are left out, as everywhere; a wave's interval then rests on fewer seeds
+than its level was computed for, which the guarantee does not cover exactly (close while few
+runs collapse).
 """
 
 from __future__ import annotations
