@@ -2,11 +2,16 @@
 
     .venv/bin/python benchmarks/study_overhead.py                 # a small study in a temp folder
     .venv/bin/python benchmarks/study_overhead.py --spec my.yaml  # any spec (its storage root is used)
+    .venv/bin/python benchmarks/study_overhead.py --spec experiments/smoke.yaml --baseline ../main
+        # before and after in one run: the same spec with another checkout's code first, then this one,
+        # each in a fresh working folder and machine cache (a relative storage root lands there)
 
 Runs the study with `run_study` (local Ray, embedded MLflow server) and prints its wall time over
 the sum of its nodes' own compute times: the corpus builds (`build_seconds` in each manifest), the
 pretraining loops (`train_seconds` of `train_mlm`, measured inside the Ray Train worker) and the
-finetune runs (the whole `finetune()` call, data loading included, measured inside the Tune trial).
+finetune runs (the whole `finetune()` call, data loading included, measured inside the Tune trial;
+a trial runs several finetune runs of one model and task, and its first run's time includes loading
+what they share).
 Everything else counts as overhead: starting Ray and the MLflow server, Ray Train worker groups,
 Tune scheduling, MLflow calls, and cores left idle. Since nodes run side by side on the machine's
 cores, the ratio can be below 1; the script also prints the cores used and the ratio per core
@@ -56,11 +61,38 @@ def node_seconds(root: Path) -> dict[str, float]:
     return out
 
 
+def before_and_after(baseline: Path, spec: str | None) -> int:
+    """This script of `baseline`'s checkout, then of this one, each in a subprocess with its own code,
+    working folder and machine cache; prints both and the change of the ratio per core."""
+    import re
+    import subprocess
+
+    ratios = {}
+    for label, repo in (("before", baseline), ("after", REPO)):
+        with tempfile.TemporaryDirectory(prefix=f"ss-{label}-", dir="/tmp") as tmp:
+            env = {**os.environ, "PYTHONPATH": str(repo), "SCALING_STUDY_CACHE": str(Path(tmp) / "cache")}
+            cmd = [sys.executable, str(repo / "benchmarks" / "study_overhead.py")]
+            cmd += ["--spec", str(Path(spec).resolve())] if spec else []
+            started = time.perf_counter()
+            done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+            print(f"--- {label}: {repo} ({time.perf_counter() - started:.0f} s, exit {done.returncode})")
+            print(done.stdout.strip() or done.stderr.strip()[-2000:])
+            found = re.search(r"wall x cores / compute:\s*([0-9.]+)", done.stdout)
+            if done.returncode or not found:
+                return 1
+            ratios[label] = float(found.group(1))
+    print(f"wall x cores / compute: before {ratios['before']:.3f}, after {ratios['after']:.3f} (target <= 1.15)")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=None, help="a study spec (default: a small built-in study)")
+    parser.add_argument("--baseline", default=None, help="another checkout: measure its code first, then this one's")
     args = parser.parse_args()
     os.environ.setdefault("SCALING_STUDY_OFFLINE", "1")
+    if args.baseline:
+        return before_and_after(Path(args.baseline).resolve(), args.spec)
 
     from scaling_study.orchestration import Layout, run_study
     from scaling_study.spec import load_spec
@@ -84,7 +116,8 @@ def main() -> int:
         parts = node_seconds(Layout.of(study).root)
     compute = sum(parts.values())
     cores = os.cpu_count()
-    print(f"study: {study.spec.name}, {summary.trained} nodes computed, {cores} cores")
+    print(f"study: {study.spec.name}, {summary.trained} nodes computed, {cores} cores; load average at the end "
+          + "/".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min: the machine's other work shows here)")
     print(f"wall time:          {wall:8.1f} s")
     print("node compute:       " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + f"; total {compute:.1f} s")
     print(f"wall / compute:     {wall / compute:8.3f}   (target <= 1.15)")

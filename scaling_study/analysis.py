@@ -34,7 +34,7 @@ import dataclasses
 import math
 import re
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -264,6 +264,24 @@ def held_fixed(df: pd.DataFrame, factor: str) -> list[str]:
     return [c for c in _keys(df, CELL_KEYS) if c not in drop]
 
 
+def comparison_pairs(data: pd.DataFrame, factor: str) -> Iterator[tuple[tuple, np.ndarray, list]]:
+    """The comparisons `diminishing_returns` makes, as row positions of `data` (rows with a `factor`
+    level): per combination of the other factors (`held_fixed`), its key, its rows, and each pair of
+    consecutive levels ((x, level, rows), (x, level, rows)), smallest first. Also what
+    `scaling_study.adaptive` judges while a study runs."""
+    order = data[FACTOR_ORDER[factor]].to_numpy() if FACTOR_ORDER[factor] in data else None
+    fixed = held_fixed(data, factor)
+    groups: dict[tuple, list] = {}
+    # one groupby over (fixed..., factor): far faster than a groupby per combination
+    for key, pos in data.groupby([*fixed, factor], dropna=False, sort=True).indices.items():
+        *held, value = key if isinstance(key, tuple) else (key,)
+        x = level_value(factor, value, order[pos[0]] if order is not None else None)
+        groups.setdefault(tuple(held), []).append((x, value, pos))
+    for key, levels in groups.items():
+        levels.sort(key=lambda item: item[0])
+        yield key, np.sort(np.concatenate([pos for _, _, pos in levels])), list(zip(levels, levels[1:]))
+
+
 def diminishing_returns(df: pd.DataFrame, factor: str = "model_size", threshold: float = 1.0,
                         metric: str = "test_f1", *, confidence: float = LEVEL, min_seeds: int = MIN_SEEDS,
                         include_collapsed: bool = False) -> pd.DataFrame:
@@ -326,21 +344,16 @@ def _changes(data: pd.DataFrame, factor: str, threshold: float, *, confidence: f
              min_seeds: int = MIN_SEEDS, include_collapsed: bool = False) -> pd.DataFrame:
     """Each level of `factor` against the next one present, every other cell key held fixed (`_points` rows)."""
     fixed, attrs = held_fixed(data, factor), _keys(data, ("task_type", "domain"))
-    order_col = FACTOR_ORDER[factor] if FACTOR_ORDER[factor] in data else None
     y_all, seeds_all, collapsed = data["_y"].to_numpy(), data["seed"].to_numpy(), _collapsed(data)
     use = ~collapsed | include_collapsed
     rows = []
-    for key, idx in data.groupby(fixed, dropna=False, sort=True).indices.items():
-        levels = []
-        for value, cell_idx in data.iloc[idx].groupby(factor, sort=False).indices.items():
-            pos = idx[cell_idx]
-            x = level_value(factor, value, data[order_col].iat[pos[0]] if order_col else None)
-            levels.append((x, value, pos[use[pos]], int(collapsed[pos].sum())))
-        levels.sort(key=lambda item: item[0])
-        for (lo_x, lo_name, lo, lo_c), (hi_x, hi_name, hi, hi_c) in zip(levels, levels[1:]):
+    for key, idx, pairs in comparison_pairs(data, factor):
+        for (lo_x, lo_name, lo_all), (hi_x, hi_name, hi_all) in pairs:
+            lo, hi = lo_all[use[lo_all]], hi_all[use[hi_all]]
+            lo_c, hi_c = int(collapsed[lo_all].sum()), int(collapsed[hi_all].sum())
             iv = compare(y_all[lo], y_all[hi], before_seeds=seeds_all[lo], after_seeds=seeds_all[hi],
                          confidence=confidence, min_seeds=min_seeds)
-            row = dict(zip(fixed, key if isinstance(key, tuple) else (key,)))
+            row = dict(zip(fixed, key))
             row.update({a: data[a].iat[idx[0]] for a in attrs})
             row.update({"factor": factor, "from": lo_name, "to": hi_name, "from_x": lo_x, "to_x": hi_x,
                         "n_from": len(lo), "n_to": len(hi), "n_collapsed_from": lo_c, "n_collapsed_to": hi_c,

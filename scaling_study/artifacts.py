@@ -25,6 +25,7 @@ A study folder (`<storage.root>/<study name>/`):
     finetune/<fr-id>/                   a finetune run (scaling_study.finetune): epochs_<L>/scores.json,
                                         predictions; DONE.json, written last, once MLflow has the results
     logs/<node-id>.log                  tracebacks of a node's failures
+    adaptive_seeds.json                 with adaptive seeds: the decisions of each wave (`SEEDS_FILE`)
     mlflow/                             the embedded MLflow server's sqlite db and artifacts (on an
                                         object store: its mlflow.db, uploaded when the driver ends)
     cache/                              downloaded corpus URLs, the results cache
@@ -73,6 +74,8 @@ FILES_FILE = "files.json"
 HASHED_BYTES = 1 << 20
 """Files up to this size get a sha256 in a file list (config, tokenizer, scores); bigger ones (weights,
 shards, optimizer state) their size only, which is what a truncated or half-copied file changes."""
+SEEDS_FILE = "adaptive_seeds.json"
+"""An adaptive-seeds study's decisions, per wave (`adaptive.SeedWaves.log`), in the study folder."""
 NODE_FOLDERS = {"corpus": "corpus", "pretrain": "pretrain", "finetune_run": "finetune"}
 
 

@@ -98,6 +98,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
     t, s = report.totals, report.storage
     console.print(f"[bold]Totals[/bold]: {t.flops:.3g} FLOPs = {_hours(t.device_hours)} {dev.name}-hours "
                   f"(pretraining {_hours(t.pretrain_device_hours)}, finetuning {_hours(t.finetune_device_hours)})")
+    if report.adaptive_seeds:
+        a = report.adaptive_seeds
+        console.print(f"[bold]Adaptive seeds[/bold] ({a.min_seeds}-{a.max_seeds} per cell): finetune jobs "
+                      f"{a.jobs_min:,} at least, about {a.jobs_expected:,.0f} expected, {a.jobs_max:,} at most; "
+                      f"finetuning about {_hours(a.finetune_device_hours_expected)} {dev.name}-hours expected, "
+                      f"{_hours(a.finetune_device_hours_max)} at most. Expected: {a.assumption}.")
     if t.finetune_jobs_without_flops:
         console.print(f"  {t.finetune_jobs_without_flops} finetune runs not costed (unknown split sizes or "
                       "external models without num_parameters)")

@@ -5,6 +5,7 @@
     report.totals.device_hours, report.pretrain_runs[0].flops
     report.to_dict()                                          # plain JSON-able data (`plan --format json`)
     node_flops(study, plan)                                   # {node id: FLOPs} of every pretrain and finetune_run node
+    report.adaptive_seeds                                     # adaptive seeds: expected and worst-case finetuning
 
 Parameters are counted exactly (embeddings included) from the presets. Pretraining FLOPs are the
 real forward and backward of the MLM model as we train it: the encoder on every token, the MLM head
@@ -149,6 +150,26 @@ class Totals:
 
 
 @dataclasses.dataclass
+class AdaptiveCost:
+    """The finetuning of an adaptive-seeds study (`finetune.seeds: {adaptive: ...}`): the plan holds
+    `max` seeds of every cell (the worst case, which the totals count); the rule runs fewer."""
+
+    min_seeds: int
+    max_seeds: int
+    jobs_min: int
+    """Finetune jobs with `min` seeds everywhere (every comparison settled at once)."""
+    jobs_expected: float
+    jobs_max: int
+    finetune_flops_min: float
+    finetune_flops_expected: float
+    finetune_flops_max: float
+    finetune_device_hours_expected: float
+    finetune_device_hours_max: float
+    assumption: str
+    """What the expected numbers assume (`adaptive_cost`)."""
+
+
+@dataclasses.dataclass
 class CostReport:
     """What `estimate` returns; `to_dict()` is the JSON of `plan --format json`."""
 
@@ -163,6 +184,8 @@ class CostReport:
     corpus: CorpusSize | None
     """None for a study of external models only."""
     totals: Totals
+    adaptive_seeds: AdaptiveCost | None = None
+    """None unless the seeds are adaptive."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -321,6 +344,44 @@ def node_disk(storage: StorageCost, pretrain_runs: list[PretrainRunCost], corpus
             for node, p in parts.items()}
 
 
+SIMULATED_STUDIES = 3
+"""Synthetic studies behind an adaptive study's expected cost (seeded: `plan` prints the same numbers)."""
+
+
+def adaptive_cost(study: Study, plan: Plan, flops: dict[str, float], per_hour: float) -> AdaptiveCost | None:
+    """Expected and worst-case finetuning of an adaptive-seeds study. Expected: the rule run on
+    SIMULATED_STUDIES synthetic studies of this plan's design (`adaptive.synthetic_truth`: effects
+    around the threshold; `adaptive.synthetic_draw`: seed noise by task type), as in
+    benchmarks/adaptive.py; a real study's effects decide the real cost."""
+    import numpy as np
+
+    from scaling_study import adaptive
+
+    rule = study.spec.finetune.adaptive
+    if rule is None:
+        return None
+    design = adaptive.design_from_plan(study, plan)
+    cells = design.cells.groupby("group", sort=False).size().to_dict()
+    per_run = {adaptive.run_group(run): flops.get(run.id, 0.0) for run in plan.of_kind("finetune_run")}
+    rng = np.random.default_rng(0)
+    seeds = {g: 0.0 for g in design.groups}
+    for _ in range(SIMULATED_STUDIES):
+        truth = adaptive.synthetic_truth(design, rng, rule.threshold)
+        for g, k in adaptive.simulate(design, rule, adaptive.synthetic_draw(design, truth, rng)).seeds_run().items():
+            seeds[g] += k / SIMULATED_STUDIES
+    expected = sum(seeds[g] * per_run[g] for g in design.groups)
+    worst = sum(rule.max * per_run[g] for g in design.groups)
+    sd = ", ".join(f"{kind} {value:g}" for kind, value in adaptive.SEED_SD.items())
+    return AdaptiveCost(
+        min_seeds=rule.min, max_seeds=rule.max, jobs_min=rule.min * len(design.cells),
+        jobs_expected=sum(seeds[g] * cells[g] for g in design.groups), jobs_max=rule.max * len(design.cells),
+        finetune_flops_min=sum(rule.min * per_run[g] for g in design.groups), finetune_flops_expected=expected,
+        finetune_flops_max=worst, finetune_device_hours_expected=expected / per_hour,
+        finetune_device_hours_max=worst / per_hour,
+        assumption=f"the rule on {SIMULATED_STUDIES} synthetic studies of this plan: effects around the threshold, "
+                   f"seed sd {sd} F1 points (benchmarks/adaptive.py); the totals count the worst case")
+
+
 def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None = None) -> CostReport:
     """The plan's costs on `device` (a name in presets/devices.yaml); see the module docstring."""
     dev = _device(device, mfu)
@@ -341,4 +402,5 @@ def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None =
                     finetune_jobs_without_flops=sum(r.flops_unknown for r in by_task))
     return CostReport(study=spec.name, device=dev, counts={kind: len(plan.of_kind(kind)) for kind in KINDS},
                       pretrain_runs=pretrain_runs, finetune_by_task=by_task,
-                      storage=storage, corpus=corpus, totals=totals)
+                      storage=storage, corpus=corpus, totals=totals,
+                      adaptive_seeds=adaptive_cost(study, plan, flops, per_hour))

@@ -7,6 +7,9 @@ markers, and sequence classification. One plain training loop, dynamic padding, 
     results = finetune("studies/x/ck-1234", task, data, FinetuneConfig(lr=5e-4), epoch_levels=[1, 3],
                        seed=0, out_dir="out/scierc_re")
     results[-1]["test"]["f1"], results[-1]["selected_epoch"], results[-1]["collapse"]
+    inputs = prepare("studies/x/ck-1234", task, data, config)   # tokenizer, encoded task, weights: once
+    for seed in (0, 1, 2):                                      # several runs of one model on one task
+        finetune("studies/x/ck-1234", task, data, config, [1, 3], seed, f"out/{seed}", inputs=inputs)
 
 Each result (one per epoch level) holds `dev` and `test` scores (with `per_type`; NER also the
 conlleval scores), `score` (test F1), `majority_f1` (test score of always predicting the majority
@@ -97,14 +100,44 @@ class FinetuneConfig(FinetuneRecipe):
         return cls(**{**recipe, **overrides})
 
 
+@dataclasses.dataclass
+class Inputs:
+    """What every finetune run of one model on one task shares (`prepare`): made once, then passed to
+    each `finetune` call (a Tune trial runs several seeds and epoch levels of one checkpoint and task)."""
+
+    tokenizer: Any
+    """`load_tokenizer`'s: the task's markers added."""
+    feats: dict[str, list[dict]]
+    """`encode`d examples per split."""
+    weights: dict | None
+    """The checkpoint's weights (`model.safetensors`), read once and copied for each run; None for a
+    hub id or a sharded checkpoint (`from_pretrained` reads those each time)."""
+
+
+def prepare(model_source: str | Path, task: TaskInfo, data: TaskData, config: FinetuneRecipe, *,
+            revision: str | None = None, do_lower_case: bool | None = None,
+            cache_dir: str | Path | None = None) -> Inputs:
+    """Load the tokenizer and the checkpoint's weights, and encode the task (`cached_features`)."""
+    tokenizer = load_tokenizer(model_source, task, revision=revision, do_lower_case=do_lower_case)
+    weights = Path(model_source) / "model.safetensors"
+    if weights.is_file() and revision is None:
+        from safetensors.torch import load_file
+
+        weights = load_file(str(weights))
+    else:
+        weights = None
+    return Inputs(tokenizer, cached_features(task, tokenizer, data, config.max_seq_len, cache_dir), weights)
+
+
 def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: FinetuneConfig,
              epoch_levels: Iterable[int], seed: int, out_dir: str | Path,
              logger: Callable[[dict], None] | None = None, *, revision: str | None = None,
-             do_lower_case: bool | None = None) -> list[dict]:
+             do_lower_case: bool | None = None, inputs: Inputs | None = None) -> list[dict]:
     """Finetune and score at each epoch level; one result dict per level, also written to `out_dir`.
 
     `revision` pins a hub model's commit, tag or branch; `do_lower_case` the tokenizer's casing where
-    the model does not say (see `load_tokenizer`)."""
+    the model does not say (see `load_tokenizer`). `inputs`: this model's and task's `prepare`, when
+    the caller runs several seeds (the same results as without it)."""
     levels = sorted(set(int(e) for e in epoch_levels))
     if not levels or levels[0] < 1:
         raise ValueError(f"epoch_levels must be positive integers, got {list(epoch_levels)}")
@@ -116,18 +149,18 @@ def finetune(model_source: str | Path, task: TaskInfo, data: TaskData, config: F
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto"
                           else config.device)
     labels = data.label_list
-    tokenizer = load_tokenizer(model_source, task, revision=revision, do_lower_case=do_lower_case)
-    feats = {split: encode(task, tokenizer, examples, labels, config.max_seq_len)
-             for split, examples in data.splits.items()}
-    job = _Job(task=task, data=data, feats=feats, labels=labels, config=config, seed=seed, device=device,
+    inputs = inputs or prepare(model_source, task, data, config, revision=revision, do_lower_case=do_lower_case)
+    tokenizer = inputs.tokenizer
+    job = _Job(task=task, data=data, feats=inputs.feats, labels=labels, config=config, seed=seed, device=device,
                pad_id=tokenizer.pad_token_id or 0, out=out, logger=logger,
-               tokenizer=tokenizer_facts(tokenizer, feats["test"]))
+               tokenizer=tokenizer_facts(tokenizer, inputs.feats["test"]))
     runs = [levels] if config.protocol == "trajectory" else [[level] for level in levels]
     results = []
     with _deterministic():
         for run_levels in runs:
             torch.manual_seed(seed)  # the new head's init and dropout; each run starts from the same state
-            model = load_model(model_source, task, labels, len(tokenizer), revision=revision).to(device)
+            model = load_model(model_source, task, labels, len(tokenizer), revision=revision,
+                               weights=inputs.weights).to(device)
             results += _train_run(model, job, run_levels)
     (out / "results.json").write_text(json.dumps(results, indent=2))
     return results
@@ -342,18 +375,30 @@ def _lowercases(tokenizer) -> bool:
 
 
 def load_model(source: str | Path, task: TaskInfo, labels: list[str], vocab_size: int, *,
-               revision: str | None = None):
-    """The checkpoint with a new classification head (initialised from the torch RNG: seed first)."""
+               revision: str | None = None, weights: dict | None = None):
+    """The checkpoint with a new classification head (initialised from the torch RNG: seed first).
+    `weights`: the checkpoint's state dict, already read (`prepare`); copied, never trained in place."""
     import transformers
-    from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING,
+        MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING,
+    )
 
-    cls = AutoModelForTokenClassification if task.type == "ner" else AutoModelForSequenceClassification
+    ner = task.type == "ner"
+    cls = AutoModelForTokenClassification if ner else AutoModelForSequenceClassification
+    head = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                label2id={label: i for i, label in enumerate(labels)})
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()  # "newly initialized weights" is the point of finetuning
     try:
-        model = cls.from_pretrained(str(source), revision=revision, num_labels=len(labels),
-                                    id2label=dict(enumerate(labels)),
-                                    label2id={label: i for i, label in enumerate(labels)})
+        if weights is not None:  # the same model and RNG draws as from the folder (tests/test_finetune.py)
+            config = AutoConfig.from_pretrained(str(source), revision=revision, **head)
+            concrete = (MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING if ner else MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING)
+            model = concrete[type(config)].from_pretrained(None, config=config,
+                                                           state_dict={k: v.clone() for k, v in weights.items()})
+        else:
+            model = cls.from_pretrained(str(source), revision=revision, **head)
         if vocab_size > model.get_input_embeddings().num_embeddings:
             model.resize_token_embeddings(vocab_size)  # entity markers added to the tokenizer; rows from the RNG
     except (OSError, ValueError) as exc:
@@ -389,6 +434,33 @@ def encode(task: TaskInfo, tokenizer, examples: list[dict], labels: list[str], m
                 starts[w] = pos
                 label_ids[pos] = label_id[ex["tags"][w]]
         feats.append({"input_ids": enc["input_ids"][i], "labels": label_ids, "word_starts": starts})
+    return feats
+
+
+def cached_features(task: TaskInfo, tokenizer, data: TaskData, max_len: int,
+                    cache_dir: str | Path | None = None) -> dict[str, list[dict]]:
+    """`encode` of every split, cached on this machine (`<cache>/features/`) under a hash of what
+    decides it: the tokenizer as it stands (vocabulary, normalizer, added markers), the examples
+    themselves (the task's data after its caps), the labels and `max_len`. Checkpoints of one
+    pretraining run share a tokenizer, so their trials encode a task once per node."""
+    import hashlib
+    import pickle
+
+    from scaling_study.downloads import cache_root
+    from scaling_study.storage import write_atomic
+
+    key = hashlib.sha256()
+    for part in (tokenizer.backend_tokenizer.to_str(), json.dumps(data.splits, sort_keys=True, default=str),
+                 json.dumps([task.type, data.label_list, max_len])):
+        key.update(part.encode())
+    path = Path(cache_dir or cache_root() / "features") / f"{task.id}-{key.hexdigest()[:24]}.pkl"
+    if path.is_file():
+        with contextlib.suppress(Exception):  # a cache: anything unreadable is made again
+            return pickle.loads(path.read_bytes())
+    feats = {split: encode(task, tokenizer, examples, data.label_list, max_len)
+             for split, examples in data.splits.items()}
+    with contextlib.suppress(OSError):  # a full or read-only disk only costs the next trial the encoding
+        write_atomic(path, pickle.dumps(feats, protocol=pickle.HIGHEST_PROTOCOL))
     return feats
 
 

@@ -16,7 +16,9 @@ dependency order:
   step 0 (the initial weights: the control arm) with `pretrain.random_init`.
 - `external`: a published model (Hugging Face id or local folder).
 - `finetune_run`: one finetuning run of a checkpoint or external model on a task with a seed
-  (`trajectory`: over the largest epochs level; `independent`: one per epochs level).
+  (`trajectory`: over the largest epochs level; `independent`: one per epochs level). With adaptive
+  seeds the plan holds every seed up to the rule's `max`, with the ids a fixed list of them has;
+  the study driver runs only those the rule asks for (`scaling_study.adaptive`).
 - `finetune`: one result cell, the finetune run's model after an epochs level, scored on the test split.
 
 An id is `<kind prefix>-<16 hex>` of the SHA-256 of the node's inputs as canonical JSON, parents'
@@ -168,7 +170,7 @@ def expand(study: Study) -> Plan:
     for model in models:
         for tid in study.tasks:
             task = _task_inputs(study, tid)
-            for seed in sorted(spec.finetune.seeds):
+            for seed in spec.finetune.seed_levels:  # an adaptive rule's: all max of them
                 for levels in schedules:
                     factors = {**{k: v for k, v in model.factors.items() if k != "total_steps"},
                                "task": tid, "seed": seed}

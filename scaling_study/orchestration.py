@@ -9,7 +9,7 @@
 
 What runs where (`Scheduler`): corpus builds are Ray tasks; each pretraining run is a Ray task that
 drives a Ray Train `TorchTrainer` (it starts as soon as its corpus build is done); finetune runs are
-Ray Tune trials, released by `ReadyFinetunes` (a Tune search algorithm) as soon as the checkpoint
+Ray Tune trials, released by `searcher.ReadyFinetunes` (a Tune search algorithm) as soon as the checkpoint
 they finetune exists, not after all pretraining ends, with the spec's per-job resources and
 concurrency. Work lost with its Ray node is done again in the same invocation
 (`workers.MAX_FAILURES`): Ray reruns a corpus build, Ray Train restarts a pretraining run's workers
@@ -36,14 +36,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
 from typing import Any
 
-from ray.tune.search import Searcher
-
 from scaling_study import studies
-from scaling_study.artifacts import (Layout, done_nodes, model_options, model_source, node_done, pull_tracking,
-                                    push_tracking)
+from scaling_study.adaptive import StudySeeds
+from scaling_study.artifacts import (DONE_FILE, Layout, done_nodes, model_options, model_source, node_done,
+                                     pull_tracking, push_tracking, read_done)
 from scaling_study.grid import Node, Plan, expand
 from scaling_study.lifecycle import (
     STORAGE_ERRNOS,
@@ -57,6 +55,7 @@ from scaling_study.lifecycle import (
 from scaling_study.progress import StudyProgress
 from scaling_study.raycluster import ray_cluster
 from scaling_study.records import Recorder
+from scaling_study.searcher import ReadyFinetunes
 from scaling_study.spec import Study
 from scaling_study.studystate import Failure, StudyState, live_view, node_weights
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
@@ -168,17 +167,22 @@ def _drive(study: Study, prepared: Prepared, state: StudyState, uri: str, lock: 
     recorder = Recorder(tracker, study, plan, layout)
     recorder.open()
     recorder.repair(state)
-    if state.unfinished():
+    seeds = StudySeeds(study, plan, prepared.done, lambda run: read_done(layout.read(plan, run, DONE_FILE)))
+    first = seeds.release()  # every unfinished run, or an adaptive rule's next wave
+    if first or any(n.kind != "finetune_run" for n in state.unfinished()):
         # stop_on_signals again: ray.init installs its own SIGTERM handler in the driver
         with ray_cluster(address, on_start=lock.own), stop_on_signals(), live_view(state, progress), \
                 StudyProgress(study, state):
-            scheduler = Scheduler(study, plan, layout, recorder, state)
+            scheduler = Scheduler(study, plan, layout, recorder, state, seeds, first)
             try:
                 scheduler.run()
             finally:
                 box["trained"] = scheduler.trained
     try:
         with tracking_calls(uri):
+            decisions = seeds.close(state, layout)  # skipped jobs; adaptive seeds' decisions file
+            if decisions:
+                recorder.log_study_file(decisions)
             recorder.close(failed=bool(state.failures))
     except Exception as exc:
         state.tracking_lost(None, failure_reason(exc))
@@ -187,8 +191,11 @@ def _drive(study: Study, prepared: Prepared, state: StudyState, uri: str, lock: 
 class Scheduler:
     """Starts every unfinished node as soon as its inputs exist, and records how each ends."""
 
-    def __init__(self, study: Study, plan: Plan, layout: Layout, recorder: Recorder, state: StudyState):
+    def __init__(self, study: Study, plan: Plan, layout: Layout, recorder: Recorder, state: StudyState,
+                 seeds: StudySeeds | None = None, first: list[Node] | None = None):
         self.study, self.plan, self.layout, self.recorder, self.state = study, plan, layout, recorder, state
+        self.seeds = seeds or StudySeeds(study, plan, (), lambda run: None)
+        self.first = self.seeds.release() if first is None else first
         self.refs: dict[str, Any] = {}  # node id -> the Ray task computing it
         self.finished: set[str] = set()  # nodes whose task has ended (well or not)
         self.pretrain_runs: dict[str, str] = {}  # pretrain node -> its MLflow run
@@ -298,36 +305,54 @@ class Scheduler:
             return None
         return False
 
-    def trial_config(self, run_node: Node) -> dict:
-        """What a finetune trial needs (`workers.finetune_trial`); its cells' MLflow runs are created here."""
-        model = self.plan.nodes[run_node.parents[0]]
+    def trial_config(self, runs: list[Node]) -> dict:
+        """What a finetune trial needs (`workers.finetune_trial`): finetune runs of one model on one
+        task, run one after the other in one process; their cells' MLflow runs are created here."""
+        model = self.plan.nodes[runs[0].parents[0]]
         source = model_source(self.study, self.layout, self.plan, model)
-        with tracking_calls(self.recorder.uri):
-            cells = self.recorder.finetune_cells(run_node, source)
-        return {"node": run_node.id, "model_source": source, "model_options": model_options(self.study, model),
-                "task": run_node.factors["task"],
-                "seed": run_node.inputs["seed"], "levels": sorted(int(e) for e in cells),
-                "out_dir": self.layout.location(self.plan, run_node), "log": self.layout.log(run_node.id),
-                "cells": cells, "cpus": self.study.spec.finetune.cpus_per_job}
+        configs = []
+        for run in runs:
+            with tracking_calls(self.recorder.uri):
+                cells = self.recorder.finetune_cells(run, source)
+            configs.append({"node": run.id, "seed": run.inputs["seed"], "levels": sorted(int(e) for e in cells),
+                            "out_dir": self.layout.location(self.plan, run), "log": self.layout.log(run.id),
+                            "cells": cells})
+        return {"runs": configs, "model_source": source, "model_options": model_options(self.study, model),
+                "task": runs[0].factors["task"],
+                "cpus": self.study.spec.finetune.cpus_per_job}
+
+    def trial_slots(self) -> int:
+        """Finetune trials the cluster's CPUs and GPUs hold now (`max_concurrent`, when set)."""
+        import ray
+
+        f = self.study.spec.finetune
+        if f.max_concurrent:
+            return f.max_concurrent
+        have = ray.cluster_resources()
+        slots = have.get("CPU", 0) // f.cpus_per_job
+        if f.gpus_per_job:
+            slots = min(slots, have.get("GPU", 0) // f.gpus_per_job)
+        return int(slots)
 
     def release_finetunes(self) -> None:
-        """Every unfinished finetune run as a Ray Tune trial, each released once its model exists."""
+        """The finetune runs `self.seeds` releases, as Ray Tune trials, each once its model exists."""
         from ray import tune
 
-        pending = self._todo("finetune_run")
-        if not pending:
+        if not self.first:
             return
         f = self.study.spec.finetune
-        searcher = ReadyFinetunes(pending, self.readiness, self.trial_config, self.state)
+        searcher = ReadyFinetunes(self.seeds, self.first, self.readiness, self.trial_config, self.state,
+                                  self.trial_slots, fixed=bool(f.max_concurrent))
         # the URI (it may hold a password) travels as a parameter, not in the config Tune writes to disk
         trainable = tune.with_resources(
             tune.with_parameters(finetune_trial, study=self.study, uri=self.recorder.uri),
             {"cpu": f.cpus_per_job, "gpu": f.gpus_per_job})
         store = self.layout.store
         tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(pending),
-                                        max_concurrent_trials=f.max_concurrent or 0),
+            trainable,  # at most one trial per run: the searcher says when there are no more
+            # a slot's worker process is kept for its next trial: torch and transformers imported once
+            tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(self._todo("finetune_run")),
+                                        max_concurrent_trials=f.max_concurrent or 0, reuse_actors=True),
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,
@@ -335,22 +360,25 @@ class Scheduler:
                                       # runs); one that failed by itself reports it (finetune_trial)
                                       failure_config=tune.FailureConfig(max_failures=MAX_FAILURES)))
         grid = tuner.fit()
-        self._record_trials(grid)
+        self._record_trials(grid, searcher.outcome)
 
-    def _record_trials(self, grid) -> None:
+    def _record_trials(self, grid, outcome: dict[str, str]) -> None:
+        """`outcome`: run id -> "" (done) or its own error (workers.finetune_trial), from the searcher."""
         for result in grid:
-            reason = (result.metrics or {}).get("failure")  # the trial's own error (workers.finetune_trial)
-            if result.error is None and reason is None:
-                self.trained += 1
-                continue
-            reason = reason or failure_reason(result.error)  # or its process died, retries and all
-            if not (result.config or {}).get("node"):  # died before Tune kept its config: no node to name
-                self.state.tracking_lost(None, reason, what="finetune trial")
-                continue
-            run_node = self.plan.nodes[result.config["node"]]
-            for cell in self.plan.children(run_node.id):
-                self.state.fail(cell, reason, self.layout.log(run_node.id))
-                self.recorder.mark_failed(cell.id)
+            runs = [r["node"] for r in (result.config or {}).get("runs", [])]
+            if not runs and result.error is not None:  # died before Tune kept its config: no node to name
+                self.state.tracking_lost(None, failure_reason(result.error), what="finetune trial")
+            for nid in runs:
+                reason = outcome.get(nid)
+                if reason == "":
+                    self.trained += 1
+                    continue
+                # or its process died (retries and all), or the trial ended before it
+                reason = reason or (failure_reason(result.error) if result.error is not None
+                                    else "the trial ended before this run")
+                for cell in self.plan.children(nid):
+                    self.state.fail(cell, reason, self.layout.log(nid))
+                    self.recorder.mark_failed(cell.id)
 
     def drain(self) -> None:
         """Wait for pretraining whose checkpoints no finetune run needed any more."""
@@ -358,55 +386,3 @@ class Scheduler:
             time.sleep(1)
             self.poll()
         self.poll()
-
-
-class ReadyFinetunes(Searcher):
-    """A Ray Tune search algorithm that hands out finetune runs whose model is ready.
-
-    `suggest` returns a trial config as soon as some pending run's checkpoint exists, `None` while
-    pretraining is still producing them, and FINISHED when every run has been handed out or can
-    never run (its pretraining failed).
-    """
-
-    def __init__(self, pending: list[Node], readiness: Callable[[Node], bool | None],
-                 make_config: Callable[[Node], dict], state: StudyState):
-        super().__init__(metric="test_f1", mode="max")
-        self.pending, self.readiness, self.make_config, self.st = list(pending), readiness, make_config, state
-        self.trials: dict[str, Node] = {}
-
-    def suggest(self, trial_id: str):
-        for node in list(self.pending):
-            ready = self.readiness(node)
-            if ready is None:
-                self.pending.remove(node)
-            elif ready:
-                self.pending.remove(node)
-                try:
-                    config = self.make_config(node)
-                except Exception as exc:  # tracking lost: these cells fail, a re-run redoes them
-                    for cell in self.st.plan.children(node.id):
-                        self.st.fail(cell, failure_reason(exc), None)
-                    continue
-                self.trials[trial_id] = node
-                for cell in self.st.plan.children(node.id):
-                    self.st.set(cell.id, "running")
-                return config
-        return Searcher.FINISHED if not self.pending else None
-
-    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        node = self.trials.get(trial_id)
-        if node is None:
-            return
-        for cell in self.st.plan.children(node.id):
-            self.st.set(cell.id, "failed" if error or (result or {}).get("failure") else "done")
-
-    def __getstate__(self) -> dict:
-        # Tune pickles its search algorithm for Tuner.restore, which we never use (storage says
-        # what is done); the driver-side callbacks and locks do not pickle.
-        return {"pending": [n.id for n in self.pending], "trials": {k: v.id for k, v in self.trials.items()}}
-
-    def save(self, checkpoint_path: str) -> None:  # nothing to save: storage says what is done
-        pass
-
-    def restore(self, checkpoint_path: str) -> None:
-        pass

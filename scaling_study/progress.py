@@ -10,7 +10,7 @@ the prefix `ray_` (`ray_scaling_study_nodes`) on every node's metrics port
 (`ray start --metrics-export-port`), next to its own metrics:
 
     scaling_study_nodes{study, kind, state}        gauge: nodes of a kind (corpus, pretrain, checkpoint,
-                                                   finetune) in a state (pending, running, done, failed, blocked)
+                                                   finetune) in a state (pending, running, done, failed, blocked, skipped)
     scaling_study_tokens_per_second{study, node}   gauge: a pretraining run's throughput, all workers
     scaling_study_mfu{study, node}                 gauge: its model FLOPs utilisation (0-1)
     scaling_study_device_hours_used{study}         gauge: device-hours held by the nodes this driver ran

@@ -287,6 +287,10 @@ class Recorder:
             path.write_text(redact_uri(text), encoding="utf-8")
             self.tracker.client.log_artifact(self.study_run, str(path), str(Path(rel).parent) if "/" in rel else None)
 
+    def log_study_file(self, path: Path) -> None:
+        """A file of the whole study (adaptive seeds' decisions) as an artifact of the study's run."""
+        self.tracker.client.log_artifact(self.study_run, str(path))
+
     def close(self, *, failed: bool) -> None:
         """End the study's run, and every run of the study still RUNNING: an external model's (it has
         nothing of its own to finish) as FINISHED, any other (the driver ends before its node did) KILLED."""

@@ -15,7 +15,8 @@ the paper's table (`analysis.table_rows`: task x model at every other factor's l
 `scaling-study results --pivot task model`), the collapsed share per task and per cell, F1 against
 model size, data volume, pretraining steps and finetuning epochs per task with 95% t-interval bands,
 a heatmap of the diminishing-returns verdicts, power-law fits against pretraining compute, and the
-pretraining loss curves. Collapsed runs are left out of the table, verdicts and fits unless
+pretraining loss curves; for a study with adaptive seeds, each wave's decisions and every
+comparison's ("settled after 3 seeds"). Collapsed runs are left out of the table, verdicts and fits unless
 `include_collapsed`; the page says how many.
 
 The report never stops on the data's shape: a section that cannot be computed or drawn says so,
@@ -27,6 +28,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import json
 import math
 import os
 import shutil
@@ -488,6 +490,37 @@ def _fits_table(fits: pd.DataFrame, names: dict) -> str:
             f"{''.join(rows)}</table>")
 
 
+def _seeds_section(log: dict) -> str:
+    """An adaptive-seeds study's decisions (`adaptive.SeedWaves.log`): the rule, each wave, and every
+    comparison with the seeds after which it was settled (or why it got no more)."""
+    rule, comps = log["rule"], log.get("comparisons") or []
+    runs = sum(g["seeds"] for g in log.get("groups", []))
+    text = (f"Seeds were given out in waves: {rule['min']} for every cell, then one more at a time only for cells in a "
+            f"comparison not yet settled (threshold {_points_word(rule['threshold'])}), up to {rule['max']}. Each wave's "
+            f"interval has its own level (alpha spending, {rule['spending']}) so that every comparison's verdict is "
+            f"wrong with a chance of at most {1 - rule['confidence']:.0%}; a comparison that {rule['max']} seeds "
+            f"were unlikely to settle stopped as inconclusive. {runs} finetune runs of the plan's "
+            f"{rule['max'] * len(log.get('groups', []))} were run.")
+    waves = "".join(f"<li>After {w['seeds']} seeds (interval level {w['level']:.4f}): {len(w['settled'])} comparisons "
+                    f"settled, {len(w.get('futile', []))} stopped as unlikely to settle, "
+                    f"{len(w['given_another_seed'])} cells given another seed.</li>"
+                    if w.get("level") else f"<li>After {w['seeds']} seeds: {len(w['given_another_seed'])} cells "
+                    "given another seed (intervals need 3).</li>" for w in log.get("waves", []))
+    rows = ""
+    for c in comps:
+        when = {"settled": f"settled after {c['settled_after']} seeds",
+                "futile": f"stopped after {c.get('futile_after')} seeds (unlikely to settle)",
+                "max seeds": f"{c['seeds']} seeds, the most"}.get(c["status"], f"{c['status']} at {c['seeds']} seeds")
+        ci = (f"[{c['ci_low']:.1f}, {c['ci_high']:.1f}]" if c.get("ci_low") is not None
+              and not pd.isna(c["ci_low"]) else "—")
+        rows += (f"<tr><td class='name'>{html.escape(str(c['comparison']))}</td><td class='name'>"
+                 f"{html.escape(str(c['verdict']))}</td><td>{ci}</td><td class='name'>{html.escape(when)}</td></tr>")
+    table = ("<details><summary>Every comparison</summary><div class='wide'><table><tr><th class='name'>comparison"
+             "</th><th class='name'>verdict</th><th>interval (points)</th><th class='name'>decided</th></tr>"
+             f"{rows}</table></div></details>")
+    return f"<p>{html.escape(text)}</p><ul>{waves}</ul>{table}"
+
+
 # ----------------------------------------------------------------------------------- the page
 
 
@@ -570,9 +603,10 @@ def _verdicts(df: pd.DataFrame, threshold: float, metric: str, include_collapsed
 
 def render(df: pd.DataFrame, curves: pd.DataFrame | None, out_path: str | Path, *, title: str = "Scaling study",
            threshold: float = 1.0, metric: str = "test_f1", include_collapsed: bool = False,
-           names: dict | None = None) -> list[str]:
+           names: dict | None = None, seeds_log: dict | None = None) -> list[str]:
     """Write the report to `out_path` (atomically) and its figures beside it; returns the ids of the
-    plots it holds. `names`: task id -> display name (default: the task registry's names)."""
+    plots it holds. `names`: task id -> display name (default: the task registry's names);
+    `seeds_log`: an adaptive-seeds study's decisions (`artifacts.SEEDS_FILE`), shown after the summary."""
     import matplotlib
 
     df = df.copy()
@@ -592,6 +626,9 @@ def render(df: pd.DataFrame, curves: pd.DataFrame | None, out_path: str | Path, 
                     else ([], verdict_error))
     page.add("Summary", "<ul>" + "".join(f"<li>{html.escape(s)}</li>" for s in lines or []) + "</ul>"
              + (page.note(error, True) if error else ""))
+    if seeds_log:
+        section, error = _attempt("the adaptive seeds' decisions", _seeds_section, seeds_log)
+        page.add("Adaptive seeds", section or page.note(error, True))
     table, error = _attempt("the results table", _table, df, metric, include_collapsed, names)
     page.add("Results", table or page.note(error, True))
     section, error = _attempt("the collapsed share", _collapsed_section, cells, names, include_collapsed)
@@ -644,17 +681,19 @@ def build(study: str, tracking_uri: str | None = None, root: str | Path | None =
     if not len(df):
         raise UserError(f"report: study {study!r} has no finished finetune jobs yet; allowed: a study with results")
     curves = results.loss_curves(study, tracking_uri=tracking_uri, root=root)
-    from scaling_study.artifacts import Layout
+    from scaling_study.artifacts import SEEDS_FILE, Layout
 
     if study.endswith((".yaml", ".yml")):
         from scaling_study.spec import load_spec
 
-        folder = Layout.of(load_spec(study)).root
+        layout = Layout.of(load_spec(study))
     else:  # an object-store root: its local mirror
         from scaling_study.studies import root_of
 
-        folder = Layout.named(study, root_of(study, root)).root
+        layout = Layout.named(study, root_of(study, root))
+    folder = layout.root
     out = Path(out) if out else folder / "report.html"
+    seeds_log = layout.store.read_text(SEEDS_FILE)
     render(df, curves, out, title=f"Scaling study: {folder.name}", threshold=threshold,
-           include_collapsed=include_collapsed)
+           include_collapsed=include_collapsed, seeds_log=json.loads(seeds_log) if seeds_log else None)
     return out

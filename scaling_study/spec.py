@@ -27,7 +27,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BeforeValidator, ConfigDict
+from pydantic import AfterValidator, BeforeValidator, ConfigDict, Discriminator, Tag
 from pydantic.dataclasses import dataclass
 
 from scaling_study.errors import SpecError, SpecErrors
@@ -306,14 +306,77 @@ def _pair(value: list, name: str) -> list:
 
 
 @dataclass(config=_CONFIG, kw_only=True)
+class AdaptiveSeeds:
+    """Seeds given out in waves (`scaling_study.adaptive`): `min` seeds for every cell, then one more
+    seed at a time only for cells in a comparison that is not settled yet, up to `max`."""
+
+    min: Annotated[int, AfterValidator(lambda v: _at_least(v, 2))] = 2
+    """Seeds every cell gets (0..min-1). Intervals need 3 seeds, so comparisons are first judged at 3."""
+    max: Annotated[int, AfterValidator(lambda v: _at_least(v, 3))] = 10
+    """Seeds a cell gets at most (0..max-1); the plan holds all of them, so its ids are those of a
+    study with `seeds: [0, ..., max-1]`."""
+    threshold: NonNegFloat = 1.0
+    """F1 points a step must buy (`analysis.verdict`): a comparison is settled once its interval
+    shows a gain above it, rules such a gain out, or shows a loss below minus it."""
+    confidence: Annotated[float, AfterValidator(lambda v: _fraction(v, open_low=True, open_high=True))] = 0.95
+    """Chance that every interval of a comparison, at every wave, covers its true change (a
+    sequential correction spends 1 - confidence over the waves); a wrong verdict is at most this likely."""
+    futility: Annotated[float, AfterValidator(lambda v: _fraction(v, open_high=True))] = 0.2
+    """Stop giving a comparison seeds once the chance that `max` seeds would settle it, predicted
+    from its seeds so far, is below this (it stays "inconclusive"); 0 never stops for futility."""
+
+
+@dataclass(config=_CONFIG, kw_only=True)
+class SeedRule:
+    """`seeds: {adaptive: {...}}`: seeds decided while the study runs."""
+
+    adaptive: AdaptiveSeeds
+    """How many seeds each cell gets, decided from the results so far (`AdaptiveSeeds`)."""
+
+
+def _at_least(value: int, low: int) -> int:
+    if value < low:
+        raise ValueError(f"too small; allowed: an integer >= {low}")
+    return value
+
+
+def _seeds_shape(value: Any) -> Any:
+    if not isinstance(value, (list, dict)):
+        raise ValueError("not seeds; allowed: a list of seeds ([0, 1, 2]) or {adaptive: {min: 2, max: 10}}")
+    return value
+
+
+def _seeds_arm(value: Any) -> str:
+    # the tags are words yamlio drops from an error's field path
+    return "dict" if isinstance(value, dict) or hasattr(value, "adaptive") else "list"
+
+
+Seeds = Annotated[Annotated[Annotated[list[Seed], AfterValidator(_levels)], Tag("list")]
+                  | Annotated[SeedRule, Tag("dict")], Discriminator(_seeds_arm), BeforeValidator(_seeds_shape)]
+
+
+@dataclass(config=_CONFIG, kw_only=True)
 class _FinetuneAxes:
     """The finetune-time and seed axes (the spec's alone: a run gets its epoch levels and seed from the plan)."""
 
     epochs: Annotated[list[PosInt], AfterValidator(lambda v: _levels(v, increasing=True))]
     """Epoch levels, strictly increasing. With `trajectory` one run per (model, task, seed) is
     evaluated after each level; with `independent` each level is its own run."""
-    seeds: Annotated[list[Seed], AfterValidator(_levels)] = field(default_factory=lambda: [0])
-    """Seeds (0 to 2**32 - 1); each fixes head initialisation, data order and dropout, so a seed repeats its score."""
+    seeds: Seeds = field(default_factory=lambda: [0])
+    """Seeds (0 to 2**32 - 1); each fixes head initialisation, data order and dropout, so a seed
+    repeats its score. A list, or `{adaptive: {min: 2, max: 10, threshold: 1.0, confidence: 0.95}}`: seeds 0, 1, ... given
+    out in waves while the study runs, more only where a comparison is not settled (`AdaptiveSeeds`)."""
+
+    @property
+    def adaptive(self) -> AdaptiveSeeds | None:
+        """The adaptive rule, or None for a fixed list of seeds."""
+        return self.seeds.adaptive if isinstance(self.seeds, SeedRule) else None
+
+    @property
+    def seed_levels(self) -> list[int]:
+        """Every seed the plan holds, sorted: the list, or 0..max-1 of an adaptive rule."""
+        rule = self.adaptive
+        return list(range(rule.max)) if rule else sorted(self.seeds)
 
 
 @dataclass(config=_CONFIG, kw_only=True)
@@ -516,6 +579,7 @@ def spec_from_data(data: Any, file: str = "<spec>", lines: dict | None = None) -
     _check_tracking(spec, err)
     _check_corpus(spec, err)
     _check_pretrain(spec, err)
+    _check_seeds(spec, err)
     _check_external_models(spec, presets, err)
     tasks = _check_tasks(spec, base_dir, err)
     if err.errors:
@@ -665,6 +729,13 @@ def _check_pretrain(spec: StudySpec, err: _Problems) -> None:
     if p.strategy == "fsdp" and p.num_workers < 2:
         err(("pretrain", "strategy"), p.strategy, "ddp with one worker, or num_workers >= 2",
             problem="fsdp shards across workers")
+
+
+def _check_seeds(spec: StudySpec, err: _Problems) -> None:
+    rule = spec.finetune.adaptive
+    if rule is not None and rule.max <= rule.min:
+        err(("finetune", "seeds", "adaptive", "max"), rule.max, f"more than min ({rule.min})",
+            problem="no seed left to decide")
 
 
 def _check_external_models(spec: StudySpec, presets: dict, err: _Problems) -> None:

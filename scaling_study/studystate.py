@@ -26,7 +26,8 @@ from typing import TextIO
 
 from scaling_study.grid import Node, Plan
 
-STATES = ("pending", "running", "done", "failed", "blocked")
+STATES = ("pending", "running", "done", "failed", "blocked", "skipped")
+"""`skipped`: a finetune job an adaptive-seeds rule did not need (`scaling_study.adaptive`)."""
 SHOWN = ("corpus", "pretrain", "checkpoint", "finetune")
 WORK = ("corpus", "pretrain", "finetune_run")
 """The node kinds that compute something; checkpoints and finetune cells are their outputs."""
@@ -102,7 +103,7 @@ class StudyState:
         """Remaining work at the rate of this invocation so far (work = estimated FLOPs)."""
         with self.lock:
             done = sum(w for nid, w in self.weights.items() if self.state[nid] == "done")
-            left = sum(w for nid, w in self.weights.items() if self.state[nid] in ("pending", "running"))
+            left = sum(w for nid, w in self.weights.items() if self.state[nid] in ("pending", "running"))  # worst case
         done -= self.done_at_start
         elapsed = time.monotonic() - self.started
         return left * elapsed / done if done > 0 else None

@@ -2,7 +2,7 @@
 
     ray.remote(corpus_task).remote(study, node, out_dir, log)            # -> the build's manifest, as a dict
     ray.remote(pretrain_task).remote(study, plan, node_id, corpus_dir, out_dir, uri, run_id, log)  # -> final metrics
-    tune.with_parameters(finetune_trial, study=study, uri=uri)           # a Ray Tune trainable
+    tune.with_parameters(finetune_trial, study=study, uri=uri)           # a Ray Tune trainable: runs of one model and task
 
 `out_dir`, `corpus_dir` and `log` are storage locations (`Layout.location`): paths, or URIs whose
 files each worker stages in its machine's mirror and uploads with the marker file last (a corpus
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from scaling_study import faults
-from scaling_study.artifacts import FINAL_FILE, MANIFEST, STATE_FILE, write_done
+from scaling_study.artifacts import DONE_FILE, FINAL_FILE, MANIFEST, STATE_FILE, write_done
 from scaling_study.grid import Node, Plan
 from scaling_study.spec import Study
 from scaling_study.storage import Store, local_copy
@@ -88,44 +88,78 @@ def pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_d
 
 
 def finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> None:
-    """One Tune trial: finetune a model on a task with a seed, log each epoch level's cell, mark done.
+    """One Tune trial: finetune runs of one model on one task (seeds, epoch levels), one after the other.
 
-    `config` (the driver's `Scheduler.trial_config`): node, model_source, model_options (an external
-    model's revision and do_lower_case), task, seed, levels, out_dir, log, cells ({epochs level:
-    MLflow run id}), cpus. Tune retries a trial whose process
-    or node died; one that fails by itself (missing data, a lost tracking server, a bug) would fail
-    the same way again, so it reports its error (`failure`, one line) instead of raising.
+    `config` (the driver's `Scheduler.trial_config`): model_source, model_options (an external
+    model's revision and do_lower_case), task, cpus, and `runs`, each with
+    node, seed, levels, out_dir, log and cells ({epochs level: MLflow run id}). The task's data, the
+    checkpoint and the encoded task are loaded once (`_Shared`); each run logs its own cells, uploads
+    its folder and writes its own DONE.json, then reports (`node`, `test_f1`, `failure`), so a trial
+    killed half-way leaves its finished runs done, and Tune's retry (a lost process or node) skips
+    them. A run that fails by itself (missing data, a lost tracking server, a bug) would fail the
+    same way again, so it reports its error (`failure`, one line) instead of raising.
     """
+    import torch
     from ray import tune
 
-    try:
-        with node_log(config["log"]):
-            score = _finetune_run(config, study, uri)
-    except Exception as exc:
-        tune.report({"test_f1": float("nan"), "failure": failure_reason(exc)})
-        return
-    tune.report({"test_f1": score})
-
-
-def _finetune_run(config: dict, study: Study, uri: str) -> float:
-    import torch
-
-    from scaling_study.finetune import FinetuneConfig, finetune
-    from scaling_study.records import EpochLogger, log_cell, task_datasets
-    from scaling_study.tasks.data import load_task_data, mirror_dirs
-
     torch.set_num_threads(max(1, int(config["cpus"])))
-    store = Store(config["out_dir"])  # a URI: work in the local mirror, upload with DONE.json last
-    start = time.perf_counter()
-    task = study.tasks[config["task"]]
-    # an object-store tasks.data_dir: this task's folder comes down to this node's mirror first
-    data = load_task_data(task, mirror_dirs(None, study, tasks=[task.id]), caps=study.caps[task.id])
-    model = local_copy(config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
-    results = finetune(model, task, data, FinetuneConfig.from_spec(study.spec.finetune),
-                       config["levels"], config["seed"], store.local, logger=EpochLogger(uri, config["cells"]),
-                       **config.get("model_options", {}))
+    shared = _Shared(config, study)
+    for run in config["runs"]:
+        report = {"node": run["node"], "test_f1": float("nan"), "failure": ""}
+        try:
+            with node_log(run["log"]):
+                report["test_f1"] = _finetune_run(run, shared, study, uri)
+        except Exception as exc:
+            report["failure"] = failure_reason(exc)
+        tune.report(report)
+
+
+class _Shared:
+    """What a trial's runs share, made on first use: the task's data, the model's local copy, and
+    `finetune.prepare`'s tokenizer, encoded task and weights. A failure to make it is kept and
+    raised again for every run (each run's log gets the traceback)."""
+
+    def __init__(self, config: dict, study: Study):
+        self.config, self.study, self._made, self._error = config, study, None, None
+
+    def get(self):
+        if self._error is not None:
+            raise self._error
+        if self._made is None:
+            try:
+                self._made = self._make()
+            except Exception as exc:
+                self._error = exc
+                raise
+        return self._made
+
+    def _make(self):
+        from scaling_study.finetune import FinetuneConfig, prepare
+        from scaling_study.tasks.data import load_task_data, mirror_dirs
+
+        study = self.study
+        task = study.tasks[self.config["task"]]
+        # an object-store tasks.data_dir: this task's folder comes down to this node's mirror first
+        data = load_task_data(task, mirror_dirs(None, study, tasks=[task.id]), caps=study.caps[task.id])
+        model = local_copy(self.config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
+        config = FinetuneConfig.from_spec(study.spec.finetune)
+        return task, data, model, config, prepare(model, task, data, config,
+                                                  **self.config.get("model_options", {}))
+
+
+def _finetune_run(run: dict, shared: _Shared, study: Study, uri: str) -> float:
+    from scaling_study.finetune import finetune
+    from scaling_study.records import EpochLogger, log_cell, task_datasets
+
+    store = Store(run["out_dir"])  # a URI: work in the local mirror, upload with DONE.json last
+    if store.is_file(DONE_FILE):  # a retried trial: this run finished before the process was lost
+        return float("nan")
+    start = time.perf_counter()  # the first run's time includes loading what the trial's runs share
+    task, data, model, config, inputs = shared.get()
+    results = finetune(model, task, data, config, run["levels"], run["seed"], store.local,
+                       logger=EpochLogger(uri, run["cells"]), inputs=inputs)
     seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py
-    cells = config["cells"]
+    cells = run["cells"]
     faults.point("finetune-log")
     datasets = task_datasets(task, data)  # the splits as used: MLflow dataset inputs of every cell
     with tracking_calls(uri):  # a lost server fails the run before DONE.json: a re-run redoes it

@@ -93,7 +93,8 @@ def test_report_json_keys():
     study = spec_from_data(copy.deepcopy(LARGE))
     data = estimate(study, expand(study), "h100").to_dict()
     assert list(data) == ["study", "device", "counts", "pretrain_runs", "finetune_by_task", "storage", "corpus",
-                          "totals"]
+                          "totals", "adaptive_seeds"]  # adaptive_seeds: added for issue 18 (None here)
+    assert data["adaptive_seeds"] is None
     assert list(data["device"]) == ["name", "description", "peak_flops", "peak_precision", "assumed_mfu",
                                     "throughput_flops", "source"]
     assert list(data["pretrain_runs"][0]) == ["id", "model_size", "parameters", "data_volume", "volume_tokens",
@@ -107,3 +108,21 @@ def test_report_json_keys():
     assert list(data["corpus"]) == ["tokens", "source"]
     assert list(data["totals"]) == ["pretrain_flops", "finetune_flops", "flops", "pretrain_device_hours",
                                     "finetune_device_hours", "device_hours", "finetune_jobs_without_flops"]
+
+
+def test_adaptive_seeds_expected_and_worst_case():
+    """An adaptive study's plan holds `max` seeds (the totals: the worst case); `plan` also says the
+    least (`min` seeds) and what the rule is expected to need on synthetic studies of the design."""
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["tasks"]["max_dev_examples"] = spec["tasks"]["max_test_examples"] = 20
+    spec["finetune"]["seeds"] = {"adaptive": {"min": 2, "max": 6}}
+    study = spec_from_data(spec)
+    report = estimate(study, expand(study), "cpu")
+    a = report.adaptive_seeds
+    jobs = report.counts["finetune"]
+    assert (a.min_seeds, a.max_seeds, a.jobs_max, a.jobs_min) == (2, 6, jobs, jobs // 3)
+    assert a.jobs_min < a.jobs_expected < a.jobs_max
+    assert a.finetune_flops_max == pytest.approx(report.totals.finetune_flops)
+    assert a.finetune_flops_min < a.finetune_flops_expected < a.finetune_flops_max
+    assert a.finetune_device_hours_max == pytest.approx(report.totals.finetune_device_hours)
+    assert estimate(study, expand(study), "cpu").adaptive_seeds == a  # seeded: the same numbers every time

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from scaling_study.errors import UserError
-from scaling_study.finetune import FinetuneConfig, build_scratch_model, encode, finetune, load_model, load_tokenizer
+from scaling_study.finetune import (FinetuneConfig, build_scratch_model, encode, finetune, load_model, load_tokenizer,
+                                    prepare)
 from scaling_study.metrics import rescore
 from scaling_study.spec import TaskCaps
 from scaling_study.tasks.data import TaskData, load_task_data
@@ -132,6 +133,27 @@ def test_same_seed_same_scores_other_seed_differs(scratch, tmp_path):
            (tmp_path / "b/epochs_2/test_predictions.jsonl").read_bytes()
     assert a[0]["train_losses"] != c[0]["train_losses"]
     assert not torch.are_deterministic_algorithms_enabled()  # restored afterwards
+
+
+@pytest.mark.parametrize("tid", ["bc5cdr_ner", "scierc_re"])
+def test_runs_sharing_inputs_match_runs_alone(scratch, tmp_path, tid):
+    """A trial's runs share one `prepare` (tokenizer, encoded task, weights read once): the same
+    results as runs that load everything themselves, and the shared weights stay untouched."""
+    task, data, cache = REGISTRY.tasks[tid], synthetic_data(tid), tmp_path / "cache"
+    inputs = prepare(scratch, task, data, FAST, cache_dir=cache)
+    assert inputs.weights is not None
+    before = {k: v.clone() for k, v in inputs.weights.items()}
+    for seed in (0, 1):
+        shared = finetune(scratch, task, data, FAST, [1, 2], seed, tmp_path / f"shared{seed}", inputs=inputs)
+        alone = finetune(scratch, task, data, FAST, [1, 2], seed, tmp_path / f"alone{seed}")
+        assert [(r["train_losses"], r["dev"], r["test"]) for r in shared] == \
+               [(r["train_losses"], r["dev"], r["test"]) for r in alone]
+    assert all(torch.equal(before[k], v) for k, v in inputs.weights.items())
+    # encoded once per tokenizer, data and length: the same again is read back, a new length is encoded
+    assert len(list(cache.glob("*.pkl"))) == 1
+    assert prepare(scratch, task, data, FAST, cache_dir=cache).feats == inputs.feats
+    prepare(scratch, task, data, dataclasses.replace(FAST, max_seq_len=16), cache_dir=cache)
+    assert len(list(cache.glob("*.pkl"))) == 2
 
 
 def test_independent_protocol_and_select_last(scratch, tmp_path):

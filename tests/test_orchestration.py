@@ -271,3 +271,42 @@ def test_killed_driver_then_rerun_completes(tmp_path):
     assert set(per_node) >= {n.id for n in expand(study).nodes.values() if n.kind in ("corpus", "pretrain", "finetune")}
     assert all(r.info.status == "FINISHED" for r in runs)
 
+
+
+def test_adaptive_seeds_run_in_waves_and_reuse_every_job(tmp_path):
+    """An adaptive micro study (seeds 2 to 4): every cell gets seeds 0-1, more only where a comparison
+    stayed open, always a prefix; packed trials (fewer trials than runs); the decisions in the study
+    folder and on the study's MLflow run; a re-run trains nothing; the fixed study with 4 seeds
+    trains only the runs the rule skipped."""
+    import json
+
+    from scaling_study.artifacts import SEEDS_FILE
+
+    finetune = {"epochs": [1, 2], "lr": 1e-3, "batch_size": 16, "max_seq_len": 64,
+                "seeds": {"adaptive": {"min": 2, "max": 4}}}
+    study = load_spec(micro_spec(tmp_path, "waves", finetune=finetune))
+    summary = run_study(study, progress=False)
+    assert summary.ok, summary.failures
+    plan, layout = expand(study), Layout.of(study)
+    done = [r for r in plan.of_kind("finetune_run") if layout.has(plan, r, DONE_FILE)]
+    seeds = {}
+    for run in done:
+        seeds.setdefault((run.parents[0], run.factors["task"]), []).append(run.inputs["seed"])
+    assert len(seeds) == 4 and all(sorted(s) == list(range(len(s))) and len(s) >= 2 for s in seeds.values())
+    counts = summary.counts["finetune"]
+    assert counts["done"] == 2 * len(done) and counts["done"] + counts["skipped"] == len(plan.of_kind("finetune"))
+    decisions = json.loads((layout.root / SEEDS_FILE).read_text())
+    assert decisions["rule"]["max"] == 4 and decisions["waves"][0]["seeds"] == 2
+    assert len(decisions["comparisons"]) == 8  # steps 10 -> 20 and epochs 1 -> 2, per task and level
+    assert sorted(g["seeds"] for g in decisions["groups"]) == sorted(len(s) for s in seeds.values())
+    study_run = next(r for r in mlflow_runs(study) if r.data.tags["node_kind"] == "study")
+    assert {a.path for a in study_run_artifacts(study, study_run)} == {"spec.yaml", SEEDS_FILE}
+    assert len(results.load(study.file)) == 2 * len(done)
+    trials = list(layout.root.glob("ray_results/finetune-*/*/params.json"))
+    assert 0 < len(trials) < len(done)
+
+    again = run_study(study, progress=False)
+    assert again.ok and again.trained == 0
+    fixed = load_spec(micro_spec(tmp_path, "waves", finetune={**finetune, "seeds": [0, 1, 2, 3]}))
+    grown = run_study(fixed, progress=False)
+    assert grown.ok and grown.trained == len(plan.of_kind("finetune_run")) - len(done)

@@ -372,3 +372,25 @@ def _report_parser():
 
     sub = next(a for a in build_parser()._actions if a.__class__.__name__ == "_SubParsersAction")
     return sub.choices["report"]
+
+
+def test_adaptive_seeds_decisions_on_the_page(tmp_path):
+    """An adaptive-seeds study's log (here from the rule run on a synthetic study): each wave and each
+    comparison's "settled after k seeds" on the page, after the summary."""
+    from scaling_study import adaptive
+    from scaling_study.spec import AdaptiveSeeds
+
+    df = synthetic(sizes={"small": SIZES["small"], "base": SIZES["base"]}, steps=(1000,), epochs=(1,), externals=())
+    cells = df[df["seed"] == 0].assign(group=lambda d: list(zip(d["model"], d["task"])),
+                                       cell=lambda d: list(zip(d["model"], d["task"])),
+                                       label=lambda d: d["model"] + " | " + d["task"])
+    design = adaptive.Design.from_cells(cells.drop(columns=["seed", "test_f1"]))
+    rng = np.random.default_rng(0)
+    truth = {c: 50.0 + (8.0 if "base" in c[0] else 0.0) for c in design.group_of}
+    log = adaptive.simulate(design, AdaptiveSeeds(min=2, max=5),
+                            lambda g, s: {g: (truth[g] + 0.5 * rng.standard_normal(), False)}).log()
+    report.render(df, None, tmp_path / "a.html", seeds_log=json.loads(json.dumps(log)))
+    text = (tmp_path / "a.html").read_text()
+    assert text.index("<h2>Adaptive seeds</h2>") < text.index("<h2>Results</h2>")
+    assert "After 2 seeds: " in text and "settled after 3 seeds" in text and "Every comparison" in text
+    assert "could not be" not in text

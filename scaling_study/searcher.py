@@ -1,0 +1,132 @@
+"""The Tune search algorithm of a study's finetuning: hands out finetune runs whose model is ready.
+
+    searcher = ReadyFinetunes(seeds, seeds.release(), readiness, make_config, state, slots)
+    tune.Tuner(trainable, tune_config=tune.TuneConfig(search_alg=searcher, ...)).fit()
+
+`orchestration.Scheduler.release_finetunes` builds it: `readiness` says whether a run's model
+exists yet, `make_config` turns a pack of runs into a trial's config (`workers.finetune_trial`),
+`slots` how many trials the cluster holds, `seeds` (`adaptive.StudySeeds`) which runs to start.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from ray.tune.search import Searcher
+
+from scaling_study.adaptive import StudySeeds
+from scaling_study.grid import Node
+from scaling_study.studystate import StudyState
+from scaling_study.workers import failure_reason
+
+
+SLOTS_EVERY = 10.0
+"""Seconds between two looks at the cluster's resources while finetuning (nodes come and go)."""
+
+
+class ReadyFinetunes(Searcher):
+    """A Ray Tune search algorithm that hands out finetune runs whose model is ready.
+
+    `suggest` returns a trial config as soon as some released run's checkpoint exists, `None` while
+    pretraining is still producing them or trials whose results may release more are running, and
+    FINISHED when nothing is left to hand out. A trial packs runs of one model and one task (seeds,
+    epoch levels): a share of the ready runs per slot (the trials the cluster holds, `slots`), so
+    that one process loads the checkpoint and encodes the task once while every slot still gets
+    work. Without `max_concurrent`, at most twice the slots are handed out at once. Each run a trial reports
+    (`on_trial_result`) goes to the study's seeds (`adaptive.StudySeeds`), which may release more.
+    """
+
+    def __init__(self, seeds: StudySeeds, first: list[Node], readiness: Callable[[Node], bool | None],
+                 make_config: Callable[[list[Node]], dict], state: StudyState,
+                 slots: Callable[[], int] = lambda: 1, *, fixed: bool = False):
+        super().__init__(metric="test_f1", mode="max")
+        self.seeds, self.pending, self.readiness, self.make_config = seeds, list(first), readiness, make_config
+        self.st, self._slots, self.fixed, self._seen = state, slots, fixed, (-1e9, 1)
+        self.trials: dict[str, list[Node]] = {}
+        self.live: set[str] = set()
+        self.outcome: dict[str, str] = {}  # run id -> "" (done) or why it failed
+
+    def slots(self) -> int:
+        """Trials the cluster holds (`Scheduler.trial_slots`), asked again every SLOTS_EVERY seconds."""
+        if time.monotonic() - self._seen[0] > SLOTS_EVERY:
+            self._seen = (time.monotonic(), self._slots())
+        return self._seen[1]
+
+    def suggest(self, trial_id: str):
+        slots = self.slots()
+        # without max_concurrent, twice what fits now: an autoscaler sees demand and grows the cluster
+        if not self.fixed and len(self.live) >= max(1, 2 * slots):
+            return None
+        ready, known = [], {}
+        for node in list(self.pending):
+            model = node.parents[0]
+            if model not in known:  # one readiness check per model: its runs share it
+                known[model] = self.readiness(node)
+            if known[model] is None:
+                self.pending.remove(node)
+                self._ended(node, failed=True)
+            elif known[model]:
+                ready.append(node)
+        if ready:
+            first, size = ready[0], -(-len(ready) // max(1, slots))
+            pack = [n for n in ready if (n.parents[0], n.factors["task"]) == (first.parents[0], first.factors["task"])]
+            pack = pack[:size]
+            for node in pack:
+                self.pending.remove(node)
+            try:
+                config = self.make_config(pack)
+            except Exception as exc:  # tracking lost: these cells fail, a re-run redoes them
+                for node in pack:
+                    for cell in self.st.plan.children(node.id):
+                        self.st.fail(cell, failure_reason(exc), None)
+                    self._ended(node, failed=True)
+                return None
+            self.trials[trial_id] = pack
+            self.live.add(trial_id)
+            for node in pack:
+                for cell in self.st.plan.children(node.id):
+                    self.st.set(cell.id, "running")
+            return config
+        if not self.pending and not self.live:
+            self.pending += self.seeds.release()
+            return self.suggest(trial_id) if self.pending else Searcher.FINISHED
+        return None
+
+    def _ended(self, node: Node, *, failed: bool) -> None:
+        if failed:
+            self.seeds.failed(node)
+        else:
+            self.seeds.finished(node)
+        self.pending += self.seeds.release()
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        node = next((n for n in self.trials.get(trial_id, []) if n.id == result.get("node")), None)
+        if node is None or node.id in self.outcome:  # a retried trial reports its finished runs again
+            return
+        reason = result.get("failure") or ""
+        self.outcome[node.id] = reason
+        for cell in self.st.plan.children(node.id):
+            self.st.set(cell.id, "failed" if reason else "done")
+        self._ended(node, failed=bool(reason))
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        self.live.discard(trial_id)
+        if result and not error:
+            self.on_trial_result(trial_id, result)
+        for node in self.trials.get(trial_id, []):
+            if node.id not in self.outcome:  # its process died, or the trial ended before it
+                for cell in self.st.plan.children(node.id):
+                    self.st.set(cell.id, "failed")
+                self._ended(node, failed=True)
+
+    def __getstate__(self) -> dict:
+        # Tune pickles its search algorithm for Tuner.restore, which we never use (storage says
+        # what is done); the driver-side callbacks and locks do not pickle.
+        return {"pending": [n.id for n in self.pending], "trials": {k: [n.id for n in v] for k, v in self.trials.items()}}
+
+    def save(self, checkpoint_path: str) -> None:  # nothing to save: storage says what is done
+        pass
+
+    def restore(self, checkpoint_path: str) -> None:
+        pass
