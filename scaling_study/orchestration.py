@@ -348,11 +348,15 @@ class Scheduler:
             tune.with_parameters(finetune_trial, study=self.study, uri=self.recorder.uri),
             {"cpu": f.cpus_per_job, "gpu": f.gpus_per_job})
         store = self.layout.store
+        # A slot's worker process kept for its next trial imports torch and transformers once; but Tune
+        # holds a kept process's CPUs while the searcher waits, which would starve a corpus build or a
+        # pretraining run still to come (a deadlock on a small cluster): reuse once only finetuning is left.
+        reuse = all(self.state.state[n.id] == "done" for n in self.plan.nodes.values()
+                    if n.kind in ("corpus", "pretrain"))
         tuner = tune.Tuner(
             trainable,  # at most one trial per run: the searcher says when there are no more
-            # a slot's worker process is kept for its next trial: torch and transformers imported once
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(self._todo("finetune_run")),
-                                        max_concurrent_trials=f.max_concurrent or 0, reuse_actors=True),
+                                        max_concurrent_trials=f.max_concurrent or 0, reuse_actors=reuse),
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,

@@ -258,6 +258,9 @@ REAL = {
     "scierc_re": ((3219, 300, 500), 3, 32),
     "paper_field_cls": ((2000, 300, 500), 3, 32),
 }
+REPEATED = {"bc5cdr_ner", "paper_field_cls"}
+"""Tasks whose run is repeated to check that a seed repeats its scores exactly (one NER, one sentence
+task: the code paths differ by task type, not by task; the suite's time is spent elsewhere)."""
 
 
 @pytest.mark.slow
@@ -277,6 +280,8 @@ def test_real_task_learns_and_repeats(tid, tmp_path):
     # so scores move between runs (scierc_re 0.12-0.15 seen); within a process a seed repeats exactly.
     assert first["score"] > first["majority_f1"] + 0.01, (first["score"], first["majority_f1"])
     assert not first["collapse"], first["collapse_reasons"]
+    if tid not in REPEATED:
+        return
     again = finetune(model, task, data, config, [epochs], seed=0, out_dir=tmp_path / "b")[0]
     assert again["test"] == first["test"] and again["train_losses"] == first["train_losses"]
     name = "test_predictions.conll" if task.type == "ner" else "test_predictions.jsonl"

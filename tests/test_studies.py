@@ -77,7 +77,9 @@ def test_a_bare_name_finds_the_study_from_any_working_directory(tmp_path, base_s
     layout = Layout.of(study)
     studies.claim(study, layout)
     (layout.mlflow).mkdir(parents=True)
-    (layout.mlflow / "mlflow.db").write_bytes(b"")
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(f"sqlite:///{layout.mlflow / 'mlflow.db'}").search_experiments()  # an empty MLflow store
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
