@@ -41,6 +41,15 @@ def base_spec() -> dict:
 
 
 @pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A local MLflow server (sqlite store in a temporary folder) for one test module; stopped after it."""
+    from scaling_study.tracking import LocalMlflowServer
+
+    with LocalMlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A real `ray start --head` on 127.0.0.1 with free ports and token auth, for one test module.
 

@@ -20,7 +20,7 @@ from scaling_study.cli import main
 from scaling_study.grid import expand
 from scaling_study.spec import load_spec
 from scaling_study.tasks.data import TaskData
-from scaling_study.tracking import LocalMlflowServer, Tracker
+from scaling_study.tracking import Tracker
 
 from conftest import BASE_SPEC
 
@@ -44,12 +44,6 @@ def task_data(task) -> TaskData:
 def result(task, epochs: int, f1: float, config: dict) -> dict:
     return {"task": task.id, "metric": task.metric, "epochs": epochs, "dev": {"f1": f1 - 0.02},
             "test": {"f1": f1}, "train_loss": 0.4, "collapse": False, "collapse_reasons": [], "config": config}
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalMlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")

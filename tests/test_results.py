@@ -20,7 +20,7 @@ from scaling_study.models import count_parameters, mlm_train_flops
 from scaling_study.records import log_cell, log_corpus, log_final, parent_run
 from scaling_study.pretrain import MlflowLogger
 from scaling_study.spec import spec_from_data
-from scaling_study.tracking import LocalMlflowServer, Tracker
+from scaling_study.tracking import Tracker
 
 VOCAB = 900  # the corpus build's real vocabulary, smaller than the spec's 1000
 TOKENS = {"50%": 5_000, "100%": 10_000}
@@ -81,12 +81,6 @@ def log_study(uri: str, spec: dict, folder, *, seeds=None, old_style=lambda cell
             tracker.client.set_terminated(run_id, "FINISHED", end_time=end_time)
         runs[cell.id] = run_id
     return runs
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    with LocalMlflowServer(tmp_path_factory.mktemp("mlflow")) as srv:
-        yield srv
 
 
 @pytest.fixture(scope="module")
