@@ -550,25 +550,21 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _layout(study: str, root: str):
     """The study's storage layout, from its name (under `root`, a folder or URI) or its spec file."""
+    return _located(study, root)[0]
+
+
+def _located(study: str, root: str):
+    """(storage layout, MLflow experiment) of a study given by name or spec file; a spec is read once."""
     from scaling_study.artifacts import Layout
 
     if study.endswith((".yaml", ".yml")):
         from scaling_study.spec import load_spec
 
-        return Layout.of(load_spec(study))
+        loaded = load_spec(study)
+        return Layout.of(loaded), loaded.spec.tracking.experiment or loaded.spec.name
     from scaling_study import studies
 
-    return Layout.named(study, studies.root_of(study, root))  # the name is checked there: no `../`
-
-
-def _experiment(study: str) -> str:
-    """The MLflow experiment of a study given by name or spec file (tracking.experiment, else its name)."""
-    if not study.endswith((".yaml", ".yml")):
-        return study
-    from scaling_study.spec import load_spec
-
-    spec = load_spec(study).spec
-    return spec.tracking.experiment or spec.name
+    return Layout.named(study, studies.root_of(study, root)), study  # the name is checked there: no `../`
 
 
 def _note_reaped(folder) -> None:
@@ -586,7 +582,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     from scaling_study.lifecycle import StudyLock
     from scaling_study.tracking import LocalMlflowServer, check_sqlite_store
 
-    layout, experiment = _layout(args.study, args.root), _experiment(args.study)
+    layout, experiment = _located(args.study, args.root)
     live = LocalMlflowServer.live(layout.mlflow)
     if live:  # a running study's server: open it, never start a second one over its store
         return _attach_ui(args.study, live)

@@ -140,8 +140,9 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
     state = StudyState(plan, node_weights(study, plan), done=prepared.done)
     started = time.monotonic()
     box = {"trained": 0}
-    if studies.tracking_uri(study):  # a server that is down: one line before anything is written, the lock too
-        check_server(studies.tracking_uri(study))
+    given = studies.tracking_uri(study)
+    if given:  # a server that is down: one line before anything is written, the lock too
+        check_server(given)
     with StudyLock(layout.root, "run") as lock, stop_on_signals():
         try:
             with tracking_uri(study, layout, lock) as uri, watch_storage(layout.root):
