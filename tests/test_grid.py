@@ -248,8 +248,8 @@ def test_random_init_adds_a_step_0_checkpoint_per_size_and_volume_only(base_spec
 # existing studies would recompute everything and lose their results: only on purpose (a new
 # builder version, say), and then say so in the commit.
 PINNED_IDS = {
-    "effect.yaml": {"corpus": "7e2172c3e4062e80", "pretrain": "f299e64d09ee9f2a", "checkpoint": "d1a44670e9980855",
-                    "finetune_run": "add1762f19fdf80f", "finetune": "0e21da42ad3e9fc8"},
+    "effect.yaml": {"corpus": "7e2172c3e4062e80", "pretrain": "fd935dacc2b03328", "checkpoint": "86c974f984a52705",
+                    "finetune_run": "1ccb14e1a317af95", "finetune": "2728cce2af460aee"},
     "baselines.yaml": {"external": "7336c63238f49bae", "finetune_run": "ce79edc73f8b3b5d",
                        "finetune": "5cfa755edb194eca"},
     "scholarbert.yaml": {"corpus": "b92e9bec433dc4f2", "pretrain": "b2d734e6c28035d1",
