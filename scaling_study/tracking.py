@@ -106,7 +106,7 @@ def uri_problem(uri: str) -> str | None:
             return f"bad port ({exc})"
         return None if parts.hostname else "no host name"
     if base not in DATABASE_SCHEMES:
-        return (f"MLflow's file store (file://) is not supported" if base == "file"
+        return ("MLflow's file store (file://) is not supported" if base == "file"
                 else f"unsupported URI scheme {scheme!r}")
     if base == "sqlite":
         return None if uri.startswith(f"{scheme}:///") and len(uri) > len(scheme) + 4 else \
@@ -293,12 +293,15 @@ class LocalMlflowServer:
                     break
                 time.sleep(0.1)
 
-    def start(self) -> LocalMlflowServer:
+    def start(self, wait: bool = True) -> LocalMlflowServer:
+        """Start the server; with `wait=False` return at once (its start takes seconds of imports) and
+        call `wait_ready()` before the first request."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._reap_orphan()
         self.port = self.port or _free_port(self.host)
         self._spawn()
-        self._wait_ready()
+        if wait:
+            self.wait_ready()
         return self
 
     def _spawn(self) -> None:
@@ -320,7 +323,7 @@ class LocalMlflowServer:
         if self.on_start is not None:
             self.on_start([self.process.pid], "MLflow server")
 
-    def _wait_ready(self) -> None:
+    def wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -378,7 +381,7 @@ class LocalMlflowServer:
         if self.process.poll() is None:
             _end_group(self.process)
         self._spawn()
-        self._wait_ready()
+        self.wait_ready()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -390,7 +393,7 @@ class LocalMlflowServer:
         self.pid_file.unlink(missing_ok=True)
 
     def __enter__(self) -> LocalMlflowServer:
-        return self.start()
+        return self if self.process is not None else self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()

@@ -14,6 +14,9 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ["SCALING_STUDY_OFFLINE"] = "1"  # task data and corpora from local mirrors only: no downloads
+# Ray Train's controller polls its workers every 2 s, so each run's start and end are noticed up to
+# 2 s late: over the suite's few dozen runs, a minute. A missed poll is not a failure (it waits on).
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # `run` records each study in the user's index (scaling_study.studies): the tests' own, removed at exit
 _INDEX = tempfile.mkdtemp(prefix="ss-index-", dir="/tmp")
 os.environ["SCALING_STUDY_INDEX"] = os.path.join(_INDEX, "studies.json")

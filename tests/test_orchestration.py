@@ -273,22 +273,47 @@ def test_killed_driver_then_rerun_completes(tmp_path):
 
 
 
-def test_adaptive_seeds_run_in_waves_and_reuse_every_job(tmp_path):
+def test_trial_processes_are_kept_only_once_no_build_or_pretraining_is_left(tmp_path):
+    """Tune keeps a finished trial's process, with its CPUs, while the searcher waits for a checkpoint,
+    which would starve a corpus build or pretraining run still to come: reuse only once none is left."""
+    from scaling_study.orchestration import Scheduler
+    from scaling_study.studystate import StudyState, node_weights
+
+    study = load_spec(micro_spec(tmp_path, name="keep"))
+    plan = expand(study)
+
+    def reused(*done_kinds: str) -> bool:
+        done = [n.id for n in plan.nodes.values() if n.kind in done_kinds]
+        state = StudyState(plan, node_weights(study, plan), done=done)
+        return Scheduler(study, plan, Layout.of(study), None, state, first=[]).reuse_processes()
+
+    assert not reused() and not reused("corpus")
+    assert reused("corpus", "pretrain") and reused("corpus", "pretrain", "checkpoint", "finetune_run")
+
+
+def test_adaptive_seeds_run_in_waves_and_reuse_every_job(finished, tmp_path):
     """An adaptive micro study (seeds 2 to 4): every cell gets seeds 0-1, more only where a comparison
     stayed open, always a prefix; packed trials (fewer trials than runs); the decisions in the study
     folder and on the study's MLflow run; a re-run trains nothing; the fixed study with 4 seeds
-    trains only the runs the rule skipped."""
+    trains only the runs the rule skipped. Its corpus build and pretraining run are the `finished`
+    study's (the same spec sections, so the same content-addressed nodes): copied, not recomputed."""
     import json
+    import shutil
 
     from scaling_study.artifacts import SEEDS_FILE
 
     finetune = {"epochs": [1, 2], "lr": 1e-3, "batch_size": 16, "max_seq_len": 64,
                 "seeds": {"adaptive": {"min": 2, "max": 4}}}
     study = load_spec(micro_spec(tmp_path, "waves", finetune=finetune))
+    plan, layout = expand(study), Layout.of(study)
+    built = Layout.of(finished[0])
+    for kind in ("corpus", "pretrain"):
+        for node in plan.of_kind(kind):
+            shutil.copytree(built.node(plan, node), layout.node(plan, node))
     summary = run_study(study, progress=False)
     assert summary.ok, summary.failures
-    plan, layout = expand(study), Layout.of(study)
     done = [r for r in plan.of_kind("finetune_run") if layout.has(plan, r, DONE_FILE)]
+    assert summary.trained == len(done)  # finetune runs only: the copied build and checkpoints were found
     seeds = {}
     for run in done:
         seeds.setdefault((run.parents[0], run.factors["task"]), []).append(run.inputs["seed"])
