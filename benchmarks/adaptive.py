@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/adaptive.py                       # the paper's grid, 10 studies per scenario
     .venv/bin/python benchmarks/adaptive.py --spec experiments/smoke.yaml --studies 50
     .venv/bin/python benchmarks/adaptive.py --max 10 --futility 0  # the rule without futility stops
+    .venv/bin/python benchmarks/adaptive.py --bound                # and what a rule knowing the future could save
     .venv/bin/python benchmarks/adaptive.py --real                 # a small CPU study, for real (max 6 seeds)
 
 Each synthetic study takes the spec's plan (its cells, seed groups and comparisons, as the study
@@ -24,6 +25,7 @@ fewer jobs, at least 95% identical verdicts, wrong verdicts within the nominal r
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -60,7 +62,51 @@ def fixed_verdicts(design, scores: dict, rule, confidence: float = 0.95) -> list
     return out
 
 
-def one_study(design, rule, rng, *, centre: float = 0.3, spread: float = 1.2, seed_sd: dict | None = None) -> dict:
+def knew_the_future(design, rule, scores: dict, fixed: list[str], agree: float = 0.95) -> dict:
+    """What a stopping rule that knew every seed to come could save with these same intervals: run
+    without futility stops, each comparison settles (or not) at some wave; give each group seeds up
+    to the latest wave at which one of its comparisons settles with the fixed grid's verdict (3 at
+    least), then drop, greedily, the comparisons whose loss saves the most jobs while `agree` of the
+    verdicts stay identical. An estimate of the best any futility rule can do, not a strict bound."""
+    import dataclasses
+
+    from scaling_study import adaptive
+
+    table = adaptive.simulate(design, dataclasses.replace(rule, futility=0.0), lambda g, s: scores[g][s]).comparisons()
+    keep = {i: (int(table["settled_after"].iat[i]), {design.group_of[c] for c in comp.cells})
+            for i, comp in enumerate(design.comparisons)
+            if table["verdict"].iat[i] in adaptive.SETTLED and table["verdict"].iat[i] == fixed[i]}
+    identical = sum(a == b for a, b in zip(table["verdict"], fixed))
+    cells = design.cells.groupby("group", sort=False).size().to_dict()
+
+    def seeds() -> dict:
+        need = dict.fromkeys(design.groups, adaptive.analysis.MIN_SEEDS)
+        for wave, groups in keep.values():
+            for g in groups:
+                need[g] = max(need[g], wave)
+        return need
+
+    def jobs() -> int:
+        return sum(k * cells[g] for g, k in seeds().items())
+
+    full = jobs()
+    for _ in range(identical - math.ceil(agree * len(fixed))):
+        need, waves = seeds(), {}
+        for i, (wave, groups) in keep.items():
+            for g in groups:
+                waves.setdefault(g, []).append(wave)
+        second = {g: sorted(w)[-2] if len(w) > 1 else adaptive.analysis.MIN_SEEDS for g, w in waves.items()}
+        saving = {i: sum((wave - second[g]) * cells[g] for g in groups if need[g] == wave) for i, (wave, groups) in keep.items()}
+        best = max(saving, key=saving.get, default=None)
+        if best is None or saving[best] <= 0:
+            break
+        del keep[best]
+    return {"bound_full": full, "bound_identical": identical, "bound_agree": jobs() if identical >= agree * len(fixed)
+            else None}
+
+
+def one_study(design, rule, rng, *, centre: float = 0.3, spread: float = 1.2, seed_sd: dict | None = None,
+              bound: bool = False) -> dict:
     from scaling_study import adaptive
 
     truth = adaptive.synthetic_truth(design, rng, rule.threshold, centre=centre, spread=spread)
@@ -71,7 +117,8 @@ def one_study(design, rule, rng, *, centre: float = 0.3, spread: float = 1.2, se
     fixed = fixed_verdicts(design, scores, rule)
     changes = [truth_of(c, truth) for c in design.comparisons]
     cells_per_group = design.cells.groupby("group", sort=False).size().to_dict()
-    return {"jobs_adaptive": sum(k * cells_per_group[g] for g, k in waves.seeds_run().items()),
+    out = knew_the_future(design, rule, scores, fixed) if bound else {}
+    return {**out, "jobs_adaptive": sum(k * cells_per_group[g] for g, k in waves.seeds_run().items()),
             "jobs_fixed": rule.max * len(design.cells), "comparisons": len(got),
             "identical": sum(a == b for a, b in zip(got, fixed)),
             "wrong_adaptive": sum(wrong(v, d, rule.threshold) for v, d in zip(got, changes)),
@@ -91,10 +138,10 @@ SCENARIOS = {
 7.4 x threshold, as in issue 18's picture (most comparisons a gap of several points, a few on the threshold)."""
 
 
-def scenario_row(design, rule, rng, scenario: dict, studies: int) -> dict:
+def scenario_row(design, rule, rng, scenario: dict, studies: int, bound: bool = False) -> dict:
     rows = [one_study(design, rule, rng, centre=scenario["centre"], spread=scenario["spread"],
-                      seed_sd=scenario["seed_sd"]) for _ in range(studies)]
-    return {k: sum(r[k] for r in rows) for k in rows[0]}
+                      seed_sd=scenario["seed_sd"], bound=bound) for _ in range(studies)]
+    return {k: None if any(r[k] is None for r in rows) else sum(r[k] for r in rows) for k in rows[0]}
 
 
 REAL = {
@@ -179,6 +226,8 @@ def main() -> int:
     parser.add_argument("--confidence", type=float, default=0.95)
     parser.add_argument("--futility", type=float, default=None, help="default: the spec field's default")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bound", action="store_true",
+                        help="also what a rule that knew every seed to come could save (`knew_the_future`)")
     parser.add_argument("--real", action="store_true", help="run REAL for real instead (several minutes on CPU)")
     args = parser.parse_args()
     if args.real:
@@ -201,8 +250,8 @@ def main() -> int:
     design = adaptive.design_from_plan(study, expand(study))
     names = list(SCENARIOS) if args.scenario == "both" else [args.scenario]
     start = time.perf_counter()
-    got = {name: scenario_row(design, rule, np.random.default_rng(args.seed), SCENARIOS[name], args.studies)
-           for name in names}
+    got = {name: scenario_row(design, rule, np.random.default_rng(args.seed), SCENARIOS[name], args.studies,
+                              args.bound) for name in names}
     print(f"{args.studies} synthetic studies per scenario on the plan of {Path(args.spec).name}: "
           f"{len(design.groups)} seed groups (finetune runs per seed), {len(design.cells)} cells, "
           f"{len(design.comparisons)} comparisons; rule min {rule.min}, max {rule.max}, threshold "
@@ -220,6 +269,15 @@ def main() -> int:
               f"{1 - t['jobs_adaptive'] / t['jobs_fixed']:.0%} | {t['identical'] / n:.1%} | "
               f"{t['settled_fixed'] / n:.1%} | {t['settled_adaptive'] / n:.1%} | {t['wrong_fixed'] / n:.2%} | "
               f"{t['wrong_adaptive'] / n:.2%} |")
+    if args.bound:
+        print()
+        print("A rule that knew every seed to come, with the same intervals (`knew_the_future`):")
+        for name, t in got.items():
+            n, fixed = t["comparisons"], t["jobs_fixed"]
+            agree = ("95% identical is out of reach" if t["bound_agree"] is None
+                     else f"{1 - t['bound_agree'] / fixed:.0%} fewer with 95% identical")
+            print(f"  {name}: {1 - t['bound_full'] / fixed:.0%} fewer keeping every identical verdict the intervals "
+                  f"reach ({t['bound_identical'] / n:.1%}); {agree}")
     return 0
 
 

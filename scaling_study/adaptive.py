@@ -25,8 +25,13 @@ exactly those seeds, paired by seed (`analysis.compare`). It is *settled* when i
 settles it is below `futility` (`SeedWaves.chance_to_settle`: stopping without a verdict costs
 no error, only seeds the study would spend on a comparison that stays inconclusive anyway); else
 both its groups get seed n, until `max`. A group keeps getting seeds while any of its comparisons
-is open, which is what bounds the saving in a full factorial: a group sits in comparisons along
-every factor. Comparisons are judged as results arrive, inside the running study
+is open, which is what bounds the saving in a full factorial: a group sits in 15-23 comparisons
+along every factor, and at its last seed it is mostly one comparison, settled late, that held it
+(`benchmarks/adaptive.py --bound`). A comparison that stopped asking (futile, or a gain below the
+threshold whose interval still reaches below minus it) is still judged on the seeds both its groups
+get for other comparisons: free seeds, which turn futile comparisons into settled ones and gains
+below the threshold into significant losses where the fixed grid at `max` seeds would find them
+(up to 3 points more identical verdicts on the benchmark, no seed more). Comparisons are judged as results arrive, inside the running study
 (`searcher.ReadyFinetunes` asks `StudySeeds.release` after every finished run), not after a
 barrier; a re-run replays the finished runs wave by wave and takes the same decisions.
 
@@ -266,14 +271,19 @@ class SeedWaves:
         comp, state = self.design.comparisons[i], self.judged[i]
         groups = [self.design.group_of[c] for c in comp.cells]
         n = min(min(self.prefix(g) for g in groups), self.rule.max)
-        if state.ended or n <= state.wave or n < self.rule.min:
+        if self._final(state) or n <= state.wave or n < self.rule.min:
             return
+        ended, before = state.ended, dataclasses.replace(state)
         state.wave = n
         if n >= self.first:
             self._interval(comp, state, n)
-            if state.verdict in SETTLED:
+            if before.settled_after is not None and state.verdict not in SETTLED:
+                self.judged[i] = dataclasses.replace(before, wave=n)  # a settled verdict stays settled
+                return
+            if state.verdict in SETTLED and state.settled_after is None:
                 state.settled_after = n
                 self._wave(n)["settled"].append(i)
+            if ended or state.verdict in SETTLED:  # judged on free seeds only from here on
                 return
             if n < self.rule.max and self.chance_to_settle(state.iv) < self.rule.futility:
                 state.futile_after = n
@@ -284,6 +294,12 @@ class SeedWaves:
                 if self.target[g] <= n:
                     self.target[g] = n + 1
                     self._wave(n)["given_another_seed"].append(g)
+
+    def _final(self, state: _Judged) -> bool:
+        """No further wave can change its verdict: settled, and not a gain below the threshold whose
+        interval still reaches below minus it (more seeds may show a significant loss)."""
+        return state.settled_after is not None and not (
+            state.verdict == "gain below threshold" and state.low <= -self.rule.threshold)
 
     def _interval(self, comp: Comparison, state: _Judged, n: int) -> None:
         lo, hi = ([(s, y) for s, (y, collapsed) in sorted(self.scores[c].items()) if s < n and not collapsed]

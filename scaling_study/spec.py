@@ -323,7 +323,8 @@ class AdaptiveSeeds:
     sequential correction spends 1 - confidence over the waves); a wrong verdict is at most this likely."""
     futility: Annotated[float, AfterValidator(lambda v: _fraction(v, open_high=True))] = 0.2
     """Stop giving a comparison seeds once the chance that `max` seeds would settle it, predicted
-    from its seeds so far, is below this (it stays "inconclusive"); 0 never stops for futility."""
+    from its seeds so far, is below this (it stays "inconclusive" unless the seeds its cells get for
+    other comparisons settle it); 0 never stops for futility."""
 
 
 @dataclass(config=_CONFIG, kw_only=True)

@@ -24,18 +24,47 @@ def one_step_design(tasks: int) -> adaptive.Design:
     return adaptive.Design.from_cells(pd.DataFrame(rows))
 
 
-def normal_draw(truth: dict, rng, sd: float = 1.0):
-    return lambda group, seed: {group: (truth[group] + sd * rng.standard_normal(), False)}
+def two_level_design(tasks: int) -> adaptive.Design:
+    """Model size small -> large at epochs 1 and 2 on each task, one run per size scoring both epochs:
+    4 comparisons per task over 2 groups, so a comparison that stops asking still gets the seeds
+    the other comparisons of its groups ask for."""
+    rows = [{"cell": (t, size, e), "group": (t, size), "label": f"{size} | t{t}", "model_source": "pretrained",
+             "model": f"{size} | 100%", "model_size": size, "parameters": params, "data_volume": "100%",
+             "steps": 10, "epochs": e, "task": f"t{t}", "task_type": "ner"}
+            for t in range(tasks) for size, params in (("small", 1), ("large", 2)) for e in (1, 2)]
+    return adaptive.Design.from_cells(pd.DataFrame(rows))
 
 
-def wrong_share(rule, *, tasks: int, change: float, seed: int, naive: bool = False) -> tuple[float, float]:
-    """(share of wrong verdicts, mean seeds per group) when every comparison's true change is `change`."""
-    design = one_step_design(tasks)
-    truth = {(t, size): 50.0 + (change if size == "large" else 0.0) for t in range(tasks) for size in ("small", "large")}
+def normal_draw(truth: dict, rng, sd: float = 1.0, design: adaptive.Design | None = None):
+    """Normal seed noise of sd `sd` per cell; with a `design`, half its variance shared by a run's cells."""
+    if design is None:
+        return lambda group, seed: {group: (truth[group] + sd * rng.standard_normal(), False)}
+    cells = {}
+    for cell, group in design.group_of.items():
+        cells.setdefault(group, []).append(cell)
+
+    def draw(group, seed):
+        run = rng.standard_normal()
+        return {c: (truth[c] + sd * (run + rng.standard_normal()) / 2**0.5, False) for c in cells[group]}
+
+    return draw
+
+
+def wrong_share(rule, *, tasks: int, change: float, seed: int, naive: bool = False,
+                shared: bool = False) -> tuple[float, float]:
+    """(share of wrong verdicts, mean seeds per group) when every comparison's true change is `change`;
+    `shared`: on `two_level_design` (comparisons share groups), else on `one_step_design`."""
+    if shared:
+        design = two_level_design(tasks)
+        truth = {cell: 50.0 + change * ((cell[1] == "large") + (cell[2] == 2)) for cell in design.group_of}
+    else:
+        design = one_step_design(tasks)
+        truth = {(t, size): 50.0 + (change if size == "large" else 0.0) for t in range(tasks)
+                 for size in ("small", "large")}
     waves = adaptive.SeedWaves(design, rule)
     if naive:  # the uncorrected rule: a fixed 95% interval at every wave
         waves.levels = dict.fromkeys(waves.levels, 0.95)
-    draw, todo = normal_draw(truth, np.random.default_rng(seed)), waves.step()
+    draw, todo = normal_draw(truth, np.random.default_rng(seed), design=design if shared else None), waves.step()
     while todo:
         for group, s in todo:
             waves.record(group, s, draw(group, s))
@@ -84,6 +113,42 @@ def test_wrong_verdicts_stay_within_the_nominal_rate(futility):
     assert share <= 0.05 + 2.5 * (0.05 * 0.95 / 1200) ** 0.5, share
     naive, _ = wrong_share(rule, tasks=1200, change=rule.threshold, seed=1, naive=True)
     assert naive > 0.08, naive
+
+
+def test_free_seeds_keep_the_error_within_the_nominal_rate():
+    """Comparisons that share groups (`two_level_design`, every true change on the threshold): the
+    ones that stopped asking are judged again on the seeds the others get, more looks than they
+    asked for; the wrong share still stays within 5% (plus 2.5 binomial sd over the 600 tasks: a
+    task's 4 comparisons share runs), and the waves with uncorrected 95% intervals go well beyond it."""
+    share, _ = wrong_share(RULE, tasks=600, change=RULE.threshold, seed=2, shared=True)
+    assert share <= 0.05 + 2.5 * (0.05 * 0.95 / 600) ** 0.5, share
+    naive, _ = wrong_share(RULE, tasks=600, change=RULE.threshold, seed=2, shared=True, naive=True)
+    assert naive > 0.08, naive
+
+
+def test_stopped_comparisons_are_judged_on_free_seeds():
+    """A futile comparison is judged on every seed both its groups got for other comparisons (some
+    then settle), a gain below the threshold reaching below minus it too; a settled verdict never
+    turns back to inconclusive; the seeds spent are those of the comparisons that asked."""
+    design = two_level_design(100)
+    rng = np.random.default_rng(2)
+    truth = adaptive.synthetic_truth(design, rng)
+    waves = adaptive.simulate(design, RULE, adaptive.synthetic_draw(design, truth, rng, {"ner": 2.0}))
+    table, seeds = waves.comparisons(), waves.seeds_run()
+    free = pd.Series([min(min(seeds[design.group_of[c]] for c in comp.cells), RULE.max) for comp in design.comparisons])
+    refinable = (table["verdict"] == "gain below threshold") & (table["ci_low"] <= -RULE.threshold)
+    futile = table["status"] == "futile"
+    assert futile.sum() > 50 and (table["seeds"][futile] > table["futile_after"][futile]).sum() > 20
+    assert (table["seeds"][futile | refinable] == free[futile | refinable]).all()
+    assert (table["settled_after"] > table["futile_after"]).fillna(False).any()
+    assert table["verdict"][table["status"] == "settled"].isin(adaptive.SETTLED).all()
+    # what the groups got is what the open comparisons asked for: seed n + 1 only after a wave n
+    # at which one of the group's comparisons was neither settled nor futile
+    asked = dict.fromkeys(design.groups, RULE.min)
+    for wave in waves.waves.values():
+        for g in wave["given_another_seed"]:
+            asked[g] += 1
+    assert asked == seeds
 
 
 def test_clear_changes_settle_early_and_right():
