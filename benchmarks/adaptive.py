@@ -96,7 +96,8 @@ def knew_the_future(design, rule, scores: dict, fixed: list[str], agree: float =
             for g in groups:
                 waves.setdefault(g, []).append(wave)
         second = {g: sorted(w)[-2] if len(w) > 1 else adaptive.analysis.MIN_SEEDS for g, w in waves.items()}
-        saving = {i: sum((wave - second[g]) * cells[g] for g in groups if need[g] == wave) for i, (wave, groups) in keep.items()}
+        saving = {i: sum((wave - second[g]) * cells[g] for g in groups if need[g] == wave)
+                  for i, (wave, groups) in keep.items()}
         best = max(saving, key=saving.get, default=None)
         if best is None or saving[best] <= 0:
             break

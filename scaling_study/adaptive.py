@@ -31,9 +31,10 @@ along every factor, and at its last seed it is mostly one comparison, settled la
 threshold whose interval still reaches below minus it) is still judged on the seeds both its groups
 get for other comparisons: free seeds, which turn futile comparisons into settled ones and gains
 below the threshold into significant losses where the fixed grid at `max` seeds would find them
-(up to 3 points more identical verdicts on the benchmark, no seed more). Comparisons are judged as results arrive, inside the running study
-(`searcher.ReadyFinetunes` asks `StudySeeds.release` after every finished run), not after a
-barrier; a re-run replays the finished runs wave by wave and takes the same decisions.
+(up to 3 points more identical verdicts on the benchmark, no seed more). Comparisons are judged as
+results arrive, inside the running study (`searcher.ReadyFinetunes` asks `StudySeeds.release`
+after every finished run), not after a barrier; a re-run replays the finished runs wave by wave and
+takes the same decisions.
 
 Honest statistics. Judging an interval after every wave and stopping at the first settled one
 inflates the error rate of a fixed 95% interval (at a true change equal to the threshold, a naive
