@@ -399,7 +399,7 @@ def _is_punctuation(char: str) -> bool:
             or unicodedata.category(char).startswith("P"))
 
 
-def _continuation_tokens(chars: set[str], cased: bool) -> list[str]:
+def continuation_tokens(chars: set[str], cased: bool) -> list[str]:
     """`##c` for every character that can continue a word, in a fixed order.
 
     The trainer creates these lazily while iterating a hash map, so their ids, and through merge
@@ -767,7 +767,7 @@ def _train_tokenizer(passes: _Passes, keep: Callable[[int], bool], inputs: dict)
         for _, text in batch:
             chars.update(text)
     tok = _new_tokenizer(cased)
-    continuations = _continuation_tokens(chars, cased)
+    continuations = continuation_tokens(chars, cased)
     _check_vocab_size(int(inputs["vocab_size"]), tok, chars, continuations)
     trainer = trainers.WordPieceTrainer(
         vocab_size=int(inputs["vocab_size"]), min_frequency=int(inputs["min_frequency"]),

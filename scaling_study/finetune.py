@@ -604,13 +604,18 @@ def build_scratch_model(folder: str | Path, texts: Iterable[str], preset: str = 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertForMaskedLM, BertTokenizer
 
+    from scaling_study.corpus import continuation_tokens
     from scaling_study.models import bert_config, load_presets
 
+    texts = list(texts)
     wordpiece = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wordpiece.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
     wordpiece.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]",
-                                                                              "[MASK]"])
+    # the `##c` tokens registered first, as the corpus builds do: else the vocabulary differs from
+    # process to process (huggingface/tokenizers#1794), and so do the scores finetuned from it
+    continuations = continuation_tokens({c for text in texts for c in text}, cased=not lowercase)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, continuing_subword_prefix="##",
+                                        special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *continuations])
     wordpiece.train_from_iterator(texts, trainer)
     tokenizer = BertTokenizer(vocab=wordpiece.get_vocab(), do_lower_case=lowercase)
     torch.manual_seed(seed)
