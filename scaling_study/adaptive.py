@@ -274,7 +274,7 @@ class SeedWaves:
         n = min(min(self.prefix(g) for g in groups), self.rule.max)
         if self._final(state) or n <= state.wave or n < self.rule.min:
             return
-        ended, before = state.ended, dataclasses.replace(state)
+        before = dataclasses.replace(state)
         state.wave = n
         if n >= self.first:
             self._interval(comp, state, n)
@@ -284,7 +284,7 @@ class SeedWaves:
             if state.verdict in SETTLED and state.settled_after is None:
                 state.settled_after = n
                 self._wave(n)["settled"].append(i)
-            if ended or state.verdict in SETTLED:  # judged on free seeds only from here on
+            if before.ended or state.verdict in SETTLED:  # judged on free seeds only from here on
                 return
             if n < self.rule.max and self.chance_to_settle(state.iv) < self.rule.futility:
                 state.futile_after = n

@@ -36,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-from typing import Any
+from typing import Any, Callable
 
 from scaling_study import studies
 from scaling_study.adaptive import StudySeeds
@@ -105,15 +105,14 @@ class Summary:
 
 
 @contextlib.contextmanager
-def tracking_uri(study: Study, layout: Layout, lock: StudyLock | None = None):
-    """The study's MLflow URI and a `ready()` to call before its first request: the spec's URI
-    (checked before any compute), or an embedded local server, watched once it answers: restarted on
-    the same store if it dies, the study stopped if it cannot be. The server starts in the
-    background, so that a local Ray can start beside it (each takes seconds)."""
-    uri = studies.tracking_uri(study)  # the spec's, else $MLFLOW_TRACKING_URI
-    if uri:
-        check_server(uri)
-        yield uri, lambda: None
+def tracking_uri(given: str | None, layout: Layout, lock: StudyLock | None = None):
+    """The study's MLflow URI and a `ready()` to call before its first request: `given` (the spec's
+    or $MLFLOW_TRACKING_URI, `studies.tracking_uri`, already checked by the caller), or an embedded
+    local server, watched once it answers: restarted on the same store if it dies, the study stopped
+    if it cannot be. The server starts in the background, so that a local Ray can start beside it
+    (each takes seconds)."""
+    if given:
+        yield given, lambda: None
         return
 
     def ready() -> None:
@@ -152,8 +151,8 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
         check_server(given)
     with StudyLock(layout.root, "run") as lock, stop_on_signals():
         try:
-            with tracking_uri(study, layout, lock) as (uri, ready), watch_storage(layout.root):
-                _drive(study, prepared, state, (uri, ready), lock, box, address=address, progress=progress,
+            with tracking_uri(given, layout, lock) as (uri, ready), watch_storage(layout.root):
+                _drive(study, prepared, state, uri, ready, lock, box, address=address, progress=progress,
                        extend=extend)
             stopped = None
         except Stopped as stop:
@@ -166,12 +165,11 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
                    state.failures, time.monotonic() - started, box["trained"], stopped)
 
 
-def _drive(study: Study, prepared: Prepared, state: StudyState, tracking: tuple, lock: StudyLock, box: dict, *,
-           address: str | None, progress: bool, extend: bool) -> None:
+def _drive(study: Study, prepared: Prepared, state: StudyState, uri: str, ready: Callable[[], None],
+           lock: StudyLock, box: dict, *, address: str | None, progress: bool, extend: bool) -> None:
     """Records first (the study's run, repairs from storage), then every unfinished node, then the close.
-    `tracking`: `tracking_uri`'s URI and `ready()`."""
+    `ready()` (from `tracking_uri`) returns once the tracking server answers."""
     plan, layout = prepared.plan, prepared.layout
-    uri, ready = tracking
     box["uri"] = uri
     seeds = StudySeeds(study, plan, prepared.done, lambda run: read_done(layout.read(plan, run, DONE_FILE)))
     first = seeds.release()  # every unfinished run, or an adaptive rule's next wave
