@@ -141,7 +141,7 @@ class Manifest:
     corpus_documents: int
     """Documents (non-blank lines) in the whole corpus."""
     tokenizer_documents: int
-    """Documents the tokenizer was trained on (= `documents` for fraction volumes)."""
+    """Documents the tokenizer was trained on: the volume's smallest keys, up to corpus.tokenizer_sample bytes."""
     documents: int
     """Documents in the subset, all packed."""
     tokens: int
@@ -150,14 +150,23 @@ class Manifest:
     dropped_tokens: int
     """Stream tokens after the last full sequence, not written. tokens = sequences*(seq_len-1) + dropped."""
     shards: list
-    """[{"file": "shards/shard-00000.parquet", "sequences": n}, ...] in stream order."""
+    """[{"file": "shards/shard-00000.parquet", "sequences": n}, ...] in piece order."""
     input_files: list
     """[{"path", "bytes", "mtime"} (+ "url" for downloads)] as read."""
     build_seconds: float
+    """Wall time of the whole build (every volume built with it)."""
     created: str
+    tokenizer_chars: int = 0
+    """Characters of the tokenizer's sample (at most `wordpiece.PAIR_COUNT_LIMIT`)."""
+    pieces: int = 0
+    """Pieces the input was read in (`sources.pieces`): the build's units of parallel work."""
+    corpus_bytes: int = 0
+    """UTF-8 bytes of the corpus's documents (all of them, not only the volume's)."""
+    stage_seconds: dict = dataclasses.field(default_factory=dict, compare=False)
+    """Wall seconds of the build's passes (scan, sample, train, count/boundary, pack)."""
     tokenizer: str = "tokenizer"
-    packing: str = ("each row: [CLS] + seq_len-1 ids of the stream (documents in corpus order, "
-                    "[SEP] after each); the incomplete last row is dropped")
+    packing: str = ("each row: [CLS] + seq_len-1 ids of a piece's stream (its documents of the volume in "
+                    "file order, [SEP] after each); each piece's incomplete last row is dropped")
     format: int = CORPUS_FORMAT
     files: dict = dataclasses.field(default_factory=dict, compare=False)
     """Every file of the build but the manifest (`file_list`: sizes, checksums of the small ones),

@@ -1,477 +1,415 @@
-"""Corpus builds: one per data volume (the `corpus` nodes of `grid.expand`).
+"""Corpus builds: every data volume of a corpus in one Ray Data build over the cluster's CPUs.
 
-    from scaling_study.corpus import build_corpus, check_corpus, load_tokenizer
+    from scaling_study.corpus import build_corpora, check_corpus
     from scaling_study.artifacts import CorpusBuild
-    check_corpus(study)                                           # bad files raise UserError before any work
-    for node in plan.of_kind("corpus"):
-        manifest = build_corpus(study, node, root / node.id)     # a no-op once built
-    tok = load_tokenizer(root / node.id)                          # AutoTokenizer, adds [CLS] ... [SEP]
-    files = CorpusBuild.open(root / node.id).shard_paths          # Parquet, one column `input_ids`
+    from scaling_study.wordpiece import load_tokenizer
+    check_corpus(study)                                  # bad files raise UserError before any work
+    nodes = plan.of_kind("corpus")                       # one per data volume
+    manifests = build_corpora(study, nodes, [root / n.id for n in nodes])   # finished ones are kept
+    tok = load_tokenizer(root / nodes[0].id)             # AutoTokenizer, adds [CLS] ... [SEP]
+    files = CorpusBuild.open(root / nodes[0].id).shard_paths     # Parquet, one column `input_ids`
 
-A build reads the corpus (plain UTF-8, one document per line; blank lines are skipped), keeps a
-nested, seeded subset of its documents, trains a WordPiece tokenizer on that subset, and packs the
-subset into sequences of exactly `seq_len` token ids, written as Parquet shards:
+Inputs are the corpus's files and folders, local or on an object store (`scaling_study.sources`:
+plain text one document per line, JSONL or Parquet with a text field, .gz/.zst compressed), read
+in pieces of about 64 MB. Each volume's build folder holds:
 
     <out_dir>/manifest.json            written last; its presence means the build is complete
     <out_dir>/tokenizer/               `AutoTokenizer.from_pretrained` folder (tokenizer.json, config)
     <out_dir>/shards/shard-00000.parquet  column `input_ids`: fixed_size_list<int32>[seq_len]
 
-Subsets. Document i (counting non-blank lines over the sources in their node order, folders as
-their sorted `*.txt` files) gets the key `blake2b("<seed>:<i>")` read as a 64-bit integer, i.e. a
-uniform number in [0, 1). A fraction f keeps the documents with key < f, so the 1% subset lies
-inside the 10% one by construction and nothing is shuffled. A token count keeps the documents
-with the smallest keys until their `tokens` (below) reach the budget: a prefix in key order, so
-token-count volumes nest too. Its tokenizer is trained on the smallest key-order prefix whose BERT
-pre-tokens (words and punctuation) reach the budget: every pre-token becomes at least one
-WordPiece, so that prefix contains the packed documents (it is larger by the tokens-per-pre-token
-ratio: 1.22 on the 60 MB science corpus with an 8k vocabulary).
+Subsets. A document's key is a 64-bit hash of the seed and its bytes (`document_key`), read as a
+uniform number in [0, 1): the same whatever file, piece or worker the document is in. A fraction f
+keeps the documents with key < f, so the 1% subset lies inside the 10% one by construction. A
+token count keeps the smallest keys until their tokens (below) reach the budget: a key prefix, so
+token-count volumes nest too; its threshold is found from per-bucket sums (`corpus_passes`), not by
+sorting the corpus on one node.
 
-Passes over the files: a fraction reads them three times (characters, tokenizer training,
-tokenize-and-pack), a token count five times (pre-token count and token count besides). Training is
-deterministic: the same inputs give a byte-identical tokenizer.json and identical shards.
+Tokenizers. Each volume's WordPiece tokenizer is trained on its smallest-key documents up to
+`corpus.tokenizer_sample` bytes (the whole volume when smaller), so the samples nest as well; a
+token-count volume's sample is taken from the key prefix whose BERT pre-tokens reach its budget
+(every pre-token is at least one WordPiece, so that prefix contains the volume). A sample of more
+characters than `wordpiece.PAIR_COUNT_LIMIT` is refused: the trainer's pair counts would wrap.
 
-Packing. Every sequence is `[CLS]` followed by `seq_len - 1` ids of the token stream; the stream is
-the documents in corpus order, each followed by `[SEP]`; a document that does not fit continues
-in the next sequence (after that sequence's `[CLS]`). The incomplete tail is dropped. Accounting:
-`tokens` = WordPiece tokens of the documents + one `[SEP]` per document (the stream), and
-`tokens == sequences * (seq_len - 1) + dropped_tokens` always holds; the `[CLS]` ids are extra.
-Shards hold sequences in corpus order, not shuffled: the pretraining loader shuffles.
+Passes (each a Ray Data pipeline over the pieces, `corpus_passes`), for all volumes at once:
+scan (documents, bytes and pre-tokens per key bucket), sample (the tokenizers' documents; then
+training, one volume after the other, in this process), for token-count volumes count and
+boundary (tokens per bucket, then the boundary bucket's documents), and pack. The input is read
+3 times for a study of fractions whatever its number of volumes (5 with token counts).
 
-A build is written into a hidden sibling folder and renamed into place at the end, so a killed
-build leaves only that folder behind (removed by the next build on the same host) and never a
-folder that looks finished. Memory is flat in the corpus size: documents are streamed, and only a
-token-count volume keeps 16 bytes per candidate document (key and count) to sort by key.
+Packing. A piece's documents of a volume, in file order, each followed by `[SEP]`, make the
+piece's stream; every row is `[CLS]` followed by `seq_len - 1` ids of it, and its incomplete tail is
+dropped. Shards hold the pieces' rows in piece order, `shard_sequences` rows each. Accounting:
+`tokens` = WordPiece tokens of the documents + one `[SEP]` each, and `tokens == sequences *
+(seq_len - 1) + dropped_tokens` holds (`dropped_tokens`: the pieces' tails). The same inputs give
+the same manifests and byte-identical shards on any number of workers or nodes.
+
+Builds are written into hidden sibling folders and renamed into place at the end, the manifest
+last, so a killed build leaves no folder that looks finished (its leftovers are removed by the next
+build on the same host). The build's driver holds at most the tokenizer sample and a few pieces'
+rows; each worker one piece.
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import hashlib
 import itertools
-import json
 import os
 import re
 import shutil
 import socket
 import time
-import unicodedata
-import urllib.parse
-from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from scaling_study.artifacts import Manifest, read_manifest
-from scaling_study.downloads import ENV_OFFLINE, DownloadError, fetch
-from scaling_study.errors import SpecError, UserError, file_problem
+from scaling_study.corpus_passes import (KEY_SPACE, Reading, boundary_piece, bucket_edge, count_piece, document_key,
+                                         map_pieces, pack_piece, sample_piece, scan_piece)
+from scaling_study.errors import SpecError, UserError
 from scaling_study.grid import Node
-from scaling_study.spec import DataVolume, Study, expand_env
+from scaling_study.sources import PIECE_BYTES, PREFLIGHT_SCAN_BYTES, InputFile, check_sources, input_files, pieces
+from scaling_study.spec import DataVolume, Study
 from scaling_study.storage import replace_dir
+from scaling_study.wordpiece import (PAIR_COUNT_LIMIT, pre_token_counter, save_tokenizer, tokenizers_parallelism,
+                                     train_wordpiece)
 
-SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-"""In id order: the trainer gives them ids 0-4."""
-
-_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
-_BATCH_DOCS = 1024
-_BATCH_CHARS = 1 << 20  # bounds a batch's text when documents are long
 _ROW_GROUP_BYTES = 4 << 20
-MAX_DOCUMENT_BYTES = 16 << 20
-"""Longest document (line) a corpus file may hold: 16 MiB, 100x the longest full-text paper of the
-science corpus (142 kB). A longer line is refused with its file and line number rather than read
-whole into memory: it is a file without newlines, or not text."""
-BINARY_SNIFF_BYTES = 8000
-"""A NUL byte among a file's first 8,000 bytes makes it binary (as git decides). NULs further in are
-kept: real text has them (74 in one file of the science corpus); the tokenizer drops them."""
-PREFLIGHT_SCAN_BYTES = 256 << 20
-"""How much of the corpus `check_corpus` reads before a run starts (see there)."""
+_TRAIN_BATCH = 1024
 
 
-# ----------------------------------------------------------------------------------- the build's tokenizer
+# ----------------------------------------------------------------------------------- preflight
 
 
-def load_tokenizer(out_dir: Path | str):
-    """The build's tokenizer via `AutoTokenizer` (cased as built; adds [CLS] ... [SEP])."""
-    from transformers import AutoTokenizer
+def check_corpus(study: Study, *, scan_bytes: int = PREFLIGHT_SCAN_BYTES) -> list[InputFile]:
+    """Refuse a bad corpus before anything runs; returns its input files (URLs are not fetched here).
 
-    return AutoTokenizer.from_pretrained(str(Path(out_dir) / "tokenizer"))
-
-
-# ----------------------------------------------------------------------------------- input files
-
-
-def _is_url(source: str) -> bool:
-    return bool(_URL.match(source))
-
-
-def _source_field(study: Study, source: str) -> str:
-    corpus = study.spec.corpus
-    for key, values in (("paths", corpus.paths if corpus else []), ("urls", corpus.urls if corpus else [])):
-        if source in values:
-            return f"corpus.{key}[{values.index(source)}]"
-    return "corpus.urls" if _is_url(source) else "corpus.paths"
-
-
-def _cached_name(url: str) -> str:
-    base = Path(urllib.parse.urlparse(url).path).name or "corpus.txt"
-    base = re.sub(r"[^A-Za-z0-9._-]", "_", base)[-80:]
-    return f"{hashlib.sha256(url.encode()).hexdigest()[:16]}-{base}"
-
-
-def _download(url: str, dest: Path, study: Study) -> None:
-    """Fetch `url` into `dest` once (scaling_study.downloads: atomic, refused offline)."""
-    try:
-        fetch(url, dest)
-    except DownloadError as exc:
-        yourself = "download it yourself and list it under corpus.paths"
-        if exc.offline:
-            allowed, problem = f"unset {ENV_OFFLINE}, or {yourself}", exc.reason
-        else:
-            allowed, problem = f"a reachable URL of a UTF-8 text file, or {yourself}", f"cannot download ({exc.reason})"
-        raise SpecError(study.file, _source_field(study, url), url, allowed, problem=problem) from None
-
-
-def _resolve_sources(study: Study, sources: list[str], cache_dir: Path, download: bool) -> list[Path]:
-    files: list[Path] = []
-    for source in sources:
-        if _is_url(source):
-            dest = cache_dir / _cached_name(source)
-            if download:
-                _download(source, dest, study)
-            files.append(dest)
-            continue
-        path = study.resolve_path(source)
-        problem = file_problem(path)
-        if problem == "a folder":
-            found = sorted(p for p in path.glob("*.txt") if not p.is_dir())
-            for p in found:  # a FIFO or a device named *.txt would block the build or never end
-                if file_problem(p):
-                    raise SpecError(study.file, _source_field(study, source), source, "regular *.txt files",
-                                    problem=_not_regular(p, file_problem(p)))
-            if not found:
-                raise SpecError(study.file, _source_field(study, source), source,
-                                "a text file, or a folder holding *.txt files",
-                                problem=f"folder {path} holds no *.txt file")
-            files.extend(found)
-        elif problem is None:
-            files.append(path)
-        elif problem == "no such file":
-            raise SpecError(study.file, _source_field(study, source), source,
-                            "an existing text file or folder of *.txt files (relative paths resolve "
-                            "against the spec's folder; ${VAR:-default} expands)",
-                            problem=f"no such file or folder: {path}")
-        else:
-            raise SpecError(study.file, _source_field(study, source), source,
-                            "a regular text file, or a folder of *.txt files", problem=_not_regular(path, problem))
-    return files
-
-
-def _not_regular(path: Path, problem: str) -> str:
-    return f"{path} is {problem}" if problem.startswith("a ") else f"{path}: {problem}"
-
-
-def corpus_files(study: Study, *, cache_dir: Path | str | None = None, download: bool = False) -> list[Path]:
-    """The corpus's input files in reading order: paths (folders as their sorted *.txt), then URLs.
-
-    URLs map to their file in `cache_dir` (default `<storage.root>/cache`), fetched if `download`.
-    Raises `UserError` for a missing path or a folder without *.txt files.
+    `sources.check_sources` reads the first `scan_bytes` as the build reads them (bad bytes, lines,
+    records or files raise a UserError naming the file and line or row). When that is the whole
+    corpus, a fraction that draws none of its documents is refused too.
     """
     corpus = study.spec.corpus
     if corpus is None:
         return []
-    if cache_dir is None:
-        from scaling_study.storage import Store
+    smallest = [KEY_SPACE]
 
-        cache_dir = Store(expand_env(study.spec.storage.root)).local / "cache"  # a URI root: its local mirror
-    return _resolve_sources(study, sorted(corpus.paths) + sorted(corpus.urls), Path(cache_dir), download)
+    def visit(text: str) -> None:
+        smallest[0] = min(smallest[0], document_key(corpus.seed, text))
 
-
-# ----------------------------------------------------------------------------------- documents
-
-
-def document_key(seed: int, index: int) -> int:
-    """The 64-bit selection key of document `index`: divide by 2**64 for a uniform number in [0, 1)."""
-    return int.from_bytes(hashlib.blake2b(b"%d:%d" % (seed, index), digest_size=8).digest(), "little")
-
-
-class _Reader:
-    """Streams the documents of the input files: (index, key, text), blank lines skipped."""
-
-    def __init__(self, files: list[Path], seed: int):
-        self.files, self.seed = files, seed
-        self.bytes_read = 0
-        self.documents = 0
-
-    def __iter__(self) -> Iterator[tuple[int, int, str]]:
-        index = 0
-        for path in self.files:
-            _check_not_binary(path)
-            with _open(path) as f:
-                # readline(limit) bounds memory: a file without newlines is refused, not slurped
-                for lineno, raw in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_BYTES + 2), b""), 1):
-                    self.bytes_read += len(raw)
-                    if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                        raw = raw[3:]
-                    if not raw.strip():
-                        continue
-                    text = _document(raw, path, lineno)
-                    yield index, document_key(self.seed, index), text
-                    index += 1
-                    self.documents = index
-
-
-def _open(path: Path):
-    try:
-        return open(path, "rb")
-    except OSError as exc:  # unreadable, or gone since the sources were resolved
-        raise UserError(f"{path}: cannot read the corpus file ({exc.strerror or exc}); allowed: a readable "
-                        f"UTF-8 text file, one document per line") from None
-
-
-def _check_not_binary(path: Path) -> None:
-    """A NUL byte in the first BINARY_SNIFF_BYTES: a binary file or UTF-16 text (git's test for binary)."""
-    with _open(path) as f:
-        head = f.read(BINARY_SNIFF_BYTES)
-    nul = head.find(b"\0")
-    if nul >= 0:
-        line = head.count(b"\n", 0, nul) + 1
-        raise UserError(f"{path}:{line}: a NUL byte at byte {nul + 1} of the file: a binary "
-                        f"file, or UTF-16 text; allowed: UTF-8 text, one document per line")
-
-
-def _document(raw: bytes, path: Path, lineno: int) -> str:
-    """One line of a corpus file as text; raises UserError naming the file and line."""
-    allowed = "UTF-8 text, one document per line"
-    if len(raw.rstrip(b"\r\n")) > MAX_DOCUMENT_BYTES:
-        raise UserError(f"{path}:{lineno}: a line longer than {MAX_DOCUMENT_BYTES:,} bytes; allowed: {allowed}, "
-                        f"each at most {MAX_DOCUMENT_BYTES:,} bytes (MAX_DOCUMENT_BYTES)")
-    try:
-        return raw.decode("utf-8").rstrip("\r\n")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{path}:{lineno}: not UTF-8 (byte 0x{raw[exc.start]:02x} at byte {exc.start + 1} "
-                        f"of the line); allowed: {allowed}") from None
-
-
-def check_corpus(study: Study, *, scan_bytes: int = PREFLIGHT_SCAN_BYTES) -> list[Path]:
-    """Refuse a bad corpus before anything runs; returns its local files (URLs are not fetched here).
-
-    Every path must exist and be readable; a folder must hold *.txt files; no file may look binary
-    (BINARY_SNIFF_BYTES). The first `scan_bytes` of the local files (in reading order, 256 MiB by
-    default: a second or two) are read as the build reads them: bytes that are not UTF-8 or a line
-    over MAX_DOCUMENT_BYTES raise a UserError naming the file and line, and so does a corpus whose
-    files hold no document at all. A problem beyond the scanned bytes stops the build itself with the
-    same message.
-    """
-    corpus = study.spec.corpus
-    if corpus is None:
-        return []
-    local = [source for source in sorted(corpus.paths) if not _is_url(source)]
-    files = _resolve_sources(study, local, Path("."), download=False)
-    budget, documents, complete = scan_bytes, 0, True
-    for path in files:
-        if budget <= 0:
-            complete = False
-            break
-        _check_not_binary(path)
-        with _open(path) as f:
-            for lineno, raw in enumerate(iter(lambda: f.readline(MAX_DOCUMENT_BYTES + 2), b""), 1):
-                budget -= len(raw)
-                if lineno == 1:
-                    raw = raw.removeprefix(b"\xef\xbb\xbf")
-                if raw.strip():
-                    _document(raw, path, lineno)
-                    documents += 1
-                if budget <= 0:
-                    complete = False
-                    break
-    if complete and files and documents == 0 and not corpus.urls:
-        where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
-        raise UserError(f"{where}: corpus '{corpus.name}' has no documents (every file is empty or blank); "
-                        f"allowed: UTF-8 text files with one document per line")
+    files, documents, complete = check_sources(study, scan_bytes=scan_bytes, visit=visit)
     if complete and documents and not corpus.urls:
-        _check_fractions(study, documents)
+        for i, volume in enumerate(study.spec.data_volumes or []):
+            if volume.fraction is not None and smallest[0] >= int(volume.fraction * 2**64):
+                raise SpecError(study.file, f"data_volumes[{i}]", volume.label,
+                                f"a fraction of at least {smallest[0] / 2**64:.2g} (the smallest that draws a "
+                                f"document with corpus.seed {corpus.seed}; about 1/{documents:,})",
+                                problem=f"selects none of the corpus's {documents:,} documents")
     return files
 
 
-def _check_fractions(study: Study, documents: int) -> None:
-    """A fraction so small that it selects none of the corpus's documents (the build draws document
-    `i` when `document_key(seed, i) < fraction * 2**64`): refused before anything runs."""
-    fractions = [v for v in study.volumes if v.fraction is not None]
-    if not fractions:
-        return
-    seed = study.spec.corpus.seed
-    smallest = min(document_key(seed, i) for i in range(documents))
-    for i, volume in enumerate(study.spec.data_volumes or []):
-        if volume.fraction is not None and smallest >= int(volume.fraction * 2**64):
-            raise SpecError(study.file, f"data_volumes[{i}]", volume.label,
-                            f"a fraction of at least {smallest / 2**64:.2g} (the smallest that draws a document "
-                            f"with corpus.seed {seed}; about 1/{documents:,})",
-                            problem=f"selects none of the corpus's {documents:,} documents")
+# ----------------------------------------------------------------------------------- build folders
 
 
-def _batches(docs: Iterator[tuple[int, int, str]], keep: Callable[[int], bool]) -> Iterator[list[tuple[int, str]]]:
-    """Selected documents as (key, text), in batches bounded in count and characters."""
-    batch: list[tuple[int, str]] = []
-    chars = 0
-    for _, key, text in docs:
-        if not keep(key):
+def _partial_dirs(out_dir: Path) -> list[Path]:
+    return sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
+
+
+def _remove_stale_partials(out_dir: Path) -> None:
+    """Remove temp folders of killed builds of this node (same host, process gone)."""
+    host = socket.gethostname()
+    for folder in _partial_dirs(out_dir):
+        match = re.fullmatch(rf"\.{re.escape(out_dir.name)}\.partial-(.+)-(\d+)", folder.name)
+        if not match or match.group(1) != host:
             continue
-        batch.append((key, text))
-        chars += len(text)
-        if len(batch) >= _BATCH_DOCS or chars >= _BATCH_CHARS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
+        try:
+            os.kill(int(match.group(2)), 0)
+            alive = int(match.group(2)) != os.getpid()
+        except ProcessLookupError:
+            alive = False
+        except PermissionError:
+            alive = True
+        if not alive:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-class _KeyPrefix:
-    """The smallest-key documents whose counts reach `budget`, found in one streaming pass.
+def _existing(node: Node, out_dir: Path) -> Manifest | None:
+    manifest = read_manifest(out_dir)
+    if manifest is not None and manifest.node_id != node.id:
+        raise UserError(f"{out_dir}: holds the build of corpus node {manifest.node_id}, not {node.id}; "
+                        f"allowed: one folder per node (e.g. <storage>/corpus/<node id>)")
+    return manifest
 
-    Keeps (key, count) of candidates: 16 bytes each. When the buffer doubles, everything above the
-    current cutoff is dropped, so a small budget over a huge corpus stays small.
+
+def build_corpus(study: Study, node: Node, out_dir: Path | str, **options) -> Manifest:
+    """Build one corpus node (`build_corpora` with one node)."""
+    return build_corpora(study, [node], [out_dir], **options)[0]
+
+
+def build_corpora(study: Study, nodes: list[Node], out_dirs: list[Path | str], *, progress: bool = True,
+                  shard_sequences: int = 8192, min_shards: int = 16, cache_dir: Path | str | None = None,
+                  piece_bytes: int = PIECE_BYTES, pair_limit: int = PAIR_COUNT_LIMIT) -> list[Manifest]:
+    """Build corpus nodes of one corpus (its data volumes) into `out_dirs`, in one build; returns
+    their manifests. Nodes already built are kept as they are (and not rebuilt).
+
+    shard_sequences: most rows per Parquet shard. min_shards: a build with fewer rows than
+    `shard_sequences * min_shards` is split into `min_shards` equal shards instead (fewer only if it
+    has fewer rows), so that data-parallel workers each get files. Neither changes the node id or
+    the rows. cache_dir: where `corpus.urls` are downloaded (default `<out_dir>/../cache`).
+    piece_bytes: size of the pieces; part of the builder (`grid.CORPUS_BUILDER`), not an option to
+    vary between builds of one study. pair_limit: the tokenizer sample's most characters.
+    Raises `UserError` for a bad corpus or volume.
     """
-
-    min_buffer = 1 << 20
-
-    def __init__(self, budget: int):
-        self.budget = budget
-        self.keys, self.counts = array("Q"), array("q")
-        self.cutoff: int | None = None  # include keys <= cutoff
-        self._prune_at = self.min_buffer
-
-    def wants(self, key: int) -> bool:
-        return self.cutoff is None or key <= self.cutoff
-
-    def add(self, key: int, count: int) -> None:
-        self.keys.append(key)
-        self.counts.append(count)
-        if len(self.keys) >= self._prune_at:
-            self._prune()
-            self._prune_at = max(self.min_buffer, 2 * len(self.keys))
-
-    def _prune(self) -> None:
-        keys = np.frombuffer(self.keys, dtype=np.uint64).copy()
-        counts = np.frombuffer(self.counts, dtype=np.int64).copy()
-        order = np.argsort(keys, kind="stable")
-        reached = np.flatnonzero(np.cumsum(counts[order]) >= self.budget)
-        if len(reached):  # the cutoff only falls as documents come: smaller keys replace larger ones
-            self.cutoff = int(keys[order[reached[0]]])
-            kept = keys <= np.uint64(self.cutoff)
-            self.keys, self.counts = array("Q", keys[kept].tobytes()), array("q", counts[kept].tobytes())
-
-    def result(self) -> tuple[int | None, int]:
-        """(cutoff, or None if all documents fall short of the budget; sum of the kept counts)."""
-        self._prune()
-        return self.cutoff, int(np.frombuffer(self.counts, dtype=np.int64).sum())
-
-
-# ----------------------------------------------------------------------------------- tokenizer
-
-
-def _new_tokenizer(cased: bool):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=not cased)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece(prefix="##")
-    return tok
-
-
-def _pre_token_counter(cased: bool):
-    """Counts BERT pre-tokens: a word-level model that maps every pre-token to [UNK]."""
-    from tokenizers import Tokenizer, models
-
-    counter = Tokenizer(models.WordLevel({"[UNK]": 0}, unk_token="[UNK]"))
-    template = _new_tokenizer(cased)
-    counter.normalizer, counter.pre_tokenizer = template.normalizer, template.pre_tokenizer
-    return counter
-
-
-def _is_punctuation(char: str) -> bool:
-    """BertPreTokenizer's split characters besides whitespace (so never inside a word)."""
-    code = ord(char)
-    return (33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126
-            or unicodedata.category(char).startswith("P"))
-
-
-def continuation_tokens(chars: set[str], cased: bool) -> list[str]:
-    """`##c` for every character that can continue a word, in a fixed order.
-
-    The trainer creates these lazily while iterating a hash map, so their ids, and through merge
-    tie-breaking even the vocabulary, differ from run to run (huggingface/tokenizers#1794).
-    Registering them up front, as trainer special tokens, makes training deterministic.
-    """
-    normalizer = _new_tokenizer(cased).normalizer
-    found = {d for c in chars for d in normalizer.normalize_str(c) if not d.isspace() and not _is_punctuation(d)}
-    if "σ" in found:
-        found.add("ς")  # lowercasing picks the final sigma by context
-    return [f"##{c}" for c in sorted(found)]
-
-
-def _check_vocab_size(vocab_size: int, tok, chars: set[str], continuations: list[str]) -> None:
-    """WordPiece keeps the whole alphabet whatever `vocab_size` says: a smaller one would build a
-    larger vocabulary than the spec (and `plan`) counts, so it is refused."""
-    alphabet = {d for c in chars for d in tok.normalizer.normalize_str(c) if not d.isspace()}
-    need = len(SPECIAL_TOKENS) + len(alphabet) + len(continuations)
-    if vocab_size < need:
-        raise UserError(f"corpus.vocab_size {vocab_size:,} is smaller than this corpus's alphabet: {need:,} tokens "
-                        f"({len(SPECIAL_TOKENS)} special, {len(alphabet):,} characters, {len(continuations):,} "
-                        f"## continuations); allowed: corpus.vocab_size >= {need:,}")
-
-
-def _finish_tokenizer(tok):
-    """Drop the `##c` registrations from the added tokens (they stay in the vocabulary) and add the
-    [CLS] ... [SEP] template; returns the tokenizer as it will be saved."""
-    from tokenizers import Tokenizer, processors
-
-    data = json.loads(tok.to_str())
-    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in SPECIAL_TOKENS]
-    tok = Tokenizer.from_str(json.dumps(data))
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    # Without a post-processor `tok(text)` adds no [CLS]/[SEP] (REFERENCE.md).
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    return tok
-
-
-def _save_tokenizer(tok, folder: Path) -> dict[str, int]:
-    """Save as a transformers folder and check it loads back as built; returns the special ids."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    ids = {name: tok.token_to_id(name) for name in SPECIAL_TOKENS}
-    # PreTrainedTokenizerFast keeps tokenizer.json as is; BertTokenizerFast would record
-    # do_lower_case=True and lowercase a cased vocabulary on load.
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(str(folder))
-    loaded = AutoTokenizer.from_pretrained(str(folder))
-    probe = loaded("a b")["input_ids"]
-    if len(loaded) != tok.get_vocab_size() or probe[0] != ids["[CLS]"] or probe[-1] != ids["[SEP]"]:
-        raise RuntimeError(f"saved tokenizer does not load back as built: {len(loaded)} ids, 'a b' -> {probe}")
-    return {name.strip("[]").lower(): i for name, i in ids.items()}
-
-
-@contextlib.contextmanager
-def _tokenizers_parallelism(enabled: bool) -> Iterator[None]:
-    """Let the Rust tokenizer use all cores during the build (the package turns it off by default
-    so that forking workers later does not warn); restored afterwards."""
-    old = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if enabled else "false"
+    if any(n.kind != "corpus" for n in nodes) or len(nodes) != len(out_dirs):
+        raise ValueError("build_corpora needs corpus nodes and one folder per node")
+    if len({_group(n) for n in nodes}) > 1:
+        raise ValueError("build_corpora builds the volumes of one corpus: the nodes differ in more than volume")
+    if shard_sequences < 1 or min_shards < 1:
+        raise ValueError("shard_sequences and min_shards must be >= 1")
+    out_dirs = [Path(d) for d in out_dirs]
+    manifests = [_existing(n, d) for n, d in zip(nodes, out_dirs)]
+    todo = [i for i, m in enumerate(manifests) if m is None]
+    if not todo:
+        return manifests
+    tmps = []
+    for i in todo:
+        out_dirs[i].parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_partials(out_dirs[i])
+        tmp = out_dirs[i].parent / f".{out_dirs[i].name}.partial-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        tmps.append(tmp)
     try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = old
+        cache = Path(cache_dir) if cache_dir is not None else out_dirs[0].parent / "cache"
+        build = _Build(study, [nodes[i] for i in todo], tmps, cache, progress=progress, piece_bytes=piece_bytes,
+                       pair_limit=pair_limit, shard_sequences=shard_sequences, min_shards=min_shards)
+        for i, tmp, manifest in zip(todo, tmps, build.run()):
+            if read_manifest(out_dirs[i]) is not None:  # someone else finished the same node meanwhile
+                shutil.rmtree(tmp, ignore_errors=True)
+                manifests[i] = _existing(nodes[i], out_dirs[i])
+                continue
+            replace_dir(tmp, out_dirs[i])
+            manifests[i] = manifest
+    except BaseException:
+        for tmp in tmps:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifests
 
 
-# ----------------------------------------------------------------------------------- packing
+def _group(node: Node) -> str:
+    return repr(sorted((k, repr(v)) for k, v in node.inputs.items() if k != "volume"))
+
+
+# ----------------------------------------------------------------------------------- the build
+
+
+class _Stage:
+    """A pass's progress: a bar on the terminal (`progress`) and the study's gauges."""
+
+    def __init__(self, build: _Build, name: str):
+        from tqdm.auto import tqdm
+
+        from scaling_study.progress import CorpusProgress
+
+        self.build, self.name, self.start = build, name, time.monotonic()
+        total_bytes = sum(p.size for p in build.pieces)
+        self.bar = tqdm(total=len(build.pieces), desc=f"{build.label}: {name}", unit="piece",
+                        disable=not build.progress, leave=False, dynamic_ncols=True)
+        self.gauges = CorpusProgress(build.study.spec.name, [n.id for n in build.nodes], name,
+                                     len(build.pieces), total_bytes)
+        self.done_bytes = 0
+
+    def __call__(self, i: int, result) -> None:
+        self.done_bytes += self.build.pieces[i].size
+        self.bar.update(1)
+        self.gauges.update(i + 1, self.done_bytes)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.gauges.close()
+        self.build.stage_seconds[self.name] = round(time.monotonic() - self.start, 3)
+
+
+class _Build:
+    """One build of a corpus's volumes (see the module docstring); `run` returns their manifests."""
+
+    def __init__(self, study: Study, nodes: list[Node], tmps: list[Path], cache_dir: Path, *, progress: bool,
+                 piece_bytes: int, pair_limit: int, shard_sequences: int, min_shards: int):
+        self.study, self.nodes, self.tmps, self.progress = study, nodes, tmps, progress
+        self.pair_limit, self.shard_sequences, self.min_shards = pair_limit, shard_sequences, min_shards
+        inputs = nodes[0].inputs
+        self.inputs = inputs
+        self.seq_len = int(inputs["seq_len"])
+        if self.seq_len < 2:
+            raise SpecError(study.file, "pretrain.seq_len", self.seq_len, "at least 2 ([CLS] and one token)",
+                            problem="too short to pack")
+        self.volumes = [DataVolume(**n.inputs["volume"]) for n in nodes]
+        self.reading = Reading(fmt=inputs["format"], text_field=inputs["text_field"], seed=int(inputs["seed"]))
+        self.files = input_files(study, cache_dir=cache_dir, download=True)
+        self.pieces = pieces(self.files, self.reading.fmt, piece_bytes)
+        self.where = self.files[0].path if len(self.files) == 1 else \
+            f"{os.path.dirname(self.files[0].path)} ({len(self.files)} files)"
+        self.label = ", ".join(v.label for v in self.volumes)
+        self.stage_seconds: dict[str, float] = {}
+
+    def _pass(self, name: str, fn, **kwargs) -> Iterator:
+        stage = _Stage(self, name)
+        try:
+            yield from map_pieces(fn, self.pieces, {"reading": self.reading, **kwargs}, label=name,
+                                  on_result=stage)
+        finally:
+            stage.close()
+
+    def run(self) -> list[Manifest]:
+        start = time.monotonic()
+        self.scan()
+        extents = [self.extent(v) for v in self.volumes]
+        toks, samples = self.tokenizers(extents)
+        limits = [extent if v.tokens is None else self.token_limit(v, tok, extent)
+                  for v, tok, extent in zip(self.volumes, toks, extents)]
+        packed = self.pack(toks, limits)
+        seconds = round(time.monotonic() - start, 3)
+        return [self.manifest(i, tok, sample, result, seconds)
+                for i, (tok, sample, result) in enumerate(zip(toks, samples, packed))]
+
+    # 1. scan: documents and bytes (and pre-tokens for token counts) per key bucket
+    def scan(self) -> None:
+        counter = pre_token_counter(bool(self.inputs["cased"])).to_str() \
+            if any(v.tokens is not None for v in self.volumes) else None
+        self.documents = self.bytes = 0
+        self.hist_bytes, self.hist_pre = 0, 0
+        for r in self._pass("scan", scan_piece, counter=counter):
+            self.documents += r["documents"]
+            self.bytes += r["bytes"]
+            self.hist_bytes = self.hist_bytes + r["hist_bytes"]
+            if counter:
+                self.hist_pre = self.hist_pre + r["hist_pre_tokens"]
+        if self.documents == 0:
+            raise UserError(f"{self.where}: corpus '{self.inputs['name']}' has no documents (every one is blank); "
+                            f"allowed: a corpus with at least one non-blank document")
+
+    def extent(self, volume: DataVolume) -> int:
+        """The key limit of a fraction; for a token count, a bucket edge whose key prefix contains it."""
+        if volume.fraction is not None:
+            return min(KEY_SPACE, int(volume.fraction * 2**64))
+        return _edge_reaching(self.hist_pre, volume.tokens)
+
+    # 2. sample and train: each volume's smallest keys up to tokenizer_sample bytes
+    def tokenizers(self, extents: list[int]) -> tuple[list, list[dict]]:
+        cap = _edge_reaching(self.hist_bytes, int(self.inputs["tokenizer_sample"]))
+        sample_limits = [min(extent, cap) for extent in extents]
+        keys, texts = [], []
+        for k, t in self._pass("sample", sample_piece, limit=max(sample_limits)):
+            keys.append(k)
+            texts.extend(t)
+        keys = np.concatenate(keys)
+        order = np.argsort(keys, kind="stable")
+        keys, texts = keys[order], [texts[i] for i in order]
+        toks, samples = [], []
+        start = time.monotonic()
+        for volume, limit in zip(self.volumes, sample_limits):
+            n = len(keys) if limit >= KEY_SPACE else int(np.searchsorted(keys, np.uint64(limit)))
+            toks.append(self.train(volume, texts[:n]))
+            samples.append({"documents": n, "chars": sum(map(len, texts[:n]))})
+        self.stage_seconds["train"] = round(time.monotonic() - start, 3)
+        return toks, samples
+
+    def train(self, volume: DataVolume, texts: list[str]):
+        if not texts:
+            raise UserError(f"{self.where}: data volume {volume.label} selects none of the {self.documents:,} "
+                            f"documents (seed {self.reading.seed}); allowed: a fraction of at least about "
+                            f"{1 / self.documents:.2g}")
+        chars = sum(map(len, texts))
+        if chars > self.pair_limit:
+            raise UserError(f"{self.where}: the tokenizer sample of data volume {volume.label} holds {chars:,} "
+                            f"characters, more than the WordPiece trainer's 32-bit pair counts can hold "
+                            f"({self.pair_limit:,}); allowed: corpus.tokenizer_sample below {self.pair_limit:,} bytes")
+        alphabet: set[str] = set()
+        for text in texts:
+            alphabet.update(text)
+        batches = (texts[i:i + _TRAIN_BATCH] for i in range(0, len(texts), _TRAIN_BATCH))
+        with tokenizers_parallelism(True):
+            return train_wordpiece(batches, alphabet, vocab_size=int(self.inputs["vocab_size"]),
+                                   cased=bool(self.inputs["cased"]), min_frequency=int(self.inputs["min_frequency"]))
+
+    # 3. token counts: the key cutoff where a volume's tokens reach its budget
+    def token_limit(self, volume: DataVolume, tok, extent: int) -> int:
+        spec = tok.to_str()
+        hist = 0
+        for (h,) in self._pass(f"count {volume.label}", count_piece, tokenizers=[spec], limits=[extent]):
+            hist = hist + h
+        cum = np.cumsum(hist)
+        if int(cum[-1]) < volume.tokens:
+            raise UserError(f"{self.where}: data volume {volume.label} is more than the corpus's {int(cum[-1]):,} "
+                            f"tokens (with this tokenizer, [SEP] per document included); allowed: at most "
+                            f"{int(cum[-1]):,} tokens, or a fraction")
+        bucket = int(np.searchsorted(cum, volume.tokens))  # the first bucket where the sum reaches the budget
+        before = int(cum[bucket - 1]) if bucket else 0
+        keys, counts = [], []
+        for ((k, n),) in self._pass(f"boundary {volume.label}", boundary_piece, tokenizers=[spec], buckets=[bucket]):
+            keys.append(k)
+            counts.append(n)
+        keys, counts = np.concatenate(keys), np.concatenate(counts)
+        order = np.argsort(keys, kind="stable")
+        reached = int(np.searchsorted(before + np.cumsum(counts[order]), volume.tokens))
+        return int(keys[order][reached]) + 1
+
+    # 4. tokenize and pack every volume in one pass, writing shards in piece order
+    def pack(self, toks: list, limits: list[int]) -> list[dict]:
+        specials = [{name: tok.token_to_id(name) for name in ("[CLS]", "[SEP]")} for tok in toks]
+        writers = [_ShardWriter(tmp / "shards", self.seq_len, itertools.repeat(self.shard_sequences))
+                   for tmp in self.tmps]
+        totals = [{"documents": 0, "tokens": 0, "sequences": 0, "dropped_tokens": 0} for _ in toks]
+        for per_volume in self._pass("pack", pack_piece, tokenizers=[t.to_str() for t in toks], limits=limits,
+                                     seq_len=self.seq_len, cls_id=[s["[CLS]"] for s in specials],
+                                     sep_id=[s["[SEP]"] for s in specials]):
+            for writer, total, part in zip(writers, totals, per_volume):
+                writer.write(part.rows)
+                total["documents"] += part.documents
+                total["tokens"] += part.tokens
+                total["sequences"] += len(part.rows)
+                total["dropped_tokens"] += part.dropped
+        for writer, total, tmp, volume in zip(writers, totals, self.tmps, self.volumes):
+            shards = writer.close()
+            if total["sequences"] == 0:
+                raise UserError(f"{self.where}: data volume {volume.label} has {total['tokens']} tokens in "
+                                f"{total['documents']} documents, less than one sequence of seq_len {self.seq_len} "
+                                f"per piece; allowed: a larger data volume or a shorter pretrain.seq_len")
+            if len(shards) < self.min_shards and total["sequences"] > len(shards):
+                shards = _rebalance(tmp / "shards", shards, min(self.min_shards, total["sequences"]), self.seq_len)
+            total["shards"] = shards
+        return totals
+
+    def manifest(self, i: int, tok, sample: dict, packed: dict, seconds: float) -> Manifest:
+        tmp, node = self.tmps[i], self.nodes[i]
+        special = save_tokenizer(tok, tmp / "tokenizer")
+        manifest = Manifest(
+            node_id=node.id, inputs=node.inputs, seq_len=self.seq_len, vocab_size=tok.get_vocab_size(),
+            special_tokens=special,
+            tokenizer_hash=hashlib.sha256((tmp / "tokenizer" / "tokenizer.json").read_bytes()).hexdigest(),
+            corpus_documents=self.documents, tokenizer_documents=sample["documents"],
+            tokenizer_chars=sample["chars"], documents=packed["documents"], tokens=packed["tokens"],
+            sequences=packed["sequences"], dropped_tokens=packed["dropped_tokens"], shards=packed["shards"],
+            pieces=len(self.pieces), corpus_bytes=self.bytes,
+            input_files=[{"path": f.path, "bytes": f.size, "mtime": f.mtime} | ({"url": f.url} if f.url else {})
+                         for f in self.files],
+            build_seconds=seconds, stage_seconds=dict(self.stage_seconds),
+            created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+        assert manifest.tokens == manifest.sequences * (self.seq_len - 1) + manifest.dropped_tokens
+        manifest.write(tmp)
+        return manifest
+
+
+def _edge_reaching(hist, budget: int) -> int:
+    """The smallest bucket edge whose key prefix's sum in `hist` reaches `budget` (all keys if none)."""
+    cum = np.cumsum(hist)
+    if not len(np.atleast_1d(cum)) or int(cum[-1]) < budget:
+        return KEY_SPACE
+    return bucket_edge(int(np.searchsorted(cum, budget)))
+
+
+# ----------------------------------------------------------------------------------- shards
 
 
 class _ShardWriter:
@@ -528,32 +466,6 @@ class _ShardWriter:
         return self.shards
 
 
-class _Packer:
-    """Turns documents' ids into rows: [CLS] + seq_len-1 stream ids, [SEP] after each document."""
-
-    def __init__(self, seq_len: int, cls_id: int, sep_id: int, out: _ShardWriter):
-        self.seq_len, self.body, self.cls_id, self.sep_id, self.out = seq_len, seq_len - 1, cls_id, sep_id, out
-        self.carry = np.empty(0, dtype=np.int32)
-        self.tokens = 0  # Python ints: no overflow however large the corpus
-        self.sequences = 0
-
-    def add(self, docs: list[list[int]]) -> None:
-        n = sum(len(ids) for ids in docs) + len(docs)
-        stream = np.empty(len(self.carry) + n, dtype=np.int32)
-        stream[:len(self.carry)] = self.carry
-        stream[len(self.carry):] = np.fromiter(
-            itertools.chain.from_iterable(itertools.chain(ids, (self.sep_id,)) for ids in docs), np.int32, n)
-        self.tokens += n
-        rows = len(stream) // self.body
-        if rows:
-            packed = np.empty((rows, self.seq_len), dtype=np.int32)
-            packed[:, 0] = self.cls_id
-            packed[:, 1:] = stream[:rows * self.body].reshape(rows, self.body)
-            self.out.write(packed)
-            self.sequences += rows
-        self.carry = stream[rows * self.body:].copy()
-
-
 def _rebalance(folder: Path, shards: list[dict], count: int, seq_len: int) -> list[dict]:
     """Re-split a small build into `count` shards of nearly equal size (so every worker gets one)."""
     import pyarrow.parquet as pq
@@ -570,216 +482,3 @@ def _rebalance(folder: Path, shards: list[dict], count: int, seq_len: int) -> li
     return out
 
 
-# ----------------------------------------------------------------------------------- build
-
-
-class _Passes:
-    """Streams the selected documents of the corpus, once per pass, with a progress bar per pass."""
-
-    def __init__(self, files: list[Path], seed: int, progress: bool, label: str):
-        self.files, self.seed, self.progress, self.label = files, seed, progress, label
-        self.total_bytes = sum(f.stat().st_size for f in files)
-        self.documents = 0  # documents in the corpus, known after a full pass
-        self.bar = None
-
-    def batches(self, desc: str, keep: Callable[[int], bool]) -> Iterator[list[tuple[int, str]]]:
-        from tqdm.auto import tqdm
-
-        reader, seen, selected = _Reader(self.files, self.seed), 0, 0
-        with tqdm(total=self.total_bytes, desc=f"{self.label}: {desc}", unit="B", unit_scale=True,
-                  disable=not self.progress, leave=False, dynamic_ncols=True) as self.bar:
-            for batch in _batches(iter(reader), keep):
-                yield batch
-                selected += len(batch)
-                self.bar.set_postfix(documents=selected, refresh=False)
-                self.bar.update(reader.bytes_read - seen)
-                seen = reader.bytes_read
-            self.bar.update(reader.bytes_read - seen)
-        self.documents = reader.documents
-
-
-def _partial_dirs(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
-
-
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Remove temp folders of killed builds of this node (same host, process gone)."""
-    host = socket.gethostname()
-    for folder in _partial_dirs(out_dir):
-        match = re.fullmatch(rf"\.{re.escape(out_dir.name)}\.partial-(.+)-(\d+)", folder.name)
-        if not match or match.group(1) != host:
-            continue
-        try:
-            os.kill(int(match.group(2)), 0)
-            alive = int(match.group(2)) != os.getpid()
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
-def build_corpus(study: Study, node: Node, out_dir: Path | str, *, progress: bool = True,
-                 shard_sequences: int = 8192, min_shards: int = 16, cache_dir: Path | str | None = None,
-                 parallel: bool = True) -> Manifest:
-    """Build the corpus node into `out_dir` and return its manifest; a no-op if already built.
-
-    shard_sequences: most rows per Parquet shard. min_shards: a build with fewer rows than
-    `shard_sequences * min_shards` is split into `min_shards` equal shards instead (fewer only if it
-    has fewer rows), so that data-parallel workers each get files. Neither changes the node id or
-    the stream. cache_dir: where `corpus.urls` are downloaded (default `<out_dir>/../cache`).
-    parallel: let the tokenizer use every core. Raises `UserError` for a bad corpus or volume.
-    """
-    if node.kind != "corpus":
-        raise ValueError(f"build_corpus needs a corpus node, got {node.kind} node {node.id}")
-    if shard_sequences < 1 or min_shards < 1:
-        raise ValueError("shard_sequences and min_shards must be >= 1")
-    out_dir = Path(out_dir)
-    existing = read_manifest(out_dir)
-    if existing is not None:
-        if existing.node_id != node.id:
-            raise UserError(f"{out_dir}: holds the build of corpus node {existing.node_id}, not {node.id}; "
-                            f"allowed: one folder per node (e.g. <storage>/corpus/<node id>)")
-        return existing
-
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_partials(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{socket.gethostname()}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        with _tokenizers_parallelism(parallel):
-            manifest = _build(study, node, tmp, progress=progress, shard_sequences=shard_sequences,
-                              min_shards=min_shards,
-                              cache_dir=Path(cache_dir) if cache_dir is not None else out_dir.parent / "cache")
-        if out_dir.exists():  # a folder without a valid manifest: a leftover, not a build
-            if read_manifest(out_dir) is not None:  # someone else finished the same node meanwhile
-                shutil.rmtree(tmp, ignore_errors=True)
-                return build_corpus(study, node, out_dir, progress=progress)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return manifest
-
-
-def _build(study: Study, node: Node, tmp: Path, *, progress: bool, shard_sequences: int, min_shards: int,
-           cache_dir: Path) -> Manifest:
-    start = time.monotonic()
-    inputs = node.inputs
-    seq_len, seed, cased = int(inputs["seq_len"]), int(inputs["seed"]), bool(inputs["cased"])
-    volume = DataVolume(**inputs["volume"])
-    if seq_len < 2:
-        raise SpecError(study.file, "pretrain.seq_len", seq_len, "at least 2 ([CLS] and one token)",
-                        problem="too short to pack")
-    files = _resolve_sources(study, list(inputs["sources"]), cache_dir, download=True)
-    input_files = []
-    for f in files:
-        st = f.stat()
-        url = next((u for u in inputs["sources"] if _is_url(u) and cache_dir / _cached_name(u) == f), None)
-        input_files.append({"path": str(f.resolve()), "bytes": st.st_size, "mtime": st.st_mtime}
-                           | ({"url": url} if url else {}))
-    where = files[0] if len(files) == 1 else f"{files[0].parent} ({len(files)} files)"
-    passes = _Passes(files, seed, progress, f"{node.id} ({volume.label})")
-
-    def check_documents() -> None:
-        if passes.documents == 0:
-            raise UserError(f"{where}: corpus '{inputs['name']}' has no documents (every line is blank); "
-                            f"allowed: UTF-8 text files with one document per line")
-
-    # 1. The tokenizer's documents: the subset (fractions), or a pre-token prefix containing it (tokens).
-    if volume.fraction is not None:
-        limit = int(volume.fraction * 2**64)
-        in_training = lambda key: key < limit  # noqa: E731
-    else:
-        cutoff, _ = _key_prefix(passes, "count words", _pre_token_counter(cased), volume.tokens, lambda key: True)
-        check_documents()
-        in_training = (lambda key: True) if cutoff is None else (lambda key: key <= cutoff)  # noqa: E731
-
-    # 2. Train the tokenizer on them, streamed.
-    tok, trained = _train_tokenizer(passes, in_training, inputs)
-    check_documents()
-    if trained == 0:
-        raise UserError(f"{where}: data volume {volume.label} selects none of the {passes.documents} documents "
-                        f"(seed {seed}); allowed: a fraction of at least about {1 / passes.documents:.2g}")
-    tokenizer_dir = tmp / "tokenizer"
-    special = _save_tokenizer(tok, tokenizer_dir)
-
-    # 3. The subset: the same documents (fractions), or the key-order prefix reaching the budget (tokens).
-    in_subset = in_training
-    if volume.tokens is not None:
-        cutoff, total = _key_prefix(passes, "count tokens", tok, volume.tokens, in_training)
-        if cutoff is None:
-            raise UserError(f"{where}: data volume {volume.label} is more than the corpus's {total:,} tokens "
-                            f"(with this tokenizer, [SEP] per document included); allowed: at most {total:,} "
-                            f"tokens, or a fraction")
-        in_subset = lambda key: key <= cutoff  # noqa: E731
-
-    # 4. Tokenize and pack the subset, writing shards as rows fill.
-    writer = _ShardWriter(tmp / "shards", seq_len, itertools.repeat(shard_sequences))
-    packer = _Packer(seq_len, special["cls"], special["sep"], writer)
-    documents = 0
-    for batch in passes.batches("tokenize and pack", in_subset):
-        packer.add([enc.ids for enc in tok.encode_batch([text for _, text in batch], add_special_tokens=False)])
-        documents += len(batch)
-        passes.bar.set_postfix(documents=documents, tokens=packer.tokens, refresh=False)
-    shards = writer.close()
-    if packer.sequences == 0:
-        raise UserError(f"{where}: data volume {volume.label} has {packer.tokens} tokens in {documents} documents, "
-                        f"less than one sequence of seq_len {seq_len}; allowed: a larger data volume or a "
-                        f"shorter pretrain.seq_len")
-    if len(shards) < min_shards and packer.sequences > len(shards):
-        shards = _rebalance(tmp / "shards", shards, min(min_shards, packer.sequences), seq_len)
-
-    manifest = Manifest(
-        node_id=node.id, inputs=inputs, seq_len=seq_len, vocab_size=tok.get_vocab_size(), special_tokens=special,
-        tokenizer_hash=hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest(),
-        corpus_documents=passes.documents, tokenizer_documents=trained, documents=documents,
-        tokens=packer.tokens, sequences=packer.sequences, dropped_tokens=len(packer.carry), shards=shards,
-        input_files=input_files, build_seconds=round(time.monotonic() - start, 3),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    assert manifest.tokens == manifest.sequences * (seq_len - 1) + manifest.dropped_tokens
-    manifest.write(tmp)
-    return manifest
-
-
-def _key_prefix(passes: _Passes, desc: str, tok, budget: int, keep: Callable[[int], bool]) -> tuple[int | None, int]:
-    """One pass counting `tok`'s tokens (+1 for [SEP]) per kept document: the key cutoff of the
-    shortest key-order prefix reaching `budget` (None if the documents fall short), and the count
-    of the kept documents (all of them if short)."""
-    prefix = _KeyPrefix(budget)
-    for batch in passes.batches(desc, lambda key: keep(key) and prefix.wants(key)):
-        encodings = tok.encode_batch([text for _, text in batch], add_special_tokens=False)
-        for (key, _), enc in zip(batch, encodings):
-            if prefix.wants(key):
-                prefix.add(key, len(enc.ids) + 1)
-    return prefix.result()
-
-
-def _train_tokenizer(passes: _Passes, keep: Callable[[int], bool], inputs: dict) -> tuple[Any, int]:
-    """The WordPiece tokenizer trained on the kept documents (two streaming passes), and their count."""
-    from tokenizers import trainers
-
-    cased = bool(inputs["cased"])
-    chars: set[str] = set()
-    for batch in passes.batches("scan characters", keep):
-        for _, text in batch:
-            chars.update(text)
-    tok = _new_tokenizer(cased)
-    continuations = continuation_tokens(chars, cased)
-    _check_vocab_size(int(inputs["vocab_size"]), tok, chars, continuations)
-    trainer = trainers.WordPieceTrainer(
-        vocab_size=int(inputs["vocab_size"]), min_frequency=int(inputs["min_frequency"]),
-        special_tokens=list(SPECIAL_TOKENS) + continuations, continuing_subword_prefix="##",
-        show_progress=False)
-    trained = 0
-
-    def texts() -> Iterator[list[str]]:
-        nonlocal trained
-        for batch in passes.batches("train tokenizer", keep):
-            trained += len(batch)
-            yield [text for _, text in batch]
-
-    tok.train_from_iterator(texts(), trainer)
-    return _finish_tokenizer(tok), trained

@@ -604,7 +604,7 @@ def build_scratch_model(folder: str | Path, texts: Iterable[str], preset: str = 
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import BertForMaskedLM, BertTokenizer
 
-    from scaling_study.corpus import continuation_tokens
+    from scaling_study.wordpiece import continuation_tokens
     from scaling_study.models import bert_config, load_presets
 
     texts = list(texts)

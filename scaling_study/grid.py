@@ -98,12 +98,19 @@ class Plan:
         return {"study": self.study, "nodes": [n.to_dict() for n in self.nodes.values()]}
 
 
+CORPUS_BUILDER = 2
+"""Version of the corpus builder, part of every corpus node's id: bump it when the same inputs would
+build other subsets, tokenizers or rows (2: one Ray Data build for all volumes, content-hash keys,
+bounded tokenizer samples, packing per piece), so that old builds are rebuilt, never mixed in."""
+
+
 def _corpus_inputs(study: Study) -> dict:
     c = study.spec.corpus
     return {
         "name": c.name, "version": c.version, "sources": sorted(c.paths) + sorted(c.urls),
+        "format": c.format, "text_field": c.text_field, "tokenizer_sample": c.tokenizer_sample,
         "vocab_size": c.vocab_size, "cased": c.cased, "min_frequency": c.min_frequency, "seed": c.seed,
-        "seq_len": study.spec.pretrain.seq_len,
+        "seq_len": study.spec.pretrain.seq_len, "builder": CORPUS_BUILDER,
     }
 
 

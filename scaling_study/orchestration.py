@@ -231,11 +231,22 @@ class Scheduler:
     def launch_corpus_builds(self) -> None:
         import ray
 
-        # Ray reruns a build whose worker or node died (max_retries counts only those, not errors)
-        task = ray.remote(num_cpus=1, max_retries=MAX_FAILURES)(corpus_task)
-        for node in self._todo("corpus"):
-            self.refs[node.id] = task.remote(self.study_ref, node, self.layout.location(self.plan, node),
-                                             self.layout.log(node.id))
+        nodes = self._todo("corpus")
+        if not nodes:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # One build for every volume (scaling_study.corpus). Its task only drives Ray Data and writes
+        # the shards (no CPU of its own: the pieces' tasks take them all), on the driver's node, whose
+        # disk is sized for them (costs.node_disk); Ray reruns it when its worker or node died
+        # (max_retries counts only those, not errors).
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        task = ray.remote(num_cpus=0, max_retries=MAX_FAILURES, num_returns=len(nodes),
+                          scheduling_strategy=here)(corpus_task)
+        refs = task.remote(self.study_ref, nodes, [self.layout.location(self.plan, n) for n in nodes],
+                           [self.layout.log(n.id) for n in nodes])
+        for node, ref in zip(nodes, refs if len(nodes) > 1 else [refs]):
+            self.refs[node.id] = ref
             self.state.set(node.id, "running")
 
     def launch_pretraining(self) -> None:

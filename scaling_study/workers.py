@@ -1,6 +1,6 @@
 """What runs on Ray workers: one function per stage, each writing its node's output to storage.
 
-    ray.remote(corpus_task).remote(study, node, out_dir, log)            # -> the build's manifest, as a dict
+    ray.remote(corpus_task, num_returns=len(nodes)).remote(study, nodes, out_dirs, logs)  # -> each volume's manifest
     ray.remote(pretrain_task).remote(study, plan, node_id, corpus_dir, out_dir, uri, run_id, log)  # -> final metrics
     tune.with_parameters(finetune_trial, study=study, uri=uri)           # a Ray Tune trainable: runs of one model and task
 
@@ -58,16 +58,21 @@ def failure_reason(exc: BaseException) -> str:
     return redact_uri(lines[-1] if lines else type(cause).__name__)[:300]
 
 
-def corpus_task(study: Study, node: Node, out_dir: str, log: str) -> dict:
-    """Build a corpus node into `out_dir` (scaling_study.corpus); returns its manifest."""
-    from scaling_study.corpus import build_corpus
+def corpus_task(study: Study, nodes: list[Node], out_dirs: list[str], logs: list[str]) -> Any:
+    """Build corpus nodes, the volumes of one corpus, into `out_dirs` (scaling_study.corpus), in one
+    build; returns their manifests as dicts, one Ray return value per node (the only value for one)."""
+    from scaling_study.corpus import build_corpora
 
-    with node_log(log):
-        out = Store(out_dir)  # a URI: build in the local mirror, then upload with the manifest last
-        cache = out.local.parent.parent / "cache"  # <study>/cache, as corpus.urls documents
-        manifest = build_corpus(study, node, out.local, progress=False, cache_dir=cache)
-        out.upload(last=(MANIFEST,))
-        return dataclasses.asdict(manifest)
+    with contextlib.ExitStack() as logged:
+        for log in logs:  # a failure is every node's: each log gets the traceback
+            logged.enter_context(node_log(log))
+        outs = [Store(d) for d in out_dirs]  # URIs: build in the local mirrors, then upload, manifests last
+        cache = outs[0].local.parent.parent / "cache"  # <study>/cache, as corpus.urls documents
+        manifests = build_corpora(study, nodes, [o.local for o in outs], progress=False, cache_dir=cache)
+        for out in outs:
+            out.upload(last=(MANIFEST,))
+        values = [dataclasses.asdict(m) for m in manifests]
+        return values if len(values) > 1 else values[0]
 
 
 def pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_dir: str, uri: str,

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from scaling_study.cli import main
-from scaling_study.corpus import MAX_DOCUMENT_BYTES
+from scaling_study.sources import MAX_DOCUMENT_BYTES
 from scaling_study.tasks.loaders import MAX_LINE_CHARS
 from scaling_study.tasks.registry import PACKAGED
 
@@ -469,11 +469,12 @@ def test_long_lines_under_the_limits_load(tmp_path, capsys):
 def test_nul_bytes_deep_in_a_corpus_file_are_text(tmp_path):
     """Real text has stray NULs (the science corpus: 74 in one file); only a NUL in a file's first
     BINARY_SNIFF_BYTES makes it binary."""
-    from scaling_study.corpus import BINARY_SNIFF_BYTES, check_corpus
+    from scaling_study.corpus import check_corpus
+    from scaling_study.sources import BINARY_SNIFF_BYTES
     from scaling_study.spec import load_spec
 
     argv = run_with_corpus(tmp_path, {"a.txt": "x" * BINARY_SNIFF_BYTES + "\nstray \0 byte\n"})
-    assert check_corpus(load_spec(argv[1])) == [tmp_path / "corpus" / "a.txt"]
+    assert [f.path for f in check_corpus(load_spec(argv[1]))] == [str(tmp_path / "corpus" / "a.txt")]
 
 
 def test_ctrl_c_is_one_line_and_code_130(monkeypatch, capsys):

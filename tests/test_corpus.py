@@ -1,4 +1,6 @@
-"""Corpus builds: nested seeded subsets, tokenizer, exact packing, atomic and idempotent builds, errors."""
+"""Corpus builds: nested seeded subsets, bounded tokenizer samples, exact packing per piece, atomic
+and idempotent builds, errors. These run the build's passes in this process (no Ray); the same
+builds on Ray Data, on 1 or 2 CPUs and on a 2-node cluster, are in tests/test_corpus_ray.py."""
 
 import functools
 import http.server
@@ -17,8 +19,12 @@ import pytest
 import yaml
 
 from scaling_study import corpus as corpus_mod
+from scaling_study import corpus_passes, wordpiece
 from scaling_study.artifacts import CorpusBuild, read_manifest
-from scaling_study.corpus import build_corpus, corpus_files, document_key, load_tokenizer
+from scaling_study.corpus import build_corpora, build_corpus
+from scaling_study.corpus_passes import document_key
+from scaling_study.sources import input_files
+from scaling_study.wordpiece import load_tokenizer
 from scaling_study.errors import UserError
 from scaling_study.grid import expand
 from scaling_study.spec import spec_from_data
@@ -82,7 +88,8 @@ def markers(out: Path, manifest) -> set[str]:
 
 
 def expected_markers(seed: int, fraction: float, n: int = N_DOCS) -> set[str]:
-    return {f"d{i:04d}" for i in range(n) if document_key(seed, i) / 2**64 < fraction}
+    docs = synthetic_docs(n)
+    return {f"d{i:04d}" for i in range(n) if document_key(seed, docs[i]) / 2**64 < fraction}
 
 
 # ----------------------------------------------------------------------------------- subsets
@@ -116,14 +123,20 @@ def test_same_seed_same_build_other_seed_other_subset(tmp_path, base_spec):
     assert markers(out7, manifest7) == expected_markers(7, 0.1) != markers(out1, first)
 
 
-def test_token_volumes_are_minimal_key_order_prefixes_and_nested(tmp_path, base_spec):
+@pytest.mark.parametrize("bucket_bits", [16, 3])
+def test_token_volumes_are_minimal_key_order_prefixes_and_nested(tmp_path, base_spec, monkeypatch, bucket_bits):
+    # 3 bits: 8 buckets of ~125 documents, so the boundary bucket is searched document by document
+    monkeypatch.setattr(corpus_passes, "BUCKET_BITS", bucket_bits)
+    monkeypatch.setattr(corpus_passes, "BUCKETS", 1 << bucket_bits)
     study, nodes = make_study(tmp_path, base_spec, ["3k", "8k"])
     docs = synthetic_docs()
     found = {}
-    for label, budget in (("3k tokens", 3000), ("8k tokens", 8000)):
-        manifest, out = build(study, nodes[label], tmp_path)
+    manifests = build_corpora(study, [nodes["3k tokens"], nodes["8k tokens"]],
+                              [tmp_path / "builds" / "3k", tmp_path / "builds" / "8k"], progress=False)
+    for (label, budget), manifest in zip((("3k tokens", 3000), ("8k tokens", 8000)), manifests):
+        out = tmp_path / "builds" / label.split()[0]
         tok = load_tokenizer(out)
-        by_key = sorted(range(N_DOCS), key=lambda i: document_key(0, i))
+        by_key = sorted(range(N_DOCS), key=lambda i: document_key(0, docs[i]))
         counts = [len(tok(docs[i], add_special_tokens=False)["input_ids"]) + 1 for i in by_key]
         total = np.cumsum(counts)
         n = int(np.searchsorted(total, budget)) + 1  # the shortest key-order prefix reaching the budget
@@ -165,8 +178,22 @@ def test_documents_are_separated_by_sep_in_corpus_order(tmp_path, base_spec):
     tok, docs = load_tokenizer(out), synthetic_docs()
     parts = segments(out, manifest)
     whole = [tok.decode(p) for p in parts[:N_DOCS - 1]]
+    assert manifest.pieces == 1
     assert whole == docs[:N_DOCS - 1]  # long documents continue across rows, unchanged
     assert docs[-1].startswith(tok.decode(parts[-1]))  # the last one may lose its dropped tail
+
+
+def test_pieces_pack_their_own_streams_and_drop_their_own_tails(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["100%"])
+    one, out1 = build(study, nodes["100%"], tmp_path / "one")
+    many, out2 = build(study, nodes["100%"], tmp_path / "many", piece_bytes=20_000)
+    assert one.pieces == 1 and many.pieces > 10
+    assert many.documents == one.documents == N_DOCS and many.tokens == one.tokens
+    assert many.tokens == many.sequences * (SEQ_LEN - 1) + many.dropped_tokens
+    assert many.dropped_tokens > one.dropped_tokens  # a tail per piece
+    tok, docs = load_tokenizer(out2), synthetic_docs()
+    firsts = [tok.decode(p).split()[0] for p in segments(out2, many)]
+    assert [m for m in firsts if re.fullmatch(r"d\d{4}", m)] == sorted(set(firsts) & {d.split()[0] for d in docs})
 
 
 def test_shard_size_and_min_shards_keep_the_stream(tmp_path, base_spec):
@@ -296,7 +323,7 @@ def test_progress_can_be_switched_off(tmp_path, base_spec, capfd):
     build_corpus(study, nodes["10%"], tmp_path / "quiet", progress=False)
     assert capfd.readouterr().err == ""
     build_corpus(study, nodes["10%"], tmp_path / "loud", progress=True)
-    assert "train tokenizer" in capfd.readouterr().err
+    assert "pack" in capfd.readouterr().err
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -314,12 +341,13 @@ def test_folders_env_and_file_urls(tmp_path, base_spec, monkeypatch):
     study, nodes = make_study(tmp_path, base_spec, ["100%"], write=False,
                               paths=["${TOY_CORPUS:-missing}"], urls=[(tmp_path / "c.txt").as_uri()])
     cache = tmp_path / "cache"
-    assert corpus_files(study, cache_dir=cache)[:2] == [data / "a.txt", data / "b.txt"]
+    assert [f.path for f in input_files(study, cache_dir=cache, download=False)][:2] == \
+        [str(data / "a.txt"), str(data / "b.txt")]
     manifest, out = build(study, nodes["100%"], tmp_path, cache_dir=cache)
     assert manifest.documents == 300 and markers(out, manifest) == {f"d{i:04d}" for i in range(300)}
     assert [Path(f["path"]).name for f in manifest.input_files][:2] == ["a.txt", "b.txt"]
     assert manifest.input_files[2]["url"] == (tmp_path / "c.txt").as_uri()
-    assert corpus_files(study, cache_dir=cache)[2] == Path(manifest.input_files[2]["path"])
+    assert input_files(study, cache_dir=cache, download=False)[2].path == manifest.input_files[2]["path"]
 
 
 def test_http_url_is_downloaded_once_into_the_cache(tmp_path, base_spec, monkeypatch):
@@ -371,7 +399,7 @@ def test_missing_path(tmp_path, base_spec):
     with pytest.raises(UserError, match=r"spec\.yaml: corpus\.paths\[0\]: no such file or folder: .*nowhere\.txt"):
         build(study, nodes["100%"], tmp_path)
     with pytest.raises(UserError, match="nowhere"):
-        corpus_files(study)
+        input_files(study, cache_dir=tmp_path / "cache", download=False)
 
 
 def test_folder_without_text_files(tmp_path, base_spec):
@@ -414,29 +442,55 @@ def test_too_few_tokens(tmp_path, base_spec):
 
 
 def test_document_key_is_uniform_and_stable():
-    keys = np.array([document_key(0, i) / 2**64 for i in range(20_000)])
+    keys = np.array([document_key(0, d) / 2**64 for d in synthetic_docs(20_000)])
     assert 0 <= keys.min() and keys.max() < 1 and abs(keys.mean() - 0.5) < 0.01
-    assert document_key(0, 5) == document_key(0, 5) != document_key(1, 5)
-    assert (document_key(0, 0), document_key(3, 12345)) == (0x62D069677E9C6CD5, 0x553EF67EAC5E5111)
-    assert corpus_mod.SPECIAL_TOKENS == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+    assert document_key(0, "a b") == document_key(0, "a b") != document_key(1, "a b") != document_key(0, "a c")
+    assert (document_key(0, "x"), document_key(3, "Protein binds DNA")) == PINNED_KEYS
+    assert wordpiece.SPECIAL_TOKENS == ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 
-@pytest.mark.parametrize("budget", [1, 500, 5_000, 50_000, 10**9])
-def test_key_prefix_pruning_matches_a_full_sort(monkeypatch, budget):
-    monkeypatch.setattr(corpus_mod._KeyPrefix, "min_buffer", 64)
-    rng = np.random.default_rng(budget)
-    keys = [document_key(1, i) for i in range(5_000)]
-    counts = rng.integers(1, 20, len(keys)).tolist()
-    prefix = corpus_mod._KeyPrefix(budget)
-    for key, count in zip(keys, counts):
-        if prefix.wants(key):
-            prefix.add(key, count)
-    if budget <= 5_000:
-        assert len(prefix.keys) < 1_000  # it pruned while streaming
-    order = np.argsort(np.array(keys, dtype=np.uint64))
-    total = np.cumsum(np.array(counts)[order])
-    if budget > total[-1]:
-        assert prefix.result() == (None, int(total[-1]))
-    else:
-        n = int(np.searchsorted(total, budget))
-        assert prefix.result() == (keys[order[n]], int(total[n]))
+PINNED_KEYS = (0, 0)  # filled in below from a first run
+
+
+# ----------------------------------------------------------------------------------- tokenizer samples
+
+
+def test_a_bounded_sample_is_the_volumes_smallest_keys_and_nests(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["10%", "50%", "100%"], tokenizer_sample=4_000)
+    labels = ["10%", "50%", "100%"]
+    manifests = build_corpora(study, [nodes[v] for v in labels], [tmp_path / v for v in labels], progress=False)
+    small, half, whole = manifests
+    assert small.tokenizer_documents < small.documents  # the sample is smaller than the volume
+    # the smallest keys of the corpus, whole key buckets, lie inside the 10% volume: one sample for all
+    assert small.tokenizer_documents == half.tokenizer_documents == whole.tokenizer_documents
+    assert small.tokenizer_hash == half.tokenizer_hash == whole.tokenizer_hash
+    assert 4_000 <= small.tokenizer_chars < 4_000 + 2_000  # at most one bucket's documents over
+
+
+def test_a_sample_that_could_wrap_the_pair_counts_is_refused(tmp_path, base_spec):
+    study, nodes = make_study(tmp_path, base_spec, ["100%"])
+    with pytest.raises(UserError, match=r"tokenizer sample of data volume 100% holds [\d,]+ characters, more than "
+                                        r"the WordPiece trainer's 32-bit pair counts can hold \(10,000\); allowed: "
+                                        r"corpus\.tokenizer_sample below 10,000 bytes"):
+        build(study, nodes["100%"], tmp_path, pair_limit=10_000)
+    assert not list((tmp_path / "builds").iterdir())
+    manifest, _ = build(study, nodes["100%"], tmp_path)  # the real bound: 2**31 - 1
+    assert manifest.tokenizer_chars < wordpiece.PAIR_COUNT_LIMIT == 2**31 - 1
+
+
+def test_keys_depend_on_the_document_alone(tmp_path, base_spec):
+    """The same documents as JSONL, compressed, split over two files: the same subset and tokenizer."""
+    import gzip
+
+    study, nodes = make_study(tmp_path, base_spec, ["10%"])
+    text, out_text = build(study, nodes["10%"], tmp_path / "text")
+    docs = synthetic_docs()
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs[500:]))
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"id": i, "text": d}) + "\n" for i, d in enumerate(docs[:500]))
+    study, nodes = make_study(tmp_path, base_spec, ["10%"], write=False, paths=["a.jsonl.gz", "b.jsonl.gz"],
+                              format="jsonl")
+    jsonl, out_jsonl = build(study, nodes["10%"], tmp_path / "jsonl")
+    assert jsonl.tokenizer_hash == text.tokenizer_hash and jsonl.documents == text.documents
+    assert markers(out_jsonl, jsonl) == markers(out_text, text) == expected_markers(0, 0.1)
