@@ -8,10 +8,11 @@
     scaling-study submit experiments/x.yaml --address http://127.0.0.1:8265 --follow   # a Ray job; idempotent
     scaling-study status --address http://127.0.0.1:8265      # study jobs on a cluster (docs/cluster.md)
     scaling-study plan experiments/scholarbert.yaml --device a100 --format json
+    scaling-study plan experiments/scholarbert.yaml --cpus 256   # corpus builds' wall time on 256 CPUs
     scaling-study validate experiments/*.yaml                   # check specs, write nothing
     scaling-study tasks list | scaling-study tasks show scierc_re
     scaling-study tasks check --data-dir ../shared/datasets     # load every task's data: sizes, labels
-    scaling-study presets                                       # model sizes and devices
+    scaling-study presets                                       # model sizes, devices, corpus build rates
     scaling-study spec-reference > docs/spec.md                 # every spec field, documented
 
 Bad input (a spec, a task folder) prints one line per problem, `FILE:LINE: FIELD: ...`, and exits
@@ -45,15 +46,49 @@ def _si(value: float | None, unit: str = "") -> str:
     return f"{value:.3g} {unit}".rstrip()
 
 
-def _bytes(value: float) -> str:
+def _bytes(value: float | None) -> str:
+    if value is None:
+        return "?"
     for suffix, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if value >= scale:
             return f"{value / scale:.3g} {suffix}"
     return f"{value:.0f} B"
 
 
-def _hours(value: float) -> str:
+def _hours(value: float | None) -> str:
+    if value is None:
+        return "?"
     return f"{value:.3g}" if value >= 0.01 else f"{value * 3600:.3g} s"
+
+
+def _cpu_time(hours: float | None) -> str:
+    if hours is None:
+        return "? CPU-hours"
+    return f"{hours:.3g} CPU-hours" if hours >= 0.01 else f"{hours * 3600:.3g} CPU-seconds"
+
+
+def _wall(hours: float | None) -> str:
+    """A wall time: h, min or s."""
+    if hours is None:
+        return "?"
+    if hours >= 1:
+        return f"{hours:.3g} h"
+    return f"{hours * 60:.3g} min" if hours >= 1 / 60 else f"{hours * 3600:.3g} s"
+
+
+def _plan_cpus(args: argparse.Namespace) -> tuple[int | None, str | None]:
+    """The CPUs corpus builds spread over (`--cpus`, `--address`) and where the number comes from;
+    (None, None): this machine's (`costs.estimate`'s default)."""
+    if args.cpus is not None:
+        if args.cpus < 1:
+            raise UserError(f"--cpus {args.cpus}: must be positive; allowed: an integer >= 1, the cluster's CPUs, "
+                            "e.g. 256")
+        return args.cpus, "--cpus"
+    if args.address:
+        from scaling_study.raycluster import cluster_cpus
+
+        return cluster_cpus(args.address), f"the Ray cluster at {args.address}, now"
+    return None, None
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -68,8 +103,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         "e.g. 0.4")
     study = load_spec(args.spec)
     plan = expand(study)
+    cpus, cpus_source = _plan_cpus(args)
     try:
-        report = estimate(study, plan, device=args.device, mfu=args.mfu)
+        report = estimate(study, plan, device=args.device, mfu=args.mfu, cpus=cpus, cpus_source=cpus_source)
     except ValueError as exc:
         raise UserError(f"--device/--mfu: {exc}") from None
     if args.format == "json":
@@ -91,13 +127,23 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"{c['finetune_run']} finetune runs -> {c['finetune']} finetune jobs (result cells)")
     if report.corpus:
         console.print(f"Corpus: {_si(report.corpus.tokens)} tokens ({report.corpus.source})")
+    if report.corpus_builds:
+        console.print(_corpus_table(report))
     if report.pretrain_runs:
         console.print(_pretrain_table(report))
     console.print(_finetune_table(report))
+    _print_totals(console, report, args)
+    return 0
 
-    t, s = report.totals, report.storage
+
+def _print_totals(console, report, args: argparse.Namespace) -> None:
+    """`plan`'s last lines: totals, adaptive seeds, storage, node disks, assumptions."""
+    dev, t, s, cpu = report.device, report.totals, report.storage, report.cpu
+    corpus = (f"; corpus builds {_cpu_time(t.corpus_cpu_hours)}, {_wall(t.corpus_wall_hours)} wall on "
+              f"{cpu.cpus} CPUs" if report.corpus_builds else "")
     console.print(f"[bold]Totals[/bold]: {t.flops:.3g} FLOPs = {_hours(t.device_hours)} {dev.name}-hours "
-                  f"(pretraining {_hours(t.pretrain_device_hours)}, finetuning {_hours(t.finetune_device_hours)})")
+                  f"(pretraining {_hours(t.pretrain_device_hours)}, finetuning {_hours(t.finetune_device_hours)})"
+                  + corpus)
     if report.adaptive_seeds:
         a = report.adaptive_seeds
         console.print(f"[bold]Adaptive seeds[/bold] ({a.min_seeds}-{a.max_seeds} per cell): finetune jobs "
@@ -118,7 +164,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         f"peak x MFU {dev.assumed_mfu:.2f} = {_si(dev.throughput_flops, 'FLOP/s')}. FLOPs count every matmul "
         "of the forward and backward pass (3x forward): the encoder on every token, the MLM head only at masked "
         "positions; finetuning at max_seq_len per example plus dev/test scoring.")
-    return 0
+    if report.corpus_builds:
+        hint = "" if args.cpus or args.address else "; --cpus N or --address for a cluster's"
+        console.print(
+            f"Corpus builds: {cpu.cpus} CPUs ({cpu.cpus_source}{hint}), per core "
+            f"scan {_bytes(cpu.scan_rate)}/s, pack {_bytes(cpu.pack_rate)}/s, tokenizer training "
+            f"{_bytes(cpu.train_rate)}/s (one process per volume); {cpu.rates_source}.")
+
+
+def _corpus_table(report):
+    from rich.table import Table
+
+    cpu = report.cpu
+    table = Table(title=f"Corpus builds (CPU-hours; one scan of the corpus for all volumes; wall on {cpu.cpus} CPUs)",
+                  title_justify="left")
+    for col in ("volume", "text", "tokenizer sample", "scan share", "training", "pack", "CPU-hours", "wall"):
+        table.add_column(col, justify="left" if col == "volume" else "right")
+    for r in report.corpus_builds:
+        table.add_row(r.data_volume, _bytes(r.volume_bytes), _bytes(r.tokenizer_sample_bytes),
+                      _hours(r.scan_cpu_hours), _hours(r.train_cpu_hours), _hours(r.pack_cpu_hours),
+                      _hours(r.cpu_hours), _wall(r.wall_hours))
+    return table
 
 
 def _pretrain_table(report):
@@ -296,7 +362,7 @@ def cmd_tasks_check(args: argparse.Namespace) -> int:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from scaling_study.models import count_parameters, load_devices, load_presets
+    from scaling_study.models import count_parameters, load_corpus_rates, load_devices, load_presets
 
     if args.vocab_size < 1:
         raise UserError(f"--vocab-size {args.vocab_size}: must be positive; allowed: an integer >= 1, e.g. 30522")
@@ -308,6 +374,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
     for name, d in load_devices().items():
         print(f"  {name:5s} {_si(d.peak_flops, 'FLOP/s'):>13s} {d.peak_precision}, assumed MFU {d.assumed_mfu:.2f}: "
               f"{d.description}")
+    print("Corpus build rates (bytes of text per CPU core-second):")
+    for name, r in load_corpus_rates().items():
+        print(f"  {name}: scan {_bytes(r.scan_rate)}/s, pack {_bytes(r.pack_rate)}/s, tokenizer training "
+              f"{_bytes(r.train_rate)}/s: {r.source}")
     return 0
 
 
@@ -660,14 +730,19 @@ def _format_arg(p: argparse.ArgumentParser, choices=("table", "json")) -> None:
 def _plan_and_run(sub) -> None:
     p = _verb(sub, "plan", cmd_plan, "show a study's plan and cost before anything runs",
               "Expand a study spec into its plan (corpus builds, pretraining runs, checkpoints, finetune jobs) and "
-              "estimate its FLOPs, device-hours and storage. Writes nothing.",
+              "estimate its FLOPs, device-hours, corpus-build CPU-hours and storage. Writes nothing.",
               ["scaling-study plan experiments/smoke.yaml --device cpu",
-               "scaling-study plan experiments/scholarbert.yaml --device a100 --mfu 0.35",
+               "scaling-study plan experiments/scholarbert.yaml --device a100 --mfu 0.35 --cpus 256",
                "scaling-study plan experiments/smoke.yaml --format json --nodes > plan.json"])
     p.add_argument("spec", help="study spec (YAML)")
     p.add_argument("--device", default="h100", help="device for the estimate: h100, h200, a100, cpu (default h100; "
                    "`scaling-study presets` lists them)")
     p.add_argument("--mfu", type=float, default=None, help="override the device's assumed MFU (0-1)")
+    cpus = p.add_mutually_exclusive_group()
+    cpus.add_argument("--cpus", type=int, default=None,
+                      help="CPUs the corpus builds spread over (default: this machine's)")
+    cpus.add_argument("--address", default=None,
+                      help="a Ray cluster (as `run --address`): its CPUs now, for the corpus builds' wall time")
     _format_arg(p)
     p.add_argument("--nodes", action="store_true", help="with --format json: include every node of the DAG")
 
@@ -809,9 +884,10 @@ def _registry_verbs(sub) -> None:
     _verb(sub, "spec-reference", cmd_spec_reference, "every spec field with its type, default and meaning (Markdown)",
           "Print every study spec field, its type, default and documentation, as Markdown (docs/spec.md).",
           ["scaling-study spec-reference > docs/spec.md"])
-    p = _verb(sub, "presets", cmd_presets, "model-size presets and devices",
-              "List the model-size presets (layers, hidden size, heads, FFN, exact parameter count of the MLM model) "
-              "and the devices `plan` can cost.", ["scaling-study presets", "scaling-study presets --vocab-size 50000"])
+    p = _verb(sub, "presets", cmd_presets, "model-size presets, devices and corpus build rates",
+              "List the model-size presets (layers, hidden size, heads, FFN, exact parameter count of the MLM model), "
+              "the devices `plan` can cost and the per-core rates it costs corpus builds with.",
+              ["scaling-study presets", "scaling-study presets --vocab-size 50000"])
     p.add_argument("--vocab-size", type=int, default=30522,
                    help="vocabulary size the parameter counts assume (default 30522, BERT's; ScholarBERT: 50000)")
 

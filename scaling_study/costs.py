@@ -1,8 +1,10 @@
-"""What a study will cost before it runs: parameters, tokens, FLOPs, device-hours, storage.
+"""What a study will cost before it runs: parameters, tokens, FLOPs, device-hours, corpus CPU-hours, storage.
 
     from scaling_study.costs import estimate, node_flops
     report = estimate(study, expand(study), device="h100")   # a CostReport
     report.totals.device_hours, report.pretrain_runs[0].flops
+    estimate(study, plan, cpus=256, cpus_source="--cpus")     # corpus builds' wall time on 256 CPUs
+    report.corpus_builds[0].cpu_hours, report.totals.corpus_wall_hours
     report.to_dict()                                          # plain JSON-able data (`plan --format json`)
     node_flops(study, plan)                                   # {node id: FLOPs} of every pretrain and finetune_run node
     report.adaptive_seeds                                     # adaptive seeds: expected and worst-case finetuning
@@ -15,21 +17,46 @@ often shorter), plus a forward pass over dev and test at each epochs level. Devi
 over `peak_flops x MFU` of the named device (`presets/devices.yaml`); the assumptions are part of
 the report. When the spec gives no corpus size, it is estimated from the files at 4.6 bytes per
 token (measured on the 60 MB science corpus with a cased 16k WordPiece vocabulary).
+
+Corpus builds run on CPUs, so they are costed in CPU-hours, never mixed with device-hours. A
+study's corpus nodes (one per data volume, all on the spec's one corpus) are built together
+(`scaling_study.corpus`): one scan over the whole corpus text, then per volume a tokenizer trained
+on its sample and its documents tokenized and packed (a document of the 1% volume is tokenized
+once for each of 1%, 10% and 100%). In core-seconds, with the rates of `presets/corpus_rates.yaml`
+(bytes of UTF-8 text per core-second):
+
+    corpus_bytes / scan_rate  +  sum over volumes (volume_bytes / pack_rate + sample_bytes / train_rate)
+
+where corpus_bytes = the corpus's tokens x BYTES_PER_TOKEN (exactly the files' sizes when the
+tokens are estimated from them), volume_bytes = its volume's tokens x BYTES_PER_TOKEN and
+sample_bytes = min(volume_bytes, `corpus.tokenizer_sample`). Each corpus node's CPU-hours are its
+pack and training plus an even share of the scan: every volume needs the whole scan, and the
+volumes share it. Scan and pack spread over every CPU of the cluster, training is one process per
+volume: a node's wall time is (scan share + pack) / CPUs + its training; the study's is
+(scan + all packs) / CPUs + its trainings side by side (the longest, or all of them over the CPUs
+when there are fewer CPUs than volumes). Less than the sum of its nodes', since they overlap.
+The CPUs are `estimate`'s `cpus` (`plan --cpus N`, or a Ray cluster's with `plan --address`),
+else this machine's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections import defaultdict
 
 from scaling_study.grid import KINDS, Node, Plan
-from scaling_study.models import finetune_train_flops, load_devices, pretrain_factors
+from scaling_study.models import finetune_train_flops, load_corpus_rates, load_devices, pretrain_factors
 from scaling_study.spec import Study
 
 BYTES_PER_TOKEN = 4.6
 WEIGHT_BYTES = 4  # fp32 safetensors
 OPTIMIZER_BYTES = 8  # AdamW moments, fp32, kept with each checkpoint so any level can resume
 TOKEN_BYTES = 4  # int32 token ids in the Parquet shards (before compression; an upper bound)
+TOKENIZER_SAMPLE_BYTES = 1e9
+"""`corpus.tokenizer_sample`'s default: the most text a volume's tokenizer is trained on."""
+CORPUS_RATES = "default"
+"""The entry of presets/corpus_rates.yaml that `estimate` costs corpus builds with."""
 NODE_SYSTEM_BYTES = 60e9
 """An allowance for what a cluster node keeps besides the study (an estimate, not a measurement):
 the unpacked rayproject/ray GPU image, the CUDA build of torch and the project's packages, pip's and
@@ -79,6 +106,39 @@ class DeviceAssumption:
     throughput_flops: float
     """peak_flops x assumed_mfu."""
     source: str
+
+
+@dataclasses.dataclass
+class CpuAssumption:
+    """The CPUs a corpus build spreads over, and what each core is assumed to do."""
+
+    cpus: int
+    cpus_source: str
+    """Where the count comes from (--cpus, a Ray cluster, this machine)."""
+    scan_rate: float
+    """Bytes of text per core-second (presets/corpus_rates.yaml), as the next two."""
+    pack_rate: float
+    train_rate: float
+    rates_source: str
+
+
+@dataclasses.dataclass
+class CorpusBuildCost:
+    """One `corpus` node's share of its study's corpus build (the module docstring has the model);
+    None where the corpus size is unknown."""
+
+    id: str
+    data_volume: str
+    volume_bytes: float | None
+    tokenizer_sample_bytes: float | None
+    scan_cpu_hours: float | None
+    """An even share of the one scan over the whole corpus text."""
+    train_cpu_hours: float | None
+    pack_cpu_hours: float | None
+    cpu_hours: float | None
+    """The three above."""
+    wall_hours: float | None
+    """(scan share + pack) over the CPUs, plus training (one process)."""
 
 
 @dataclasses.dataclass
@@ -147,6 +207,10 @@ class Totals:
     device_hours: float
     finetune_jobs_without_flops: int
     """Finetune runs not costed (the name is kept for the JSON)."""
+    corpus_cpu_hours: float | None
+    """CPU-hours of the corpus builds (None: the corpus size is unknown)."""
+    corpus_wall_hours: float | None
+    """Their wall time on the CPUs of `CostReport.cpu`."""
 
 
 @dataclasses.dataclass
@@ -186,6 +250,10 @@ class CostReport:
     totals: Totals
     adaptive_seeds: AdaptiveCost | None = None
     """None unless the seeds are adaptive."""
+    cpu: CpuAssumption | None = None
+    """What the corpus builds' hours assume (`estimate` always sets it)."""
+    corpus_builds: list[CorpusBuildCost] = dataclasses.field(default_factory=list)
+    """One per `corpus` node, in plan order."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -344,6 +412,47 @@ def node_disk(storage: StorageCost, pretrain_runs: list[PretrainRunCost], corpus
             for node, p in parts.items()}
 
 
+def _cpu(cpus: int | None, cpus_source: str | None) -> CpuAssumption:
+    rates = load_corpus_rates()[CORPUS_RATES]
+    if cpus is None:
+        cpus, cpus_source = os.cpu_count() or 1, "this machine's, os.cpu_count()"
+    if cpus < 1:
+        raise ValueError(f"cpus {cpus}: out of range; allowed: an integer >= 1")
+    return CpuAssumption(cpus=cpus, cpus_source=cpus_source or "given", scan_rate=rates.scan_rate,
+                         pack_rate=rates.pack_rate, train_rate=rates.train_rate, rates_source=rates.source)
+
+
+def corpus_build_costs(study: Study, plan: Plan, corpus_tokens: float | None, volume_tokens: dict,
+                       cpu: CpuAssumption) -> list[CorpusBuildCost]:
+    """Each corpus node's CPU-hours and wall time (the model is in the module docstring)."""
+    builds = plan.of_kind("corpus")
+    scan = corpus_tokens * BYTES_PER_TOKEN / cpu.scan_rate / 3600 / len(builds) if corpus_tokens else None
+    cap = getattr(study.spec.corpus, "tokenizer_sample", None) or TOKENIZER_SAMPLE_BYTES  # the spec's, once it has one
+    rows = []
+    for build in builds:
+        tokens = volume_tokens[build.id]
+        volume = tokens * BYTES_PER_TOKEN if tokens else None
+        sample = min(volume, cap) if volume else None
+        train = sample / cpu.train_rate / 3600 if sample else None
+        pack = volume / cpu.pack_rate / 3600 if volume else None
+        known = None not in (scan, train, pack)
+        rows.append(CorpusBuildCost(
+            id=build.id, data_volume=build.factors["data_volume"], volume_bytes=volume, tokenizer_sample_bytes=sample,
+            scan_cpu_hours=scan, train_cpu_hours=train, pack_cpu_hours=pack,
+            cpu_hours=scan + train + pack if known else None,
+            wall_hours=(scan + pack) / cpu.cpus + train if known else None))
+    return rows
+
+
+def _corpus_totals(rows: list[CorpusBuildCost], cpus: int) -> tuple[float | None, float | None]:
+    """The study's corpus CPU-hours and wall time: its trainings run side by side, one process each."""
+    if any(r.cpu_hours is None for r in rows):
+        return None, None
+    train = [r.train_cpu_hours for r in rows]
+    spread = sum(r.scan_cpu_hours + r.pack_cpu_hours for r in rows)
+    return sum(r.cpu_hours for r in rows), spread / cpus + max(max(train, default=0.0), sum(train) / cpus)
+
+
 SIMULATED_STUDIES = 3
 """Synthetic studies behind an adaptive study's expected cost (seeded: `plan` prints the same numbers)."""
 
@@ -382,9 +491,13 @@ def adaptive_cost(study: Study, plan: Plan, flops: dict[str, float], per_hour: f
                    f"seed sd {sd} F1 points (benchmarks/adaptive.py); the totals count the worst case")
 
 
-def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None = None) -> CostReport:
-    """The plan's costs on `device` (a name in presets/devices.yaml); see the module docstring."""
+def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None = None, *,
+             cpus: int | None = None, cpus_source: str | None = None) -> CostReport:
+    """The plan's costs on `device` (a name in presets/devices.yaml), its corpus builds on `cpus`
+    CPUs (default: this machine's; `cpus_source` says where the number comes from); see the module
+    docstring."""
     dev = _device(device, mfu)
+    cpu = _cpu(cpus, cpus_source)
     per_hour = dev.throughput_flops * 3600
     spec = study.spec
     corpus = CorpusSize(*corpus_tokens(study)) if spec.corpus else None
@@ -397,10 +510,13 @@ def estimate(study: Study, plan: Plan, device: str = "h100", mfu: float | None =
     ft = sum(r.flops for r in by_task)
     storage = _storage(pretrain_runs, volume_tokens)
     storage.node_disk = node_disk(storage, pretrain_runs, corpus)
+    builds = corpus_build_costs(study, plan, corpus.tokens if corpus else None, volume_tokens, cpu)
+    corpus_cpu, corpus_wall = _corpus_totals(builds, cpu.cpus)
     totals = Totals(pretrain_flops=pre, finetune_flops=ft, flops=pre + ft, pretrain_device_hours=pre / per_hour,
                     finetune_device_hours=ft / per_hour, device_hours=(pre + ft) / per_hour,
-                    finetune_jobs_without_flops=sum(r.flops_unknown for r in by_task))
+                    finetune_jobs_without_flops=sum(r.flops_unknown for r in by_task),
+                    corpus_cpu_hours=corpus_cpu, corpus_wall_hours=corpus_wall)
     return CostReport(study=spec.name, device=dev, counts={kind: len(plan.of_kind(kind)) for kind in KINDS},
                       pretrain_runs=pretrain_runs, finetune_by_task=by_task,
                       storage=storage, corpus=corpus, totals=totals,
-                      adaptive_seeds=adaptive_cost(study, plan, flops, per_hour))
+                      adaptive_seeds=adaptive_cost(study, plan, flops, per_hour), cpu=cpu, corpus_builds=builds)

@@ -16,6 +16,7 @@ Usage::
     pretrain_factors(large, 50_000, 1_000, study.spec.pretrain)   # tokens, parameters, FLOPs of 1,000 steps
     gpu = load_devices()["h100"]
     gpu.estimate_seconds(flops)                   # flops / (peak_flops * assumed_mfu)
+    load_corpus_rates()["default"].pack_rate      # bytes of text per core-second (presets/corpus_rates.yaml)
 
     # A size of your own (same fields as the YAML), or a changed packaged one:
     presets = load_presets(extra={"wide": {"num_layers": 4, "hidden_size": 1024,
@@ -39,6 +40,7 @@ import yaml
 from transformers import BertConfig
 
 __all__ = [
+    "CorpusRates",
     "Device",
     "ModelPreset",
     "PretrainFactors",
@@ -47,6 +49,7 @@ __all__ = [
     "count_non_embedding_parameters",
     "count_parameters",
     "finetune_train_flops",
+    "load_corpus_rates",
     "load_devices",
     "load_presets",
     "mlm_flops_breakdown",
@@ -127,6 +130,32 @@ class Device:
         return flops / self.effective_flops
 
 
+@dataclass(frozen=True, kw_only=True)
+class CorpusRates:
+    """What one CPU core does per second in a corpus build, in bytes of UTF-8 input text
+    (``presets/corpus_rates.yaml``; ``costs`` turns them into CPU-hours)."""
+
+    name: str
+    """Registry key, e.g. ``"default"``."""
+    description: str
+    """One line for listings."""
+    scan_rate: float
+    """The one pass over the whole corpus (documents, keys, histograms)."""
+    pack_rate: float
+    """Tokenizing and packing a volume's documents."""
+    train_rate: float
+    """Training a volume's tokenizer on its sample, in one process."""
+    source: str
+    """Where the rates come from."""
+
+    def __post_init__(self) -> None:
+        for key in ("scan_rate", "pack_rate", "train_rate"):
+            value = getattr(self, key)
+            if not _is_number(value) or value <= 0:
+                raise ValueError(f"corpus rates {self.name!r}: {key} must be a positive number of bytes per "
+                                 f"core-second, got {value!r}")
+
+
 def load_presets(extra: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, ModelPreset]:
     """The packaged model-size presets, plus ``extra`` ones added or replacing them by name.
 
@@ -143,18 +172,16 @@ def load_devices(extra: Mapping[str, Mapping[str, Any]] | None = None) -> dict[s
     """The packaged devices (``devices.yaml``), plus ``extra`` ones added or replacing them by name."""
     entries = dict(_read_packaged_yaml("devices.yaml"))
     entries.update(extra or {})
-    devices = {}
-    for name, fields in entries.items():
-        fields = dict(fields)
-        for key in ("peak_flops", "assumed_mfu"):
-            # PyYAML reads 1e15 (no dot, no exponent sign) as a string; accept what the user meant.
-            if isinstance(fields.get(key), str):
-                try:
-                    fields[key] = float(fields[key])
-                except ValueError:
-                    pass
-        devices[name] = _build(Device, name, fields, "device")
-    return devices
+    return {name: _build(Device, name, _floats(fields, ("peak_flops", "assumed_mfu")), "device")
+            for name, fields in entries.items()}
+
+
+def load_corpus_rates(extra: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, CorpusRates]:
+    """The packaged corpus-build rates (``corpus_rates.yaml``), plus ``extra`` ones added or replacing them by name."""
+    entries = dict(_read_packaged_yaml("corpus_rates.yaml"))
+    entries.update(extra or {})
+    return {name: _build(CorpusRates, name, _floats(fields, ("scan_rate", "pack_rate", "train_rate")), "corpus rates")
+            for name, fields in entries.items()}
 
 
 def bert_config(preset: ModelPreset, vocab_size: int, **overrides: Any) -> BertConfig:
@@ -376,6 +403,21 @@ def _read_packaged_yaml(filename: str) -> Mapping[str, Mapping[str, Any]]:
     if not isinstance(data, Mapping):
         raise ValueError(f"presets/{filename}: expected a mapping of name -> fields, got {type(data).__name__}")
     return data
+
+
+def _floats(fields: Any, keys: tuple[str, ...]) -> Any:
+    """`fields` with the numbers PyYAML left as strings (1e15: no dot, no exponent sign) read as
+    floats: accept what the user meant. Anything else is left for `_build` to judge."""
+    if not isinstance(fields, Mapping):
+        return fields
+    fields = dict(fields)
+    for key in keys:
+        if isinstance(fields.get(key), str):
+            try:
+                fields[key] = float(fields[key])
+            except ValueError:
+                pass
+    return fields
 
 
 def _build(cls: type, name: str, fields: Mapping[str, Any], kind: str):

@@ -7,6 +7,8 @@
         ...
 
 Inside an initialised Ray (a submitted job, a test's cluster) it does nothing.
+
+    cluster_cpus("ray://head:10001")     # the CPUs of a cluster now (`scaling-study plan --address`)
 """
 
 from __future__ import annotations
@@ -49,6 +51,22 @@ def ray_cluster(address: str | None, *, on_start=None):
         ray.shutdown()
         if temp:
             shutil.rmtree(temp, ignore_errors=True)
+
+
+def cluster_cpus(address: str) -> int:
+    """The CPUs of the Ray cluster at `address` now: connect, read, disconnect (in a connected
+    process: that cluster's). An autoscaling cluster may add nodes later."""
+    import ray
+
+    from scaling_study.errors import UserError
+
+    try:
+        with ray_cluster(address):
+            return int(ray.cluster_resources().get("CPU", 0))
+    except Exception as exc:  # Ray's ConnectionError, a bad address, a refused token
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        raise UserError(f"--address {address}: cannot read the cluster's CPUs: {lines[0]}; allowed: a running "
+                        "Ray cluster's address (as `run --address`), or --cpus N") from None
 
 
 def check_local_resources(study, address: str | None) -> None:

@@ -5,6 +5,7 @@
     state.set(node_id, "running"); state.fail(node, "reason", log_path)
     with live_view(state, enabled=True):      # a rich table of node counts by kind and state, with an ETA
         ...
+    state.set_corpus(progress.corpus_progress(name, ids))   # corpus builds' stages under it (StudyProgress does)
     with quiet_terminal("studies/x/logs/driver.log"), live_view(state, enabled=True):
         ...                                   # the table on the terminal; Ray's and Tune's messages in the log
 
@@ -66,6 +67,12 @@ class StudyState:
         self.lock = threading.Lock()
         self.started = time.monotonic()
         self.done_at_start = sum(w for nid, w in weights.items() if self.state[nid] == "done")
+        self.corpus: dict[str, dict] = {}
+        """Corpus node id -> its build's last `progress.CorpusProgress.row`."""
+
+    def set_corpus(self, rows: dict[str, dict]) -> None:
+        with self.lock:
+            self.corpus = dict(rows)
 
     def set(self, nid: str, state: str) -> None:
         with self.lock:
@@ -114,13 +121,42 @@ class StudyState:
         eta = self.eta_seconds()
         elapsed = time.monotonic() - self.started
         title = f"{self.plan.study}: {elapsed / 60:.1f} min" + (f", ETA {eta / 60:.1f} min" if eta is not None else "")
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", caption=self.corpus_lines() or None,
+                      caption_justify="left")
         table.add_column("nodes")
         for state in STATES:
             table.add_column(state, justify="right")
         for kind, row in self.counts().items():
             table.add_row(kind, *(str(row[s]) for s in STATES))
         return table
+
+    def corpus_lines(self) -> str:
+        """A line per stage the running corpus builds are in: its volumes, pieces, throughput, ETA."""
+        with self.lock:
+            rows = {nid: row for nid, row in self.corpus.items() if self.state.get(nid) == "running"}
+        stages: dict[tuple, list[str]] = {}
+        for node in self.plan.of_kind("corpus"):  # plan order: the volumes as the spec lists them
+            if node.id in rows:
+                r = rows[node.id]
+                key = tuple(r.get(k) for k in ("stage", "done", "total", "done_bytes", "total_bytes",
+                                               "bytes_per_second", "closed"))
+                stages.setdefault(key, []).append(node.factors.get("data_volume", node.id))
+        return "\n".join(_corpus_line(volumes, *key) for key, volumes in stages.items())
+
+
+def _corpus_line(volumes: list[str], stage: str, done: int, total: int, done_bytes: float, total_bytes: float,
+                 rate: float, closed: bool) -> str:
+    line = f"corpus {', '.join(volumes)}: {stage}{' finished:' if closed else ''} {done:,}/{total:,} pieces"
+    if total and not closed:
+        line += f" ({100 * done / total:.0f}%)"
+    line += f", {_megabytes(rate)}/s"
+    if rate > 0 and total_bytes > done_bytes and not closed:
+        line += f", stage ETA {(total_bytes - done_bytes) / rate / 60:.1f} min"
+    return line
+
+
+def _megabytes(value: float) -> str:
+    return f"{value / 1e9:.3g} GB" if value >= 1e9 else f"{value / 1e6:.3g} MB"
 
 
 _terminal: TextIO | None = None

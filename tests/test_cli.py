@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,9 @@ def test_plan_every_experiment(path, device, capsys):
     assert main(["plan", str(path), "--device", device]) == 0
     out = capsys.readouterr().out
     assert "finetune jobs" in out and f"{device}-hours" in out and "Assumed:" in out
+    if int(re.search(r"(\d+) corpus builds, ", out).group(1)):
+        assert "Corpus builds (CPU-hours; one scan" in out and "corpus builds " in out.split("Totals")[1]
+        assert f"{os.cpu_count()} CPUs (this machine's" in out
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
@@ -29,6 +33,40 @@ def test_plan_json(path, capsys):
     assert {"assumed_mfu", "peak_flops", "throughput_flops"} <= set(report["device"])
     for run in report["pretrain_runs"]:
         assert run["parameters"] > 0 and run["flops"] > 0
+    builds = report["corpus_builds"]
+    assert [b["id"] for b in builds] == [n["id"] for n in report["nodes"] if n["kind"] == "corpus"]
+    assert report["totals"]["corpus_cpu_hours"] == pytest.approx(sum(b["cpu_hours"] for b in builds))
+
+
+def test_plan_cpus_divide_the_corpus_builds_wall_time(capsys):
+    """--cpus N: the same CPU-hours, the scan and the packs spread over N CPUs (costs' model)."""
+    spec = str(REPO / "experiments" / "scholarbert.yaml")
+    walls = {}
+    for cpus in (16, 256):
+        assert main(["plan", spec, "--format", "json", "--cpus", str(cpus)]) == 0
+        report = json.loads(capsys.readouterr().out)
+        assert (report["cpu"]["cpus"], report["cpu"]["cpus_source"]) == (cpus, "--cpus")
+        walls[cpus] = report["totals"]["corpus_wall_hours"]
+        train = max(b["train_cpu_hours"] for b in report["corpus_builds"])
+        assert walls[cpus] == pytest.approx((report["totals"]["corpus_cpu_hours"] - 3 * train) / cpus + train)
+    assert walls[256] < walls[16]
+    assert main(["plan", spec, "--cpus", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "wall on 256 CPUs" in out and "Corpus builds: 256 CPUs (--cpus)" in out and "PROVISIONAL" in out
+
+
+@pytest.mark.slow
+def test_plan_reads_a_ray_clusters_cpus(ray_head, capsys):
+    """--address: the CPUs of a real Ray head (`ray start --head`), connected to and left again."""
+    import ray
+
+    spec = str(REPO / "experiments" / "smoke.yaml")
+    with ray_head.in_this_process():
+        assert main(["plan", spec, "--format", "json", "--address", ray_head.address]) == 0
+        assert not ray.is_initialized()
+    report = json.loads(capsys.readouterr().out)
+    assert report["cpu"] == {**report["cpu"], "cpus": ray_head.num_cpus,
+                             "cpus_source": f"the Ray cluster at {ray_head.address}, now"}
 
 
 def test_console_script_exit_codes(tmp_path):

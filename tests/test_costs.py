@@ -1,12 +1,13 @@
 """Plan costs: exact parameters, hand-counted FLOPs, device-hours from the stated assumptions."""
 
 import copy
+import os
 
 import pytest
 
-from scaling_study.costs import estimate, node_flops
+from scaling_study.costs import BYTES_PER_TOKEN, CORPUS_RATES, TOKENIZER_SAMPLE_BYTES, estimate, node_flops
 from scaling_study.grid import expand
-from scaling_study.models import count_parameters, load_devices, load_presets
+from scaling_study.models import count_parameters, load_corpus_rates, load_devices, load_presets
 from scaling_study.spec import spec_from_data
 
 from conftest import BASE_SPEC
@@ -64,6 +65,73 @@ def test_storage_and_counts(tmp_path):
     assert {r.train_examples for r in report.finetune_by_task} == {50}
 
 
+def test_corpus_builds_cost_one_scan_and_a_pack_per_volume():
+    """221B tokens in volumes of 1%, 10% and 100%: one scan of the whole text, shared evenly; each
+    volume packs its own text and trains its tokenizer on at most TOKENIZER_SAMPLE_BYTES of it."""
+    data = copy.deepcopy(LARGE)
+    data["data_volumes"] = ["1%", "10%", "100%"]
+    study = spec_from_data(data)
+    plan = expand(study)
+    report = estimate(study, plan, "h100", cpus=64, cpus_source="--cpus")
+    rates = load_corpus_rates()[CORPUS_RATES]
+    assert (report.cpu.cpus, report.cpu.cpus_source, report.cpu.pack_rate) == (64, "--cpus", rates.pack_rate)
+    text = 221e9 * BYTES_PER_TOKEN
+    scan = text / rates.scan_rate / 3600
+    train = TOKENIZER_SAMPLE_BYTES / rates.train_rate / 3600  # every volume holds more than the sample
+    rows = {r.data_volume: r for r in report.corpus_builds}
+    assert list(rows) == ["1%", "10%", "100%"]
+    assert [r.id for r in report.corpus_builds] == [n.id for n in plan.of_kind("corpus")]
+    for label, fraction in (("1%", 0.01), ("10%", 0.1), ("100%", 1.0)):
+        r, pack = rows[label], fraction * text / rates.pack_rate / 3600
+        assert r.volume_bytes == pytest.approx(fraction * text)
+        assert r.tokenizer_sample_bytes == TOKENIZER_SAMPLE_BYTES
+        assert (r.scan_cpu_hours, r.train_cpu_hours, r.pack_cpu_hours) == pytest.approx((scan / 3, train, pack))
+        assert r.cpu_hours == pytest.approx(scan / 3 + train + pack)
+        assert r.wall_hours == pytest.approx((scan / 3 + pack) / 64 + train)
+    packs = 1.11 * text / rates.pack_rate / 3600
+    t = report.totals
+    assert t.corpus_cpu_hours == pytest.approx(scan + packs + 3 * train)
+    assert t.corpus_wall_hours == pytest.approx((scan + packs) / 64 + train)  # the trainings side by side
+    one = estimate(study, plan, "h100", cpus=1).totals
+    assert one.corpus_cpu_hours == pytest.approx(t.corpus_cpu_hours)
+    assert one.corpus_wall_hours == pytest.approx(t.corpus_cpu_hours)  # one CPU: one thing at a time
+    assert t.device_hours == one.device_hours  # CPU-hours are counted apart
+
+
+def test_corpus_build_of_files_and_of_an_unknown_size(tmp_path):
+    (tmp_path / "corpus.txt").write_text("word " * 4600)  # 23,000 bytes
+    data = copy.deepcopy(BASE_SPEC)  # volumes 0.5 and 1.0
+    data["corpus"]["paths"] = [str(tmp_path / "corpus.txt")]
+    study = spec_from_data(data)
+    report = estimate(study, expand(study), "cpu")
+    rates = load_corpus_rates()[CORPUS_RATES]
+    assert (report.cpu.cpus, report.cpu.cpus_source) == (os.cpu_count(), "this machine's, os.cpu_count()")
+    half = report.corpus_builds[0]
+    assert half.volume_bytes == half.tokenizer_sample_bytes == pytest.approx(11_500)  # below the sample cap
+    assert half.scan_cpu_hours == pytest.approx(23_000 / rates.scan_rate / 3600 / 2)
+    assert half.train_cpu_hours == pytest.approx(11_500 / rates.train_rate / 3600)
+
+    data["corpus"]["paths"] = [str(tmp_path / "missing")]
+    study = spec_from_data(data)
+    report = estimate(study, expand(study), "cpu")
+    assert report.corpus.tokens is None
+    assert all(r.cpu_hours is None and r.wall_hours is None for r in report.corpus_builds)
+    assert report.totals.corpus_cpu_hours is None and report.totals.corpus_wall_hours is None
+    with pytest.raises(ValueError, match="cpus 0"):
+        estimate(study, expand(study), "cpu", cpus=0)
+
+
+def test_corpus_rates_are_validated():
+    rates = load_corpus_rates(extra={"mine": {"description": "d", "scan_rate": "3e6", "pack_rate": 1.0,
+                                              "train_rate": 2.0, "source": "s"}})
+    assert rates["mine"].scan_rate == 3e6  # PyYAML's string for 3e6, read as the number meant
+    with pytest.raises(ValueError, match="pack_rate must be a positive number"):
+        load_corpus_rates(extra={"bad": {"description": "d", "scan_rate": 1.0, "pack_rate": 0, "train_rate": 1.0,
+                                         "source": "s"}})
+    with pytest.raises(ValueError, match=r"missing fields \['train_rate'\]"):
+        load_corpus_rates(extra={"bad": {"description": "d", "scan_rate": 1.0, "pack_rate": 1.0, "source": "s"}})
+
+
 def test_estimate_is_pure(tmp_path):
     study = spec_from_data(copy.deepcopy(LARGE))
     plan = expand(study)
@@ -93,7 +161,12 @@ def test_report_json_keys():
     study = spec_from_data(copy.deepcopy(LARGE))
     data = estimate(study, expand(study), "h100").to_dict()
     assert list(data) == ["study", "device", "counts", "pretrain_runs", "finetune_by_task", "storage", "corpus",
-                          "totals", "adaptive_seeds"]  # adaptive_seeds: added for issue 18 (None here)
+                          "totals", "adaptive_seeds",  # adaptive_seeds: added for issue 18 (None here)
+                          "cpu", "corpus_builds"]  # added for issue 13
+    assert list(data["cpu"]) == ["cpus", "cpus_source", "scan_rate", "pack_rate", "train_rate", "rates_source"]
+    assert list(data["corpus_builds"][0]) == ["id", "data_volume", "volume_bytes", "tokenizer_sample_bytes",
+                                              "scan_cpu_hours", "train_cpu_hours", "pack_cpu_hours", "cpu_hours",
+                                              "wall_hours"]
     assert data["adaptive_seeds"] is None
     assert list(data["device"]) == ["name", "description", "peak_flops", "peak_precision", "assumed_mfu",
                                     "throughput_flops", "source"]
@@ -107,7 +180,8 @@ def test_report_json_keys():
     assert list(data["storage"]["node_disk"]) == ["head", "pretrain_node", "finetune_node"]
     assert list(data["corpus"]) == ["tokens", "source"]
     assert list(data["totals"]) == ["pretrain_flops", "finetune_flops", "flops", "pretrain_device_hours",
-                                    "finetune_device_hours", "device_hours", "finetune_jobs_without_flops"]
+                                    "finetune_device_hours", "device_hours", "finetune_jobs_without_flops",
+                                    "corpus_cpu_hours", "corpus_wall_hours"]
 
 
 def test_adaptive_seeds_expected_and_worst_case():

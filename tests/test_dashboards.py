@@ -177,6 +177,11 @@ def test_every_dashboard_metric_is_exported(uri_study):
     assert all(0 < v < 1 for _, v in values["scaling_study_mfu"])
     assert all(v > 0 for _, v in values["scaling_study_device_hours_planned"])
     assert max(v for _, v in values["scaling_study_device_hours_used"]) > 0
+    pieces = values["scaling_study_corpus_pieces"]  # set by the corpus build (progress.CorpusProgress)
+    assert {lb["node"] for lb, _ in pieces} == {n.id for n in expand(study).of_kind("corpus")}
+    done, total = ([v for lb, v in pieces if lb["state"] == state] for state in ("done", "total"))
+    assert max(done) == max(total) > 0  # the last stage's pieces all done
+    assert max(v for _, v in values["scaling_study_corpus_bytes_per_second"]) > 0
 
 
 @live

@@ -249,6 +249,9 @@ CASES = [
     *(Case(f"plan-mfu-{v}", "CLI number", f"plan --mfu {v}",
            lambda t, mp, v=v: ["plan", str(spec_file(t)), "--mfu", v], f"--mfu {v}: out of range")
       for v in ("0", "-1", "nan", "1.5")),
+    *(Case(f"plan-cpus-{v}", "CLI number", f"plan --cpus {v}",
+           lambda t, mp, v=v: ["plan", str(spec_file(t)), "--cpus", v], f"--cpus {v}: must be positive")
+      for v in ("0", "-5")),
     # accepted although wrong
     Case("name-newline", "accepted", 'name: "micro\\n" (the regex\'s $ let it through)', validate(name="micro\n"),
          "name: not a valid name; got 'micro\\n'"),
