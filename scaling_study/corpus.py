@@ -216,7 +216,8 @@ class _Stage:
         total_bytes = sum(p.size for p in build.pieces)
         self.bar = tqdm(total=len(build.pieces), desc=f"{build.label}: {name}", unit="piece",
                         disable=not build.progress, leave=False, dynamic_ncols=True)
-        self.gauges = CorpusProgress(build.study.spec.name, [n.id for n in build.nodes], name,
+        stage = {"boundary": "count"}.get(name.split()[0], name.split()[0])  # "count 3k tokens" -> "count"
+        self.gauges = CorpusProgress(build.study.spec.name, [n.id for n in build.nodes], stage,
                                      len(build.pieces), total_bytes)
         self.done_bytes = 0
 

@@ -33,8 +33,8 @@ sample_bytes = min(volume_bytes, `corpus.tokenizer_sample`). Each corpus node's 
 pack and training plus an even share of the scan: every volume needs the whole scan, and the
 volumes share it. Scan and pack spread over every CPU of the cluster, training is one process per
 volume: a node's wall time is (scan share + pack) / CPUs + its training; the study's is
-(scan + all packs) / CPUs + its trainings side by side (the longest, or all of them over the CPUs
-when there are fewer CPUs than volumes). Less than the sum of its nodes', since they overlap.
+(scan + all packs) / CPUs + its trainings one after the other (the build's driver trains the
+volumes' tokenizers in turn). Less than the sum of its nodes', since they share the scan.
 The CPUs are `estimate`'s `cpus` (`plan --cpus N`, or a Ray cluster's with `plan --address`),
 else this machine's.
 """
@@ -445,12 +445,12 @@ def corpus_build_costs(study: Study, plan: Plan, corpus_tokens: float | None, vo
 
 
 def _corpus_totals(rows: list[CorpusBuildCost], cpus: int) -> tuple[float | None, float | None]:
-    """The study's corpus CPU-hours and wall time: its trainings run side by side, one process each."""
+    """The study's corpus CPU-hours and wall time: the passes spread over the CPUs; the volumes'
+    tokenizers are trained one after the other in the build's driver (counted as one core each)."""
     if any(r.cpu_hours is None for r in rows):
         return None, None
-    train = [r.train_cpu_hours for r in rows]
     spread = sum(r.scan_cpu_hours + r.pack_cpu_hours for r in rows)
-    return sum(r.cpu_hours for r in rows), spread / cpus + max(max(train, default=0.0), sum(train) / cpus)
+    return sum(r.cpu_hours for r in rows), spread / cpus + sum(r.train_cpu_hours for r in rows)
 
 
 SIMULATED_STUDIES = 3

@@ -91,7 +91,7 @@ def test_corpus_builds_cost_one_scan_and_a_pack_per_volume():
     packs = 1.11 * text / rates.pack_rate / 3600
     t = report.totals
     assert t.corpus_cpu_hours == pytest.approx(scan + packs + 3 * train)
-    assert t.corpus_wall_hours == pytest.approx((scan + packs) / 64 + train)  # the trainings side by side
+    assert t.corpus_wall_hours == pytest.approx((scan + packs) / 64 + 3 * train)  # the trainings in turn
     one = estimate(study, plan, "h100", cpus=1).totals
     assert one.corpus_cpu_hours == pytest.approx(t.corpus_cpu_hours)
     assert one.corpus_wall_hours == pytest.approx(t.corpus_cpu_hours)  # one CPU: one thing at a time
