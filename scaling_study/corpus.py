@@ -213,7 +213,7 @@ class _Stage:
         from scaling_study.progress import CorpusProgress
 
         self.build, self.name, self.start = build, name, time.monotonic()
-        total_bytes = sum(p.size for p in build.pieces)
+        total_bytes = sum(build.piece_sizes)
         self.bar = tqdm(total=len(build.pieces), desc=f"{build.label}: {name}", unit="piece",
                         disable=not build.progress, leave=False, dynamic_ncols=True)
         stage = {"boundary": "count"}.get(name.split()[0], name.split()[0])  # "count 3k tokens" -> "count"
@@ -222,7 +222,7 @@ class _Stage:
         self.done_bytes = 0
 
     def __call__(self, i: int, result) -> None:
-        self.done_bytes += self.build.pieces[i].size
+        self.done_bytes += self.build.piece_sizes[i]
         self.bar.update(1)
         self.gauges.update(i + 1, self.done_bytes)
 
@@ -249,6 +249,7 @@ class _Build:
         self.reading = Reading(fmt=inputs["format"], text_field=inputs["text_field"], seed=int(inputs["seed"]))
         self.files = input_files(study, cache_dir=cache_dir, download=True)
         self.pieces = pieces(self.files, self.reading.fmt, piece_bytes)
+        self.piece_sizes = _piece_sizes(self.pieces, self.reading.fmt)
         self.where = self.files[0].path if len(self.files) == 1 else \
             f"{os.path.dirname(self.files[0].path)} ({len(self.files)} files)"
         self.label = ", ".join(v.label for v in self.volumes)
@@ -400,6 +401,15 @@ class _Build:
         assert manifest.tokens == manifest.sequences * (self.seq_len - 1) + manifest.dropped_tokens
         manifest.write(tmp)
         return manifest
+
+
+def _piece_sizes(parts: list, fmt: str) -> list[int]:
+    """Stored bytes of each piece (for progress): its byte range, or its file's share."""
+    per_file: dict[str, int] = {}
+    for p in parts:
+        per_file[p.file.path] = per_file.get(p.file.path, 0) + 1
+    return [p.stop - p.start if fmt != "parquet" and p.file.compression is None and p.stop >= 0
+            else p.file.size // per_file[p.file.path] for p in parts]
 
 
 def _edge_reaching(hist, budget: int) -> int:

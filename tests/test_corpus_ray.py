@@ -79,6 +79,7 @@ def test_a_two_node_cluster_builds_the_same_bytes(reference, ray_temp):
     from ray.cluster_utils import Cluster
 
     study, nodes, folder, (manifests, shards) = reference
+    os.makedirs(f"{ray_temp}/ray", exist_ok=True)  # Cluster() writes the "current cluster" file there
     cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, node_ip_address="127.0.0.1",
                                                                temp_dir=ray_temp, include_dashboard=False))
     try:
