@@ -170,21 +170,84 @@ def parse_volume(value: Any) -> DataVolume:
 Volume = Annotated[Any, BeforeValidator(parse_volume)]
 
 
+# ----------------------------------------------------------------------------------- corpus reading
+
+MIN_TOKENIZER_SAMPLE = 1_000
+"""Bytes: below this a tokenizer sample is a typo (`1000` meant as `1000M`), not a sample."""
+MAX_TOKENIZER_SAMPLE = 2**31 - 1
+"""Bytes: the `tokenizers` WordPiece trainer counts character pairs in 32-bit integers (`count_pairs`
+adds `counts[i] as i32`); a pair's count is at most the sample's characters, so a sample below
+2**31 bytes cannot wrap (and give a vocabulary of negative-frequency merges)."""
+_BYTE_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+_BYTES = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*([kmg]?)(?:b|bytes)?")
+_SAMPLE_ALLOWED = (f"a number of bytes from {MIN_TOKENIZER_SAMPLE:,} to 2**31 - 1: an integer (500000000), or "
+                   "with a decimal suffix ('500M', '1.5G', '1GB'; k = 10**3, M = 10**6, G = 10**9)")
+
+
+def parse_bytes(value: Any) -> Any:
+    """`'500M'`, `'1GB'`, `'1.5G'`, `2e9`, `1_000_000` -> an int of bytes (decimal suffixes, as `plan`
+    prints sizes); anything else is left for the type check to refuse."""
+    if isinstance(value, float) and not isinstance(value, bool) and math.isfinite(value) and value == int(value):
+        return int(value)
+    if not isinstance(value, str):
+        return value
+    match = _BYTES.fullmatch(value.strip().lower().replace("_", "").replace(",", ""))
+    if not match:
+        raise ValueError(f"not a number of bytes; allowed: {_SAMPLE_ALLOWED}")
+    number = float(match.group(1)) * _BYTE_SUFFIX[match.group(2)]
+    if number != int(number):
+        raise ValueError(f"not a whole number of bytes; allowed: {_SAMPLE_ALLOWED}")
+    return int(number)
+
+
+def _tokenizer_sample(value: int) -> int:
+    if value < MIN_TOKENIZER_SAMPLE:
+        raise ValueError(f"too small to train a tokenizer on; allowed: {_SAMPLE_ALLOWED}")
+    if value > MAX_TOKENIZER_SAMPLE:
+        raise ValueError("2**31 bytes or more: the WordPiece trainer counts character pairs in 32-bit integers, "
+                         f"which a larger sample can overflow; allowed: {_SAMPLE_ALLOWED}")
+    return value
+
+
+def _text_field(value: str) -> str:
+    if not value:
+        raise ValueError("empty; allowed: the JSON key or Parquet column holding each document, e.g. 'text'")
+    return value
+
+
 # ----------------------------------------------------------------------------------- spec tree
 
 
 @dataclass(config=_CONFIG, kw_only=True)
 class CorpusSpec:
-    """The pretraining corpus: plain text, one document per line."""
+    """The pretraining corpus: UTF-8 text files with one document per line, JSON lines, or Parquet
+    files (`format`), plain or gzip/zstd-compressed, on local disks or object stores."""
 
     name: Name
     """Short name of the corpus. With `version` and the sources it identifies the corpus in every id."""
     paths: list[str] = field(default_factory=list)
-    """Local text files or folders (folders contribute their `*.txt` files, sorted by name). Relative
-    paths resolve against the spec's folder. `${VAR}` and `${VAR:-default}` expand from the environment."""
+    """Corpus files or folders, read in place: local paths (relative ones resolve against the spec's
+    folder; `${VAR}` and `${VAR:-default}` expand from the environment), or URIs `s3://bucket/key`,
+    `gs://bucket/key`, `file:///abs/path` (an S3-compatible server is named in `$AWS_ENDPOINT_URL`). A
+    folder, a prefix ending in `/` or an object-store directory contributes its files with the format's
+    suffixes, sorted by name, not recursing: `text` `.txt`, `.txt.gz`, `.txt.zst`; `jsonl` `.jsonl`,
+    `.jsonl.gz`, `.jsonl.zst`, `.json.gz`; `parquet` `.parquet`. A file named here is read whatever its
+    name; `.gz` and `.zst` ones are decompressed."""
     urls: list[str] = field(default_factory=list)
-    """Public URLs of text files, downloaded once into `<storage.root>/cache` (needs a network;
-    `$SCALING_STUDY_OFFLINE=1` refuses the download)."""
+    """Public URLs (`https://`, `file://`) of corpus files, downloaded once into `<storage.root>/cache`
+    (needs a network; `$SCALING_STUDY_OFFLINE=1` refuses the download); read after `paths`. Object-store
+    URIs belong in `paths`, read in place."""
+    format: Literal["text", "jsonl", "parquet"] = "text"
+    """How documents are stored: `text`, one per line (blank lines skipped); `jsonl`, one JSON object per
+    line whose `text_field` holds the document (null ones skipped); `parquet`, the string column
+    `text_field`. Trailing newlines are stripped and blank documents skipped in every format, so a line of a
+    text file and the same string in JSONL or Parquet are the same document."""
+    text_field: Annotated[str, AfterValidator(_text_field)] = "text"
+    """The JSON key (`jsonl`) or Parquet column (`parquet`) holding each document; unused by `text`."""
+    tokenizer_sample: Annotated[int, BeforeValidator(parse_bytes), AfterValidator(_tokenizer_sample)] = 1_000_000_000
+    """Bytes of UTF-8 text each volume's tokenizer is trained on at most: the volume's smallest-key
+    documents (a uniform sample of it). An integer or '500M', '1GB' (decimal: G = 10**9); from 1,000
+    to 2**31 - 1, since the WordPiece trainer counts pairs in 32-bit integers."""
     version: str = "1"
     """Bump it when the files change: the corpus is identified by name, version and sources, not content."""
     total_tokens: PosFloat | None = None
@@ -710,9 +773,27 @@ def _check_tracking(spec: StudySpec, err: _Problems) -> None:
             problem=problem)
 
 
+_DOWNLOADED = ("http", "https", "ftp", "file")  # what urllib fetches
+
+
 def _check_corpus(spec: StudySpec, err: _Problems) -> None:
-    if spec.corpus is not None and not spec.corpus.paths and not spec.corpus.urls:
+    """Sources to read: some, each path's URI scheme read in place or downloaded, each URL's downloadable."""
+    from scaling_study.storage import SCHEMES  # read in place through pyarrow.fs (scaling_study.sources)
+
+    corpus = spec.corpus
+    if corpus is None:
+        return
+    if not corpus.paths and not corpus.urls:
         err(("corpus",), problem="no sources", allowed="corpus.paths (local files/folders) and/or corpus.urls")
+    for key, known, allowed in (
+            ("paths", SCHEMES + _DOWNLOADED, "a local path, or a URI s3://bucket/key, gs://bucket/key, "
+             "file:///abs/path (read in place), or an https:// URL (downloaded)"),
+            ("urls", _DOWNLOADED, "an https://, http://, ftp:// or file:// URL; object-store URIs (s3://, gs://) "
+             "go under corpus.paths, read in place")):
+        for i, source in enumerate(getattr(corpus, key)):
+            scheme = source.split("://", 1)[0].lower() if re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", source) else None
+            if scheme is not None and scheme not in known:
+                err(("corpus", key, i), source, allowed, problem=f"unsupported URI scheme {scheme!r}")
 
 
 def _check_pretrain(spec: StudySpec, err: _Problems) -> None:

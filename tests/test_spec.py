@@ -52,6 +52,23 @@ def test_volumes_parse():
     assert DataVolume(fraction=0.01).label == "1%"
 
 
+def test_corpus_reading_fields(base_spec):
+    from scaling_study.spec import MAX_TOKENIZER_SAMPLE, parse_bytes
+
+    corpus = spec_from_data(base_spec).spec.corpus
+    assert (corpus.format, corpus.text_field, corpus.tokenizer_sample) == ("text", "text", 1_000_000_000)
+    for value, parsed in [("500M", 500_000_000), ("1GB", 10**9), ("1.5G", 1_500_000_000), ("64 kB", 64_000),
+                          ("2_000_000", 2_000_000), (2e9, 2_000_000_000), (1000, 1000),
+                          (MAX_TOKENIZER_SAMPLE, 2**31 - 1), ("2147483647 bytes", 2**31 - 1)]:
+        assert parse_bytes(value) == parsed
+        base_spec["corpus"].update(format="jsonl", text_field="abstract", tokenizer_sample=value)
+        corpus = spec_from_data(base_spec).spec.corpus
+        assert (corpus.format, corpus.text_field, corpus.tokenizer_sample) == ("jsonl", "abstract", parsed)
+    base_spec["corpus"].update(format="parquet", paths=["s3://bucket/corpus/", "file:///data/c.parquet"],
+                               urls=["https://example.org/c.parquet", "file:///data/d.parquet"])
+    assert spec_from_data(base_spec).spec.corpus.format == "parquet"
+
+
 def test_caps_merge_per_task(base_spec):
     base_spec["tasks"]["per_task"] = {"scierc_re": {"max_train_examples": 7, "max_test_examples": 9}}
     study = spec_from_data(base_spec)
@@ -137,6 +154,22 @@ MALFORMED = [
      ["tasks.per_task.jnlpba_ner", "caps for a task the study does not include"]),
     ("betas-length", [(("pretrain", "betas"), [0.9])], ["pretrain.betas", "exactly two numbers"]),
     ("corpus-without-sources", [(("corpus", "paths"), [])], ["corpus: no sources"]),
+    ("corpus-unknown-format", [(("corpus", "format"), "csv")], ["corpus.format", "got 'csv'",
+                                                               "allowed: 'text', 'jsonl' or 'parquet'"]),
+    ("corpus-empty-text-field", [(("corpus", "text_field"), "")], ["corpus.text_field", "empty", "e.g. 'text'"]),
+    ("tokenizer-sample-overflows", [(("corpus", "tokenizer_sample"), "2.2G")],
+     ["corpus.tokenizer_sample", "got '2.2G'", "32-bit integers", "to 2**31 - 1"]),
+    ("tokenizer-sample-at-2-31", [(("corpus", "tokenizer_sample"), 2**31)], ["corpus.tokenizer_sample", "2**31 bytes"]),
+    ("tokenizer-sample-tiny", [(("corpus", "tokenizer_sample"), 999)], ["corpus.tokenizer_sample", "got 999",
+                                                                        "too small", "from 1,000"]),
+    ("tokenizer-sample-words", [(("corpus", "tokenizer_sample"), "a lot")], ["corpus.tokenizer_sample",
+                                                                             "not a number of bytes", "'500M'"]),
+    ("tokenizer-sample-fractional", [(("corpus", "tokenizer_sample"), "1500.5")],
+     ["corpus.tokenizer_sample", "not a whole number of bytes"]),
+    ("corpus-path-scheme", [(("corpus", "paths"), ["hdfs://namenode/corpus/"])],
+     ["corpus.paths[0]", "unsupported URI scheme 'hdfs'", "s3://bucket/key"]),
+    ("corpus-url-object-store", [(("corpus", "urls"), ["s3://bucket/corpus.txt"])],
+     ["corpus.urls[0]", "unsupported URI scheme 's3'", "go under corpus.paths"]),
     ("bad-preset-shape", [(("model_presets",), {"odd": {"num_layers": 2, "hidden_size": 100, "num_heads": 3,
                                                          "ffn_size": 400}})], ["model_presets", "multiple"]),
     ("section-not-mapping", [(("pretrain",), [1, 2])], ["pretrain", "a mapping with keys steps, protocol"]),
