@@ -53,8 +53,6 @@ BYTES_PER_TOKEN = 4.6
 WEIGHT_BYTES = 4  # fp32 safetensors
 OPTIMIZER_BYTES = 8  # AdamW moments, fp32, kept with each checkpoint so any level can resume
 TOKEN_BYTES = 4  # int32 token ids in the Parquet shards (before compression; an upper bound)
-TOKENIZER_SAMPLE_BYTES = 1e9
-"""`corpus.tokenizer_sample`'s default: the most text a volume's tokenizer is trained on."""
 CORPUS_RATES = "default"
 """The entry of presets/corpus_rates.yaml that `estimate` costs corpus builds with."""
 NODE_SYSTEM_BYTES = 60e9
@@ -68,11 +66,19 @@ def corpus_tokens(study: Study) -> tuple[float | None, str]:
     corpus = study.spec.corpus
     if corpus.total_tokens:
         return corpus.total_tokens, "declared in corpus.total_tokens"
-    size = 0
-    for raw in corpus.paths:
-        path = study.resolve_path(raw)
-        files = sorted(path.glob("*.txt")) if path.is_dir() else [path] if path.is_file() else []
-        size += sum(f.stat().st_size for f in files)
+    from scaling_study.errors import UserError
+    from scaling_study.sources import input_files
+    from scaling_study.spec import expand_env
+    from scaling_study.storage import Store
+
+    cache = Store(expand_env(study.spec.storage.root)).local / "cache"  # where corpus.urls are fetched
+    try:  # local files and object-store prefixes; downloads only once fetched
+        files = [f for f in input_files(study, cache_dir=cache, download=False) if f.size >= 0]
+    except UserError:
+        files = []
+    if any(f.compression for f in files) or (files and corpus.format == "parquet"):
+        return None, "unknown for compressed files: set corpus.total_tokens"
+    size = sum(f.size for f in files)
     if size == 0:
         return None, "unknown: set corpus.total_tokens or make corpus.paths readable"
     return size / BYTES_PER_TOKEN, f"estimated from {size / 1e6:.1f} MB of text at {BYTES_PER_TOKEN} bytes/token"
@@ -427,7 +433,7 @@ def corpus_build_costs(study: Study, plan: Plan, corpus_tokens: float | None, vo
     """Each corpus node's CPU-hours and wall time (the model is in the module docstring)."""
     builds = plan.of_kind("corpus")
     scan = corpus_tokens * BYTES_PER_TOKEN / cpu.scan_rate / 3600 / len(builds) if corpus_tokens else None
-    cap = getattr(study.spec.corpus, "tokenizer_sample", None) or TOKENIZER_SAMPLE_BYTES  # the spec's, once it has one
+    cap = study.spec.corpus.tokenizer_sample
     rows = []
     for build in builds:
         tokens = volume_tokens[build.id]

@@ -14,6 +14,7 @@ import pytest
 from scaling_study.artifacts import CorpusBuild
 from scaling_study.corpus import build_corpora
 from scaling_study.corpus_passes import map_pieces
+from scaling_study.raycluster import loopback_only
 from scaling_study.sources import input_files, pieces
 
 from conftest import BASE_SPEC
@@ -64,8 +65,9 @@ def test_ray_data_builds_what_one_process_builds(reference, ray_temp, cpus):
     import ray
 
     study, nodes, folder, (manifests, shards) = reference
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=ray_temp,
-             logging_level="WARNING")
+    with loopback_only():
+        ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, _temp_dir=ray_temp,
+                 _node_ip_address="127.0.0.1", logging_level="WARNING")
     try:
         got_manifests, got_shards = build_all(study, nodes, folder / f"ray-{cpus}")
     finally:
@@ -80,11 +82,13 @@ def test_a_two_node_cluster_builds_the_same_bytes(reference, ray_temp):
 
     study, nodes, folder, (manifests, shards) = reference
     os.makedirs(f"{ray_temp}/ray", exist_ok=True)  # Cluster() writes the "current cluster" file there
-    cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, node_ip_address="127.0.0.1",
-                                                               temp_dir=ray_temp, include_dashboard=False))
+    with loopback_only():
+        cluster = Cluster(initialize_head=True, head_node_args=dict(num_cpus=1, node_ip_address="127.0.0.1",
+                                                                   temp_dir=ray_temp, include_dashboard=False))
     try:
-        cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
-        ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
+        with loopback_only():
+            cluster.add_node(num_cpus=1, node_ip_address="127.0.0.1")
+            ray.init(address=cluster.address, log_to_driver=False, logging_level="WARNING")
         ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
         where = list(map_pieces(node_of, [object()] * 40, {}, label="where"))
         assert len(set(where)) == 2  # pieces run on both nodes

@@ -5,12 +5,14 @@ import os
 
 import pytest
 
-from scaling_study.costs import BYTES_PER_TOKEN, CORPUS_RATES, TOKENIZER_SAMPLE_BYTES, estimate, node_flops
+from scaling_study.costs import BYTES_PER_TOKEN, CORPUS_RATES, estimate, node_flops
 from scaling_study.grid import expand
 from scaling_study.models import count_parameters, load_corpus_rates, load_devices, load_presets
-from scaling_study.spec import spec_from_data
+from scaling_study.spec import CorpusSpec, spec_from_data
 
 from conftest import BASE_SPEC
+
+TOKENIZER_SAMPLE = CorpusSpec(name="x").tokenizer_sample  # the default
 
 LARGE = {
     "name": "large-run",
@@ -67,7 +69,7 @@ def test_storage_and_counts(tmp_path):
 
 def test_corpus_builds_cost_one_scan_and_a_pack_per_volume():
     """221B tokens in volumes of 1%, 10% and 100%: one scan of the whole text, shared evenly; each
-    volume packs its own text and trains its tokenizer on at most TOKENIZER_SAMPLE_BYTES of it."""
+    volume packs its own text and trains its tokenizer on at most TOKENIZER_SAMPLE of it."""
     data = copy.deepcopy(LARGE)
     data["data_volumes"] = ["1%", "10%", "100%"]
     study = spec_from_data(data)
@@ -77,14 +79,14 @@ def test_corpus_builds_cost_one_scan_and_a_pack_per_volume():
     assert (report.cpu.cpus, report.cpu.cpus_source, report.cpu.pack_rate) == (64, "--cpus", rates.pack_rate)
     text = 221e9 * BYTES_PER_TOKEN
     scan = text / rates.scan_rate / 3600
-    train = TOKENIZER_SAMPLE_BYTES / rates.train_rate / 3600  # every volume holds more than the sample
+    train = TOKENIZER_SAMPLE / rates.train_rate / 3600  # every volume holds more than the sample
     rows = {r.data_volume: r for r in report.corpus_builds}
     assert list(rows) == ["1%", "10%", "100%"]
     assert [r.id for r in report.corpus_builds] == [n.id for n in plan.of_kind("corpus")]
     for label, fraction in (("1%", 0.01), ("10%", 0.1), ("100%", 1.0)):
         r, pack = rows[label], fraction * text / rates.pack_rate / 3600
         assert r.volume_bytes == pytest.approx(fraction * text)
-        assert r.tokenizer_sample_bytes == TOKENIZER_SAMPLE_BYTES
+        assert r.tokenizer_sample_bytes == TOKENIZER_SAMPLE
         assert (r.scan_cpu_hours, r.train_cpu_hours, r.pack_cpu_hours) == pytest.approx((scan / 3, train, pack))
         assert r.cpu_hours == pytest.approx(scan / 3 + train + pack)
         assert r.wall_hours == pytest.approx((scan / 3 + pack) / 64 + train)

@@ -248,15 +248,15 @@ def test_random_init_adds_a_step_0_checkpoint_per_size_and_volume_only(base_spec
 # existing studies would recompute everything and lose their results: only on purpose (a new
 # builder version, say), and then say so in the commit.
 PINNED_IDS = {
-    "effect.yaml": {"corpus": "7e2172c3e4062e80", "pretrain": "fd935dacc2b03328", "checkpoint": "86c974f984a52705",
-                    "finetune_run": "1ccb14e1a317af95", "finetune": "2728cce2af460aee"},
+    "effect.yaml": {"corpus": "3702799fe4768b23", "pretrain": "db52f0b17b48fb2c", "checkpoint": "3ba0384dd30717da",
+                    "finetune_run": "7c8f7b54cc03c308", "finetune": "b0611256a0c03073"},
     "baselines.yaml": {"external": "7336c63238f49bae", "finetune_run": "ce79edc73f8b3b5d",
                        "finetune": "5cfa755edb194eca"},
-    "scholarbert.yaml": {"corpus": "b92e9bec433dc4f2", "pretrain": "b2d734e6c28035d1",
-                         "checkpoint": "4dc8b24165cfe6b8", "finetune_run": "ca0aeca49bb90320",
-                         "finetune": "bb2e41f5be0a0ad9"},
-    "smoke.yaml": {"corpus": "8d3ccd50ffedb5c3", "pretrain": "abca7430f4343488", "checkpoint": "c826f7a3ee2803cf",
-                   "finetune_run": "c18a33c74f19af6c", "finetune": "d60de070a9a8ac88"},
+    "scholarbert.yaml": {"corpus": "00e961037d76977b", "pretrain": "11347f5b5dd7ed22",
+                         "checkpoint": "e95446355dca5ae5", "finetune_run": "a789ef5aac1db0cc",
+                         "finetune": "0f3f3e51b805d6f3"},
+    "smoke.yaml": {"corpus": "d0bfe51b87a402a3", "pretrain": "7746db01c22713d3", "checkpoint": "31f155559de9e1da",
+                   "finetune_run": "45b9b8fa61c39339", "finetune": "792d6c90ac0f9861"},
 }
 
 
