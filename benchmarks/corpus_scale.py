@@ -18,8 +18,7 @@ Spec: 3 volumes (1%, 10%, 100%), vocab 8000 (as experiments/smoke.yaml and corpu
   per volume), with PYTHONPATH at the baseline checkout (`--baseline DIR`, or `git archive` of
   `--baseline-rev` unpacked under the work folder), RAYON_NUM_THREADS=k, TOKENIZERS_PARALLELISM=true.
 - new: `ray.init(num_cpus=k)` then `build_corpora(study, nodes, outs, progress=False)` with
-  PYTHONPATH at this checkout. Where this checkout has no `build_corpora` yet, a shim calls
-  `build_corpus` per node inside the same Ray-started process, and every line says "shim".
+  PYTHONPATH at this checkout (a local Ray on 127.0.0.1).
 
 Measured per (builder, k): wall seconds of the build calls (imports and `ray.init` excluded;
 `ray.init` is shown apart), MB/s of input text (input bytes / wall; not bytes read), MB/s and
@@ -27,7 +26,7 @@ tokens/s per core (/ k), and RSS sampled every 0.5 s over the subprocess tree (p
 the driver, peak of any busy Ray worker process (`ray::<task>`, not the idle pool), and peak of
 the tree's sum. RSS counts pages of Ray's shared object store in every process that maps them.
 "Worker" below is the busy Ray worker peak where tasks ran in Ray workers, else the driver (the old
-builder's only process, and the shim's).
+builder's only process).
 The new builder also runs on `--memory-copies` (default copies and copies/2) at the largest k, to
 show whether memory per worker stays flat in the corpus size. Last, the new builder's per-core
 rate (input bytes per core-second at the largest k) projects the build of experiments/
@@ -155,18 +154,19 @@ def _manifest_row(node, manifest) -> dict:
 
 
 def _build_new(study, nodes, outs, k: int, ray_tmp: str) -> tuple[str, float, list]:
-    """ray.init on k CPUs, then build_corpora (or the shim); returns (builder, ray_init_s, manifests)."""
+    """ray.init on k CPUs, then build_corpora; returns (builder, ray_init_s, manifests)."""
     import ray
 
-    import scaling_study.corpus as corpus
+    from scaling_study.corpus import build_corpora
+    from scaling_study.raycluster import loopback_only
 
     start = time.perf_counter()
-    ray.init(num_cpus=k, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False)
+    with loopback_only():
+        ray.init(num_cpus=k, include_dashboard=False, _temp_dir=ray_tmp, log_to_driver=False,
+                 _node_ip_address="127.0.0.1")
     ray_init_s = time.perf_counter() - start
     try:
-        if hasattr(corpus, "build_corpora"):
-            return "new", ray_init_s, list(corpus.build_corpora(study, nodes, outs, progress=False))
-        return "shim", ray_init_s, [corpus.build_corpus(study, n, o, progress=False) for n, o in zip(nodes, outs)]
+        return "new", ray_init_s, list(build_corpora(study, nodes, outs, progress=False))
     finally:
         ray.shutdown()
 
@@ -368,15 +368,13 @@ LEGEND = ("(wall: the build calls; MB: peak RSS of the busiest worker process / 
 
 def print_ratios(old: dict, new: dict) -> dict:
     ratios = {k: old[k]["wall_s"] / new[k]["wall_s"] for k in sorted(set(old) & set(new))}
-    shim = " (shim: build_corpus per node, not the Ray Data builder)" if any(
-        r["builder"] == "shim" for r in new.values()) else ""
     for k, x in ratios.items():
         print(f"new/old speed on {k} CPU(s): {x:.2f}x "
-              f"(old {old[k]['wall_s']:.1f} s, new {new[k]['wall_s']:.1f} s){shim}")
+              f"(old {old[k]['wall_s']:.1f} s, new {new[k]['wall_s']:.1f} s)")
     if 2 in new and 2 in old:
         line = f"Ray Data build on 2 CPUs vs today's builder: {ratios[2]:.2f}x (goal >= {GOAL}x)"
         extra = f"; vs today's builder on 1 CPU: {old[1]['wall_s'] / new[2]['wall_s']:.2f}x" if 1 in old else ""
-        print(line + f" [today's builder also on 2 CPUs{extra}]{shim}")
+        print(line + f" [today's builder also on 2 CPUs{extra}]")
     return {str(k): x for k, x in ratios.items()}
 
 
