@@ -495,3 +495,18 @@ def test_keys_depend_on_the_document_alone(tmp_path, base_spec):
     jsonl, out_jsonl = build(study, nodes["10%"], tmp_path / "jsonl")
     assert jsonl.tokenizer_hash == text.tokenizer_hash and jsonl.documents == text.documents
     assert markers(out_jsonl, jsonl) == markers(out_text, text) == expected_markers(0, 0.1)
+
+
+def test_a_corpus_on_s3_builds_what_its_local_copy_builds(tmp_path, base_spec, s3_server):
+    """Documents read in place from an object-store prefix (moto's S3 server): the same subset,
+    tokenizer and rows as the same files on disk."""
+    study, nodes = make_study(tmp_path, base_spec, ["10%"])
+    local, out_local = build(study, nodes["10%"], tmp_path / "local")
+    bucket = s3_server.bucket()
+    s3_server.client.upload_file(str(tmp_path / "corpus.txt"), bucket[len("s3://"):], "corpus/part-0.txt")
+    study, nodes = make_study(tmp_path, base_spec, ["10%"], write=False, paths=[f"{bucket}/corpus/"])
+    remote, out_remote = build(study, nodes["10%"], tmp_path / "s3")
+    assert remote.input_files[0]["path"] == f"{bucket}/corpus/part-0.txt"
+    assert (remote.tokenizer_hash, remote.documents, remote.tokens) == (local.tokenizer_hash, local.documents,
+                                                                        local.tokens)
+    assert (rows(out_remote) == rows(out_local)).all()
