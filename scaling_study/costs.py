@@ -432,6 +432,8 @@ def corpus_build_costs(study: Study, plan: Plan, corpus_tokens: float | None, vo
                        cpu: CpuAssumption) -> list[CorpusBuildCost]:
     """Each corpus node's CPU-hours and wall time (the model is in the module docstring)."""
     builds = plan.of_kind("corpus")
+    if not builds:  # external models only
+        return []
     scan = corpus_tokens * BYTES_PER_TOKEN / cpu.scan_rate / 3600 / len(builds) if corpus_tokens else None
     cap = study.spec.corpus.tokenizer_sample
     rows = []
