@@ -15,7 +15,8 @@ that returns a small Python value (histograms, counts) or a piece's packed rows.
 the pieces (`from_items(...).map_batches(..., batch_size=1, num_cpus=1)`), one task per piece on
 any CPU of the cluster, its results streamed back in piece order (`preserve_order`): so the build
 scales with the cluster's CPUs, and what it writes does not depend on how many run or where.
-Without Ray it runs the same functions one piece after the other in this process. Results travel
+Without Ray, or for a corpus of one piece (nothing to spread: a micro corpus, or one compressed
+file), it runs the same functions one piece after the other in this process. Results travel
 pickled in a binary column: Ray Data moves bytes; the build's values are numpy arrays and ints.
 
 Keys are grouped into `BUCKETS` equal ranges by their top 16 bits (`bucket`): a pass returns
@@ -211,7 +212,7 @@ def map_pieces(fn: Callable, pieces: list[Piece], kwargs: dict, *, label: str,
     `on_result(i, result)` is called as each arrives (progress)."""
     import ray
 
-    if not ray.is_initialized():
+    if not ray.is_initialized() or len(pieces) == 1:  # one piece: nothing to spread, no pipeline to start
         for i, piece in enumerate(pieces):
             result = fn(piece, **kwargs)
             if on_result:
