@@ -312,17 +312,17 @@ class _Build:
         start = time.monotonic()
         for volume, limit in zip(self.volumes, sample_limits):
             n = len(keys) if limit >= KEY_SPACE else int(np.searchsorted(keys, np.uint64(limit)))
-            toks.append(self.train(volume, texts[:n]))
-            samples.append({"documents": n, "chars": sum(map(len, texts[:n]))})
+            chars = sum(map(len, texts[:n]))
+            toks.append(self.train(volume, texts[:n], chars))
+            samples.append({"documents": n, "chars": chars})
         self.stage_seconds["train"] = round(time.monotonic() - start, 3)
         return toks, samples
 
-    def train(self, volume: DataVolume, texts: list[str]):
+    def train(self, volume: DataVolume, texts: list[str], chars: int):
         if not texts:
             raise UserError(f"{self.where}: data volume {volume.label} selects none of the {self.documents:,} "
                             f"documents (seed {self.reading.seed}); allowed: a fraction of at least about "
                             f"{1 / self.documents:.2g}")
-        chars = sum(map(len, texts))
         if chars > self.pair_limit:
             raise UserError(f"{self.where}: the tokenizer sample of data volume {volume.label} holds {chars:,} "
                             f"characters, more than the WordPiece trainer's 32-bit pair counts can hold "
