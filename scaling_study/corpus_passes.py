@@ -46,8 +46,11 @@ KEY_SPACE = 1 << 64
 
 def document_key(seed: int, text: str) -> int:
     """The 64-bit selection key of a document: divide by 2**64 for a uniform number in [0, 1)."""
-    digest = hashlib.blake2b(b"%d:" % seed + text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
+    return _key(seed, text.encode("utf-8", "surrogatepass"))
+
+
+def _key(seed: int, data: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(b"%d:" % seed + data, digest_size=8).digest(), "little")
 
 
 def bucket_edge(bucket: int) -> int:
@@ -103,21 +106,20 @@ def _lengths(tok, texts: list[str]) -> np.ndarray:
 
 
 def scan_piece(piece: Piece, reading: Reading, counter: str | None = None) -> dict:
-    """Documents, UTF-8 bytes and characters of the piece, and its per-bucket bytes; with `counter`
-    (a pre-token counter's JSON), also per-bucket BERT pre-tokens + 1 per document."""
+    """Documents and UTF-8 bytes of the piece, and its per-bucket bytes; with `counter` (a pre-token
+    counter's JSON), also per-bucket BERT pre-tokens + 1 per document."""
     hist_bytes = np.zeros(BUCKETS, dtype=np.int64)
     hist_pre = np.zeros(BUCKETS, dtype=np.int64) if counter else None
     tok = _tokenizers([counter])[0] if counter else None
-    docs = chars = 0
-    for keys, texts in keyed_batches(piece, reading):
-        sizes = np.fromiter((len(t.encode("utf-8", "surrogatepass")) for t in texts), np.int64, len(texts))
-        hist_bytes += _hist(keys, sizes)
+    docs = 0
+    for texts in document_batches(piece, reading.fmt, reading.text_field):
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]  # once: for the key and the size
+        keys = np.fromiter((_key(reading.seed, b) for b in encoded), np.uint64, len(texts))
+        hist_bytes += _hist(keys, np.fromiter(map(len, encoded), np.int64, len(texts)))
         if tok is not None:
             hist_pre += _hist(keys, _lengths(tok, texts) + 1)
         docs += len(texts)
-        chars += sum(map(len, texts))
-    return {"documents": docs, "bytes": int(hist_bytes.sum()), "chars": chars, "hist_bytes": hist_bytes,
-            "hist_pre_tokens": hist_pre}
+    return {"documents": docs, "bytes": int(hist_bytes.sum()), "hist_bytes": hist_bytes, "hist_pre_tokens": hist_pre}
 
 
 def sample_piece(piece: Piece, reading: Reading, limit: int) -> tuple[np.ndarray, list[str]]:
