@@ -74,11 +74,13 @@ class Reading:
     seed: int
 
 
-def keyed_batches(piece: Piece, reading: Reading) -> Iterator[tuple[np.ndarray, list[str]]]:
-    """The piece's documents in file order, in batches: (keys as uint64, texts)."""
+def keyed_batches(piece: Piece, reading: Reading) -> Iterator[tuple[np.ndarray, list[str], np.ndarray]]:
+    """The piece's documents in file order, in batches: (keys as uint64, texts, UTF-8 sizes as int64)."""
     seed = reading.seed
     for texts in document_batches(piece, reading.fmt, reading.text_field):
-        yield np.fromiter((document_key(seed, t) for t in texts), np.uint64, len(texts)), texts
+        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]  # once: for the key and the size
+        yield (np.fromiter((_key(seed, b) for b in encoded), np.uint64, len(texts)), texts,
+               np.fromiter(map(len, encoded), np.int64, len(texts)))
 
 
 def _buckets(keys: np.ndarray) -> np.ndarray:
@@ -112,10 +114,8 @@ def scan_piece(piece: Piece, reading: Reading, counter: str | None = None) -> di
     hist_pre = np.zeros(BUCKETS, dtype=np.int64) if counter else None
     tok = _tokenizers([counter])[0] if counter else None
     docs = 0
-    for texts in document_batches(piece, reading.fmt, reading.text_field):
-        encoded = [t.encode("utf-8", "surrogatepass") for t in texts]  # once: for the key and the size
-        keys = np.fromiter((_key(reading.seed, b) for b in encoded), np.uint64, len(texts))
-        hist_bytes += _hist(keys, np.fromiter(map(len, encoded), np.int64, len(texts)))
+    for keys, texts, sizes in keyed_batches(piece, reading):
+        hist_bytes += _hist(keys, sizes)
         if tok is not None:
             hist_pre += _hist(keys, _lengths(tok, texts) + 1)
         docs += len(texts)
@@ -125,7 +125,7 @@ def scan_piece(piece: Piece, reading: Reading, counter: str | None = None) -> di
 def sample_piece(piece: Piece, reading: Reading, limit: int) -> tuple[np.ndarray, list[str]]:
     """The piece's documents with keys below `limit`: (keys, texts), in file order."""
     all_keys, all_texts = [], []
-    for keys, texts in keyed_batches(piece, reading):
+    for keys, texts, _ in keyed_batches(piece, reading):
         kept = below(keys, limit)
         all_keys.append(keys[kept])
         all_texts.extend(itertools.compress(texts, kept))
@@ -136,7 +136,7 @@ def count_piece(piece: Piece, reading: Reading, tokenizers: list[str], limits: l
     """Per volume: per-bucket tokens (+1 [SEP] per document) of the documents with keys below its limit."""
     toks = _tokenizers(tokenizers)
     hists = [np.zeros(BUCKETS, dtype=np.int64) for _ in toks]
-    for keys, texts in keyed_batches(piece, reading):
+    for keys, texts, _ in keyed_batches(piece, reading):
         for tok, limit, hist in zip(toks, limits, hists):
             kept = below(keys, limit)
             if kept.any():
@@ -149,7 +149,7 @@ def boundary_piece(piece: Piece, reading: Reading, tokenizers: list[str], bucket
     """Per volume: (keys, tokens + 1) of the documents in its boundary bucket."""
     toks = _tokenizers(tokenizers)
     out: list[tuple[list, list]] = [([], []) for _ in toks]
-    for keys, texts in keyed_batches(piece, reading):
+    for keys, texts, _ in keyed_batches(piece, reading):
         bucket_of = _buckets(keys)
         for tok, b, (k_out, n_out) in zip(toks, buckets, out):
             kept = bucket_of == b
@@ -176,7 +176,7 @@ def pack_piece(piece: Piece, reading: Reading, tokenizers: list[str], limits: li
     toks = _tokenizers(tokenizers)
     streams: list[list[np.ndarray]] = [[] for _ in toks]
     counts = [0] * len(toks)
-    for keys, texts in keyed_batches(piece, reading):
+    for keys, texts, _ in keyed_batches(piece, reading):
         for v, (tok, limit) in enumerate(zip(toks, limits)):
             kept = list(itertools.compress(texts, below(keys, limit)))
             if kept:
