@@ -10,8 +10,8 @@ Runs the study with `run_study` (local Ray, embedded MLflow server) and prints i
 the sum of its nodes' own compute times: the corpus builds (`build_seconds` in each manifest), the
 pretraining loops (`train_seconds` of `train_mlm`, measured inside the Ray Train worker) and the
 finetune runs (the whole `finetune()` call, data loading included, measured inside the Tune trial;
-a trial runs several finetune runs of one model and task, and its first run's time includes loading
-what they share).
+a trial runs several finetune runs of one model, and the first run of each task's includes loading
+what that task's runs share).
 Everything else counts as overhead: starting Ray and the MLflow server, Ray Train worker groups,
 Tune scheduling, MLflow calls, and cores left idle. Since nodes run side by side on the machine's
 cores, the ratio can be below 1; the script also prints the cores used and the ratio per core

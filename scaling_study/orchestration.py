@@ -330,19 +330,18 @@ class Scheduler:
         return False
 
     def trial_config(self, runs: list[Node]) -> dict:
-        """What a finetune trial needs (`workers.finetune_trial`): finetune runs of one model on one
-        task, run one after the other in one process; their cells' MLflow runs are created here."""
+        """What a finetune trial needs (`workers.finetune_trial`): finetune runs of one model (on one
+        or more tasks), run one after the other in one process; their cells' MLflow runs are created here."""
         model = self.plan.nodes[runs[0].parents[0]]
         source = model_source(self.study, self.layout, self.plan, model)
         configs = []
         for run in runs:
             with tracking_calls(self.recorder.uri):
                 cells = self.recorder.finetune_cells(run, source)
-            configs.append({"node": run.id, "seed": run.inputs["seed"], "levels": sorted(int(e) for e in cells),
-                            "out_dir": self.layout.location(self.plan, run), "log": self.layout.log(run.id),
-                            "cells": cells})
+            configs.append({"node": run.id, "task": run.factors["task"], "seed": run.inputs["seed"],
+                            "levels": sorted(int(e) for e in cells), "out_dir": self.layout.location(self.plan, run),
+                            "log": self.layout.log(run.id), "cells": cells})
         return {"runs": configs, "model_source": source, "model_options": model_options(self.study, model),
-                "task": runs[0].factors["task"],
                 "cpus": self.study.spec.finetune.cpus_per_job}
 
     def trial_slots(self) -> int:

@@ -30,10 +30,10 @@ class ReadyFinetunes(Searcher):
 
     `suggest` returns a trial config as soon as some released run's checkpoint exists, `None` while
     pretraining is still producing them or trials whose results may release more are running, and
-    FINISHED when nothing is left to hand out. A trial packs runs of one model and one task (seeds,
-    epoch levels): a share of the ready runs per slot (the trials the cluster holds, `slots`), so
-    that one process loads the checkpoint and encodes the task once while every slot still gets
-    work. Without `max_concurrent`, at most twice the slots are handed out at once. Each run a trial reports
+    FINISHED when nothing is left to hand out. A trial packs runs of one model (tasks, seeds, epoch
+    levels; a task's runs one after the other): a share of the ready runs per slot (the trials the
+    cluster holds, `slots`), so that one process starts, imports torch and loads the checkpoint
+    once, and encodes each task once, while every slot still gets work. Without `max_concurrent`, at most twice the slots are handed out at once. Each run a trial reports
     (`on_trial_result`) goes to the study's seeds (`adaptive.StudySeeds`), which may release more.
     """
 
@@ -70,7 +70,8 @@ class ReadyFinetunes(Searcher):
                 ready.append(node)
         if ready:
             first, size = ready[0], -(-len(ready) // max(1, slots))
-            pack = [n for n in ready if (n.parents[0], n.factors["task"]) == (first.parents[0], first.factors["task"])]
+            # one model's runs, a task's runs together: the trial loads the model once and encodes each task once
+            pack = sorted((n for n in ready if n.parents[0] == first.parents[0]), key=lambda n: n.factors["task"])
             pack = pack[:size]
             for node in pack:
                 self.pending.remove(node)

@@ -2,7 +2,7 @@
 
     ray.remote(corpus_task, num_returns=len(nodes)).remote(study, nodes, out_dirs, logs)  # -> each volume's manifest
     ray.remote(pretrain_task).remote(study, plan, node_id, corpus_dir, out_dir, uri, run_id, log)  # -> final metrics
-    tune.with_parameters(finetune_trial, study=study, uri=uri)           # a Ray Tune trainable: runs of one model and task
+    tune.with_parameters(finetune_trial, study=study, uri=uri)           # a Ray Tune trainable: runs of one model
 
 `out_dir`, `corpus_dir` and `log` are storage locations (`Layout.location`): paths, or URIs whose
 files each worker stages in its machine's mirror and uploads with the marker file last (a corpus
@@ -93,16 +93,16 @@ def pretrain_task(study: Study, plan: Plan, node_id: str, corpus_dir: str, out_d
 
 
 def finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> None:
-    """One Tune trial: finetune runs of one model on one task (seeds, epoch levels), one after the other.
+    """One Tune trial: finetune runs of one model (tasks, seeds, epoch levels), one after the other.
 
     `config` (the driver's `Scheduler.trial_config`): model_source, model_options (an external
-    model's revision and do_lower_case), task, cpus, and `runs`, each with
-    node, seed, levels, out_dir, log and cells ({epochs level: MLflow run id}). The task's data, the
-    checkpoint and the encoded task are loaded once (`_Shared`); each run logs its own cells, uploads
-    its folder and writes its own DONE.json, then reports (`node`, `test_f1`, `failure`), so a trial
-    killed half-way leaves its finished runs done, and Tune's retry (a lost process or node) skips
-    them. A run that fails by itself (missing data, a lost tracking server, a bug) would fail the
-    same way again, so it reports its error (`failure`, one line) instead of raising.
+    model's revision and do_lower_case), cpus, and `runs`, each with node, task, seed, levels,
+    out_dir, log and cells ({epochs level: MLflow run id}). The model's local copy is made once and
+    each task's data and encoding once (`_Shared`); each run logs its own cells, uploads its folder
+    and writes its own DONE.json, then reports (`node`, `test_f1`, `failure`), so a trial killed
+    half-way leaves its finished runs done, and Tune's retry (a lost process or node) skips them.
+    A run that fails by itself (missing data, a lost tracking server, a bug) would fail the same way
+    again, so it reports its error (`failure`, one line) instead of raising.
     """
     import torch
     from ray import tune
@@ -120,33 +120,45 @@ def finetune_trial(config: dict, study: Study | None = None, uri: str = "") -> N
 
 
 class _Shared:
-    """What a trial's runs share, made on first use: the task's data, the model's local copy, and
-    `finetune.prepare`'s tokenizer, encoded task and weights. A failure to make it is kept and
-    raised again for every run (each run's log gets the traceback)."""
+    """What a trial's runs share, made on first use: the model's local copy, and per task its data
+    and `finetune.prepare`'s tokenizer, encoded task and weights (the runs come grouped by task:
+    only the current task's are kept). A failure to make one is kept and raised again for every run
+    that needs it (each run's log gets the traceback)."""
 
     def __init__(self, config: dict, study: Study):
-        self.config, self.study, self._made, self._error = config, study, None, None
+        self.config, self.study = config, study
+        self._model: tuple | None = None  # (local copy, or None) and the error making it, or None
+        self._task: tuple | None = None  # (task id, what it made or None, its error or None)
 
-    def get(self):
-        if self._error is not None:
-            raise self._error
-        if self._made is None:
+    def get(self, task_id: str):
+        if self._task is None or self._task[0] != task_id:
             try:
-                self._made = self._make()
+                self._task = (task_id, self._make(task_id), None)
             except Exception as exc:
-                self._error = exc
-                raise
-        return self._made
+                self._task = (task_id, None, exc)
+        if self._task[2] is not None:
+            raise self._task[2]
+        return self._task[1]
 
-    def _make(self):
+    def model(self) -> Path:
+        if self._model is None:
+            try:  # weights and tokenizer only
+                self._model = (local_copy(self.config["model_source"], exclude=(STATE_FILE,)), None)
+            except Exception as exc:
+                self._model = (None, exc)
+        if self._model[1] is not None:
+            raise self._model[1]
+        return self._model[0]
+
+    def _make(self, task_id: str):
         from scaling_study.finetune import FinetuneConfig, prepare
         from scaling_study.tasks.data import load_task_data, mirror_dirs
 
         study = self.study
-        task = study.tasks[self.config["task"]]
+        task = study.tasks[task_id]
         # an object-store tasks.data_dir: this task's folder comes down to this node's mirror first
         data = load_task_data(task, mirror_dirs(None, study, tasks=[task.id]), caps=study.caps[task.id])
-        model = local_copy(self.config["model_source"], exclude=(STATE_FILE,))  # weights and tokenizer only
+        model = self.model()
         config = FinetuneConfig.from_spec(study.spec.finetune)
         return task, data, model, config, prepare(model, task, data, config,
                                                   **self.config.get("model_options", {}))
@@ -160,7 +172,7 @@ def _finetune_run(run: dict, shared: _Shared, study: Study, uri: str) -> float:
     if store.is_file(DONE_FILE):  # a retried trial: this run finished before the process was lost
         return float("nan")
     start = time.perf_counter()  # the first run's time includes loading what the trial's runs share
-    task, data, model, config, inputs = shared.get()
+    task, data, model, config, inputs = shared.get(run["task"])
     results = finetune(model, task, data, config, run["levels"], run["seed"], store.local,
                        logger=EpochLogger(uri, run["cells"]), inputs=inputs)
     seconds = time.perf_counter() - start  # the node's own compute, for benchmarks/study_overhead.py

@@ -252,7 +252,7 @@ def test_study_seeds_fixed_and_adaptive():
 
 def test_the_searcher_packs_runs_and_releases_waves():
     """orchestration.ReadyFinetunes driven as Tune drives it (suggest, results, completion), with
-    finished runs' DONE.json made up: trials pack runs of one model and task, at most a share of
+    finished runs' DONE.json made up: trials pack runs of one model, a task's together, at most a share of
     the ready runs per slot; each run is handed out once; the waves give every group a prefix of
     seeds; FINISHED only when nothing is left."""
     from ray.tune.search import Searcher
@@ -274,14 +274,17 @@ def test_the_searcher_packs_runs_and_releases_waves():
     seeds = adaptive.StudySeeds(study, plan, (), read=lambda run: saved.get(run.id))
     searcher = ReadyFinetunes(seeds, seeds.release(), lambda node: True, lambda pack: {"runs": pack}, state,
                               lambda: 2)
-    handed, trial = [], 0
+    handed, trial, mixed = [], 0, 0
     while True:
         got = searcher.suggest(str(trial))
         if got is Searcher.FINISHED:
             break
         assert got is not None  # every model is ready: nothing to wait for
         pack = got["runs"]
-        assert len({(n.parents[0], n.factors["task"]) for n in pack}) == 1 and len(pack) <= 6
+        assert len({n.parents[0] for n in pack}) == 1 and len(pack) <= 6
+        tasks = [n.factors["task"] for n in pack]
+        assert tasks == sorted(tasks)  # a task's runs one after the other: its encoding is made once
+        mixed += len(set(tasks)) > 1
         handed += pack
         for node in pack:
             done(node)
@@ -289,6 +292,7 @@ def test_the_searcher_packs_runs_and_releases_waves():
         searcher.on_trial_complete(str(trial), {"node": pack[-1].id, "failure": ""})
         trial += 1
     assert len(handed) == len({n.id for n in handed}) and trial < len(handed)  # packed, each once
+    assert mixed  # one process for several tasks of a model
     by_group = {}
     for node in handed:
         by_group.setdefault(adaptive.run_group(node), []).append(node.inputs["seed"])

@@ -21,12 +21,11 @@ from scaling_study.pretrain import (
     MlflowLogger,
     PretrainConfig,
     ShardStream,
-    dropout_cpu,
     mlm_loss,
     train_mlm,
-    use_cpu_kernels,
     write_synthetic_corpus,
 )
+from scaling_study.cpu_kernels import dropout_cpu, use_cpu_kernels
 from scaling_study.schedules import Lamb, Schedule
 from transformers import BertForMaskedLM
 
@@ -105,6 +104,27 @@ def test_cpu_dropout_drops_at_the_rate_and_replays_from_the_generator_state():
     model = use_cpu_kernels(BertForMaskedLM(bert_config(load_presets()["debug"], 1000)))
     assert model.config._attn_implementation == "scaling_study_cpu"
     assert all(type(m).__name__ == "DropoutCPU" for m in model.modules() if isinstance(m, torch.nn.Dropout))
+
+
+def test_cpu_attention_masks_padding_as_sdpa_does():
+    """Finetuning pads its batches: with the CPU kernels, padded positions change nothing at the real
+    ones, and those match the stock model's (dropout off)."""
+    from transformers import BertForTokenClassification
+
+    torch.manual_seed(0)
+    stock = BertForTokenClassification(bert_config(load_presets()["debug"], 1000, attn_implementation="sdpa")).eval()
+    ours = use_cpu_kernels(copy.deepcopy(stock)).eval()
+    ids = torch.randint(5, 1000, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[0, 6:], mask[1, 9:] = 0, 0
+    other = ids.clone()
+    other[0, 6:] = 7  # other tokens where row 0 is padded
+    with torch.no_grad():
+        logits = ours(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(ours(input_ids=other, attention_mask=mask).logits[0, :6], logits[0, :6])
+        expected = stock(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(logits[real], expected[real], atol=1e-5)
 
 
 def test_masking_statistics_on_a_large_batch():
