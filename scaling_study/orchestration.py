@@ -61,6 +61,9 @@ from scaling_study.studystate import Failure, StudyState, live_view, node_weight
 from scaling_study.tracking import LocalMlflowServer, Tracker, check_server, redact_uri, tracking_calls
 from scaling_study.workers import MAX_FAILURES, corpus_task, failure_reason, finetune_trial, pretrain_task
 
+SLOTS_EVERY = 10.0
+"""Seconds between two reads of the cluster's resources while finetuning (nodes come and go)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Prepared:
@@ -213,6 +216,7 @@ class Scheduler:
         self.finished: set[str] = set()  # nodes whose task has ended (well or not)
         self.pretrain_runs: dict[str, str] = {}  # pretrain node -> its MLflow run
         self.trained = 0
+        self._seen: tuple[float, dict] = (-1e9, {})  # when the cluster's resources were read, and them
 
     def run(self) -> int:
         """Compute every unfinished node; returns how many finished well (also `self.trained`)."""
@@ -344,27 +348,32 @@ class Scheduler:
         return {"runs": configs, "model_source": source, "model_options": model_options(self.study, model),
                 "cpus": self.study.spec.finetune.cpus_per_job}
 
-    def trial_slots(self) -> int:
-        """Finetune trials the cluster's CPUs and GPUs hold now (`max_concurrent`, when set)."""
+    def trial_slots(self, have: dict | None = None) -> int:
+        """Finetune trials to run now: what the cluster's CPUs and GPUs (`have`, else
+        `ray.cluster_resources()`, read again every SLOTS_EVERY s) hold beside the corpus builds and
+        pretraining runs not finished yet, at most `max_concurrent`. Those come first: a build's
+        passes take every CPU, and a run's checkpoints are what finetunes wait for. A trial started
+        in their place would keep its CPUs (Tune hands a finished trial's process the next trial),
+        and the build or run would wait behind the finetunes of every model that is ready."""
+        f, p = self.study.spec.finetune, self.study.spec.pretrain
+        unfinished = [self.plan.nodes[n].kind for n in self.refs if n not in self.finished]
+        if "corpus" in unfinished:
+            return 0
+        have = have if have is not None else self._resources()
+        runs = unfinished.count("pretrain") * p.num_workers
+        slots = (have.get("CPU", 0) - runs * p.cpus_per_worker) // f.cpus_per_job
+        if f.gpus_per_job:
+            slots = min(slots, (have.get("GPU", 0) - runs * p.gpus_per_worker) // f.gpus_per_job)
+        if not runs:  # at least one: on a cluster still growing, its demand brings the nodes it needs
+            slots = max(1, slots)
+        return int(max(0, min(slots, f.max_concurrent or slots)))
+
+    def _resources(self) -> dict:
         import ray
 
-        f = self.study.spec.finetune
-        if f.max_concurrent:
-            return f.max_concurrent
-        have = ray.cluster_resources()
-        slots = have.get("CPU", 0) // f.cpus_per_job
-        if f.gpus_per_job:
-            slots = min(slots, have.get("GPU", 0) // f.gpus_per_job)
-        return int(slots)
-
-    def reuse_processes(self) -> bool:
-        """Whether a finished trial's worker process may run the next trial (it imports torch and
-        transformers once): only once no corpus build or pretraining run is left. Tune keeps finished
-        trials' processes, with their CPUs, for trials it expects, and that starves a build or a run
-        still to come even where the CPUs look enough for both: keeping them whenever the cluster held
-        the largest run beside one process made a 2-CPU study with external models, a control arm and a
-        one-CPU pretraining run take 638 s instead of 62 s."""
-        return not (self._todo("corpus") or self._todo("pretrain"))
+        if time.monotonic() - self._seen[0] > SLOTS_EVERY:  # nodes come and go; asking costs a GCS call
+            self._seen = (time.monotonic(), ray.cluster_resources())
+        return self._seen[1]
 
     def release_finetunes(self) -> None:
         """The finetune runs `self.seeds` releases, as Ray Tune trials, each once its model exists."""
@@ -375,16 +384,17 @@ class Scheduler:
         f = self.study.spec.finetune
         searcher = ReadyFinetunes(self.seeds, self.first, self.readiness, self.trial_config, self.state,
                                   self.trial_slots, fixed=bool(f.max_concurrent))
+        # a finished trial's process runs the next one (torch and transformers imported once per slot):
+        # trial_slots keeps the trials off the CPUs that builds and pretraining runs still need
         # the URI (it may hold a password) travels as a parameter, not in the config Tune writes to disk
         trainable = tune.with_resources(
             tune.with_parameters(finetune_trial, study=self.study, uri=self.recorder.uri),
             {"cpu": f.cpus_per_job, "gpu": f.gpus_per_job})
         store = self.layout.store
-        reuse = self.reuse_processes()
         tuner = tune.Tuner(
             trainable,  # at most one trial per run: the searcher says when there are no more
             tune_config=tune.TuneConfig(search_alg=searcher, num_samples=len(self._todo("finetune_run")),
-                                        max_concurrent_trials=f.max_concurrent or 0, reuse_actors=reuse),
+                                        max_concurrent_trials=f.max_concurrent or 0, reuse_actors=True),
             run_config=tune.RunConfig(name=f"finetune-{time.strftime('%Y%m%d-%H%M%S')}",
                                       storage_path=store.path("ray_results"),
                                       storage_filesystem=store.fs if store.remote else None, verbose=0,

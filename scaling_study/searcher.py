@@ -5,12 +5,11 @@
 
 `orchestration.Scheduler.release_finetunes` builds it: `readiness` says whether a run's model
 exists yet, `make_config` turns a pack of runs into a trial's config (`workers.finetune_trial`),
-`slots` how many trials the cluster holds, `seeds` (`adaptive.StudySeeds`) which runs to start.
+`slots` how many trials to run now, `seeds` (`adaptive.StudySeeds`) which runs to start.
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 
 from ray.tune.search import Searcher
@@ -21,20 +20,18 @@ from scaling_study.studystate import StudyState
 from scaling_study.workers import failure_reason
 
 
-SLOTS_EVERY = 10.0
-"""Seconds between two looks at the cluster's resources while finetuning (nodes come and go)."""
-
-
 class ReadyFinetunes(Searcher):
     """A Ray Tune search algorithm that hands out finetune runs whose model is ready.
 
     `suggest` returns a trial config as soon as some released run's checkpoint exists, `None` while
     pretraining is still producing them or trials whose results may release more are running, and
     FINISHED when nothing is left to hand out. A trial packs runs of one model (tasks, seeds, epoch
-    levels; a task's runs one after the other): a share of the ready runs per slot (the trials the
-    cluster holds, `slots`), so that one process starts, imports torch and loads the checkpoint
-    once, and encodes each task once, while every slot still gets work. Without `max_concurrent`, at most twice the slots are handed out at once. Each run a trial reports
-    (`on_trial_result`) goes to the study's seeds (`adaptive.StudySeeds`), which may release more.
+    levels; a task's runs one after the other): a share of the ready runs per slot (`slots`: the
+    trials to run now, `Scheduler.trial_slots`), so that one process loads the checkpoint once and
+    encodes each task once, while every slot still gets work. At most `slots` trials are handed out
+    at once; without `max_concurrent`, twice that (pending trials are demand an autoscaler sees).
+    Each run a trial reports (`on_trial_result`) goes to the study's seeds (`adaptive.StudySeeds`),
+    which may release more.
     """
 
     def __init__(self, seeds: StudySeeds, first: list[Node], readiness: Callable[[Node], bool | None],
@@ -42,21 +39,15 @@ class ReadyFinetunes(Searcher):
                  slots: Callable[[], int] = lambda: 1, *, fixed: bool = False):
         super().__init__(metric="test_f1", mode="max")
         self.seeds, self.pending, self.readiness, self.make_config = seeds, list(first), readiness, make_config
-        self.st, self._slots, self.fixed, self._seen = state, slots, fixed, (-1e9, 1)
+        self.st, self.slots, self.fixed = state, slots, fixed
         self.trials: dict[str, list[Node]] = {}
         self.live: set[str] = set()
         self.outcome: dict[str, str] = {}  # run id -> "" (done) or why it failed
 
-    def slots(self) -> int:
-        """Trials the cluster holds (`Scheduler.trial_slots`), asked again every SLOTS_EVERY seconds."""
-        if time.monotonic() - self._seen[0] > SLOTS_EVERY:
-            self._seen = (time.monotonic(), self._slots())
-        return self._seen[1]
-
     def suggest(self, trial_id: str):
         slots = self.slots()
         # without max_concurrent, twice what fits now: an autoscaler sees demand and grows the cluster
-        if not self.fixed and len(self.live) >= max(1, 2 * slots):
+        if len(self.live) >= (slots if self.fixed else 2 * slots):
             return None
         ready, known = [], {}
         for node in list(self.pending):

@@ -273,22 +273,36 @@ def test_killed_driver_then_rerun_completes(tmp_path):
 
 
 
-def test_trial_processes_are_kept_only_once_no_build_or_pretraining_is_left(tmp_path):
-    """Tune keeps a finished trial's process, with its CPUs, while the searcher waits for a checkpoint,
-    which would starve a corpus build or pretraining run still to come: reuse only once none is left."""
+def test_finetune_trials_leave_the_cpus_of_builds_and_pretraining_still_to_finish(tmp_path):
+    """Tune hands a finished trial's process the next trial, CPUs and all: trials run only where
+    unfinished corpus builds (every CPU) and pretraining runs (their workers' CPUs) leave room."""
+    import yaml
+
     from scaling_study.orchestration import Scheduler
     from scaling_study.studystate import StudyState, node_weights
 
-    study = load_spec(micro_spec(tmp_path, name="keep"))
+    path = micro_spec(tmp_path, name="slots")
+    data = yaml.safe_load(path.read_text())
+    data["model_sizes"] = ["debug", "tiny"]  # two pretraining runs
+    data["pretrain"].update(num_workers=2, cpus_per_worker=1)
+    path.write_text(yaml.safe_dump(data))
+    study = load_spec(path)
     plan = expand(study)
-
-    def reused(*done_kinds: str) -> bool:
-        done = [n.id for n in plan.nodes.values() if n.kind in done_kinds]
-        state = StudyState(plan, node_weights(study, plan), done=done)
-        return Scheduler(study, plan, Layout.of(study), None, state, first=[]).reuse_processes()
-
-    assert not reused() and not reused("corpus")
-    assert reused("corpus", "pretrain") and reused("corpus", "pretrain", "checkpoint", "finetune_run")
+    scheduler = Scheduler(study, plan, Layout.of(study), None, StudyState(plan, node_weights(study, plan)), first=[])
+    corpus, runs = plan.of_kind("corpus"), plan.of_kind("pretrain")
+    assert len(runs) == 2
+    scheduler.refs = {n.id: None for n in corpus + runs}
+    assert scheduler.trial_slots({"CPU": 8}) == 0  # the build's passes take every CPU
+    scheduler.finished |= {n.id for n in corpus}
+    assert scheduler.trial_slots({"CPU": 8}) == 4 and scheduler.trial_slots({"CPU": 3}) == 0
+    scheduler.finished.add(runs[0].id)
+    assert scheduler.trial_slots({"CPU": 8}) == 6 and scheduler.trial_slots({"CPU": 3}) == 1
+    scheduler.finished.add(runs[1].id)
+    assert scheduler.trial_slots({"CPU": 8}) == 8 and scheduler.trial_slots({"CPU": 0}) == 1  # a growing cluster
+    data["finetune"].update(max_concurrent=3, cpus_per_job=2)
+    path.write_text(yaml.safe_dump(data))
+    capped = Scheduler(load_spec(path), plan, Layout.of(study), None, scheduler.state, first=[])
+    assert capped.trial_slots({"CPU": 8}) == 3 and capped.trial_slots({"CPU": 5}) == 2
 
 
 def test_adaptive_seeds_run_in_waves_and_reuse_every_job(finished, tmp_path):
