@@ -138,6 +138,7 @@ class View:
 CHANGES = [
     (lambda s: s["finetune"].__setitem__("lr", 3e-5), lambda n: n.kind == "finetune_run"),
     (lambda s: s["finetune"].__setitem__("max_seq_len", 256), lambda n: n.kind == "finetune_run"),
+    (lambda s: s["finetune"].__setitem__("batches", "by_length"), lambda n: n.kind == "finetune_run"),
     (lambda s: s["tasks"].__setitem__("max_train_examples", 11), lambda n: n.kind == "finetune_run"),
     (lambda s: s["tasks"].setdefault("per_task", {}).__setitem__(s["tasks"]["include"][0], {"max_test_examples": 3}),
      lambda n: n.kind == "finetune_run" and n.factors["task"] == n.first_task),
