@@ -26,6 +26,10 @@ the test predictions and `end_train_loss`), and `artifacts`: paths relative to `
 `revision=` pins a hub id's commit, tag or branch; the tokenizer's casing comes from the model's
 files or `do_lower_case=` (`load_tokenizer`), never from a default.
 
+Batches (`batches`): `random` (default) cuts a seeded shuffle into batches; `by_length` groups
+examples of similar lengths into a batch (`epoch_batches`), about half the padded tokens, a slightly
+different recipe. Each batch is padded to its longest example.
+
 Protocols. `trajectory`: one run of max(levels) epochs, its LR schedule (linear warmup, linear decay
 to 0) laid over all of them, scored at each level on the way. `independent`: one run per level,
 each with its own schedule over its own epochs.
@@ -86,7 +90,7 @@ from scaling_study.tasks.registry import TaskInfo
 class FinetuneConfig(FinetuneRecipe):
     """What shapes one finetuning run besides the model, the task, the epochs and the seed: the
     spec's recipe (`spec.FinetuneRecipe`: protocol, lr, batch_size, max_seq_len, warmup_fraction,
-    weight_decay, precision, each documented there) plus the settings below, which no spec sets."""
+    weight_decay, precision, batches, each documented there) plus the settings below, which no spec sets."""
 
     select: Literal["best_dev", "last"] = "best_dev"
     """Which epoch's state a level's result uses (see the module docstring)."""
@@ -245,6 +249,7 @@ def _train_run(model, job: _Job, levels: list[int]) -> list[dict]:
     scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_fraction * total_steps), total_steps)
     autocast = torch.autocast(job.device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16")
     order = torch.Generator().manual_seed(job.seed)
+    lengths = [len(f["input_ids"]) for f in train]
     best: _Selected | None = None
     losses: list[float] = []
     step_losses: list[float] = []
@@ -254,8 +259,8 @@ def _train_run(model, job: _Job, levels: list[int]) -> list[dict]:
         model.train()
         start = time.perf_counter()
         epoch_steps = []
-        for idx in torch.randperm(len(train), generator=order).split(config.batch_size):
-            batch = collate([train[i] for i in idx.tolist()], job.pad_id, job.device)
+        for idx in epoch_batches(lengths, config.batch_size, order, config.batches):
+            batch = collate([train[i] for i in idx], job.pad_id, job.device)
             with autocast:
                 loss = model(**batch).loss
             loss.backward()
@@ -468,6 +473,30 @@ def cached_features(task: TaskInfo, tokenizer, data: TaskData, max_len: int,
     with contextlib.suppress(OSError):  # a full or read-only disk only costs the next trial the encoding
         write_atomic(path, pickle.dumps(feats, protocol=pickle.HIGHEST_PROTOCOL))
     return feats
+
+
+GROUP_BATCHES = 50
+"""`by_length` sorts groups of this many batches (Hugging Face's `LengthGroupedSampler` default)."""
+
+
+def epoch_batches(lengths: list[int], batch_size: int, generator: torch.Generator,
+                  how: Literal["random", "by_length"] = "random") -> list[list[int]]:
+    """One epoch's batches of example indices (`FinetuneRecipe.batches`), drawn from `generator`.
+
+    `random`: a permutation cut into batches of `batch_size`. `by_length`: the same permutation cut
+    into groups of GROUP_BATCHES batches, each group sorted by length (ties keep the shuffled order)
+    and cut into batches, whose order is then shuffled with the same generator. Either way every
+    example comes once and only the last batch may be short (each group but the last is whole)."""
+    perm = torch.randperm(len(lengths), generator=generator)
+    if how == "random":
+        return [idx.tolist() for idx in perm.split(batch_size)]
+    if how != "by_length":
+        raise UserError(f"finetune.batches: {how!r} is not a batching; allowed: random, by_length")
+    batches = []
+    for group in perm.split(GROUP_BATCHES * batch_size):
+        ordered = sorted(group.tolist(), key=lengths.__getitem__)
+        batches += [ordered[k:k + batch_size] for k in range(0, len(ordered), batch_size)]
+    return [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
 
 
 def collate(feats: list[dict], pad_id: int, device: torch.device, with_labels: bool = True) -> dict:

@@ -127,7 +127,10 @@ def _pretrain_inputs(study: Study) -> dict:
 def _finetune_inputs(study: Study) -> dict:
     f = study.spec.finetune
     keys = ("lr", "batch_size", "max_seq_len", "warmup_fraction", "weight_decay", "precision")
-    return {k: getattr(f, k) for k in keys}
+    out = {k: getattr(f, k) for k in keys}
+    if f.batches != "random":  # named only when set, so the ids of runs from before the field stay
+        out["batches"] = f.batches
+    return out
 
 
 def _task_inputs(study: Study, tid: str) -> dict:

@@ -463,6 +463,16 @@ class FinetuneRecipe:
     """AdamW weight decay (not on biases and LayerNorm weights)."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """bf16 autocast or fp32."""
+    batches: Literal["random", "by_length"] = "random"
+    """How each epoch's training examples are cut into batches (a batch is padded to its longest example).
+    `random`: a seeded shuffle cut into batches of `batch_size`, the usual recipe (every result before
+    this field used it). `by_length`: batches of similar lengths, as Hugging Face Trainer's
+    `group_by_length`: the same shuffle is cut into groups of 50 batches, each group is sorted by length
+    and cut into batches, and the batches are then shuffled. Far less padding: on the smoke study's tasks
+    (batch 16) 1.04-1.05x the real tokens instead of 1.9-2.2x, and a CPU finetune run's training took
+    10-12 s instead of 20 s. A slightly different recipe (a batch's examples are not drawn independently
+    of their length), so results differ from `random`; a finetune run's node id names it only when it
+    is not `random`."""
 
 
 @dataclass(config=_CONFIG, kw_only=True)

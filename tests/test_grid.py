@@ -138,6 +138,7 @@ class View:
 CHANGES = [
     (lambda s: s["finetune"].__setitem__("lr", 3e-5), lambda n: n.kind == "finetune_run"),
     (lambda s: s["finetune"].__setitem__("max_seq_len", 256), lambda n: n.kind == "finetune_run"),
+    (lambda s: s["finetune"].__setitem__("batches", "by_length"), lambda n: n.kind == "finetune_run"),
     (lambda s: s["tasks"].__setitem__("max_train_examples", 11), lambda n: n.kind == "finetune_run"),
     (lambda s: s["tasks"].setdefault("per_task", {}).__setitem__(s["tasks"]["include"][0], {"max_test_examples": 3}),
      lambda n: n.kind == "finetune_run" and n.factors["task"] == n.first_task),
@@ -256,7 +257,7 @@ PINNED_IDS = {
                          "checkpoint": "e95446355dca5ae5", "finetune_run": "a789ef5aac1db0cc",
                          "finetune": "0f3f3e51b805d6f3"},
     "smoke.yaml": {"corpus": "d0bfe51b87a402a3", "pretrain": "7746db01c22713d3", "checkpoint": "31f155559de9e1da",
-                   "finetune_run": "45b9b8fa61c39339", "finetune": "792d6c90ac0f9861"},
+                   "finetune_run": "08f834b2c60f3054", "finetune": "20a49a3600aa9a49"},
 }
 
 

@@ -284,7 +284,7 @@ PRETRAIN_VALUES = {"batch_size": 12, "seq_len": 32, "lr": 3e-4, "schedule": "wsd
 FINETUNE_NOT_RUNTIME = {"epochs", "seeds",  # the plan's: a run gets its epoch levels and seed
                         "gpus_per_job", "cpus_per_job", "max_concurrent"}  # resources, for Ray Tune
 FINETUNE_VALUES = {"protocol": "independent", "lr": 1e-4, "batch_size": 16, "max_seq_len": 64,
-                   "warmup_fraction": 0.2, "weight_decay": 0.1, "precision": "bf16"}
+                   "warmup_fraction": 0.2, "weight_decay": 0.1, "precision": "bf16", "batches": "by_length"}
 
 
 def _defaults(cls) -> dict:
