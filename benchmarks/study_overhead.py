@@ -63,16 +63,21 @@ def node_seconds(root: Path) -> dict[str, float]:
 
 def before_and_after(baseline: Path, spec: str | None) -> int:
     """This script of `baseline`'s checkout, then of this one, each in a subprocess with its own code,
-    working folder and machine cache; prints both and the change of the ratio per core."""
+    working folder and machine cache; prints both and the change of the wall time and of the ratio
+    per core. A spec inside this checkout is each checkout's own copy of it (experiments/smoke.yaml
+    as each version of the code runs it)."""
     import re
     import subprocess
 
-    ratios = {}
+    ratios, walls = {}, {}
     for label, repo in (("before", baseline), ("after", REPO)):
         with tempfile.TemporaryDirectory(prefix=f"ss-{label}-", dir="/tmp") as tmp:
             env = {**os.environ, "PYTHONPATH": str(repo), "SCALING_STUDY_CACHE": str(Path(tmp) / "cache")}
             cmd = [sys.executable, str(repo / "benchmarks" / "study_overhead.py")]
-            cmd += ["--spec", str(Path(spec).resolve())] if spec else []
+            if spec:
+                path = Path(spec).resolve()
+                path = repo / path.relative_to(REPO) if path.is_relative_to(REPO) else path
+                cmd += ["--spec", str(path)]
             started = time.perf_counter()
             done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
             print(f"--- {label}: {repo} ({time.perf_counter() - started:.0f} s, exit {done.returncode})")
@@ -81,6 +86,9 @@ def before_and_after(baseline: Path, spec: str | None) -> int:
             if done.returncode or not found:
                 return 1
             ratios[label] = float(found.group(1))
+            walls[label] = float(re.search(r"wall time:\s*([0-9.]+)", done.stdout).group(1))
+    print(f"wall time: before {walls['before']:.1f} s, after {walls['after']:.1f} s "
+          f"({walls['after'] / walls['before']:.3f}x)")
     print(f"wall x cores / compute: before {ratios['before']:.3f}, after {ratios['after']:.3f} (target <= 1.15)")
     return 0
 
