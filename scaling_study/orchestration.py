@@ -356,10 +356,12 @@ class Scheduler:
         in their place would keep its CPUs (Tune hands a finished trial's process the next trial),
         and the build or run would wait behind the finetunes of every model that is ready."""
         f, p = self.study.spec.finetune, self.study.spec.pretrain
+        if have is None:  # the live cluster: what has finished since the last look first
+            self.poll()
+            have = self._resources()
         unfinished = [self.plan.nodes[n].kind for n in self.refs if n not in self.finished]
         if "corpus" in unfinished:
             return 0
-        have = have if have is not None else self._resources()
         runs = unfinished.count("pretrain") * p.num_workers
         slots = (have.get("CPU", 0) - runs * p.cpus_per_worker) // f.cpus_per_job
         if f.gpus_per_job:
