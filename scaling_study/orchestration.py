@@ -370,6 +370,10 @@ class Scheduler:
             slots = max(1, slots)
         return int(max(0, min(slots, f.max_concurrent or slots)))
 
+    def reserving(self) -> bool:
+        """Whether a corpus build or pretraining run this driver started has not finished yet."""
+        return any(self.plan.nodes[n].kind in ("corpus", "pretrain") for n in self.refs if n not in self.finished)
+
     def _resources(self) -> dict:
         import ray
 
@@ -385,7 +389,7 @@ class Scheduler:
             return
         f = self.study.spec.finetune
         searcher = ReadyFinetunes(self.seeds, self.first, self.readiness, self.trial_config, self.state,
-                                  self.trial_slots, fixed=bool(f.max_concurrent))
+                                  self.trial_slots, fixed=bool(f.max_concurrent), reserved=self.reserving)
         # a finished trial's process runs the next one (torch and transformers imported once per slot):
         # trial_slots keeps the trials off the CPUs that builds and pretraining runs still need
         # the URI (it may hold a password) travels as a parameter, not in the config Tune writes to disk

@@ -29,25 +29,29 @@ class ReadyFinetunes(Searcher):
     levels; a task's runs one after the other): a share of the ready runs per slot (`slots`: the
     trials to run now, `Scheduler.trial_slots`), so that one process loads the checkpoint once and
     encodes each task once, while every slot still gets work. At most `slots` trials are handed out
-    at once; without `max_concurrent`, twice that (pending trials are demand an autoscaler sees).
+    at once; without `max_concurrent`, twice that (pending trials are demand an autoscaler sees)
+    once no corpus build or pretraining run waits (`reserved`): a pending trial would take the CPUs
+    they free.
     Each run a trial reports (`on_trial_result`) goes to the study's seeds (`adaptive.StudySeeds`),
     which may release more.
     """
 
     def __init__(self, seeds: StudySeeds, first: list[Node], readiness: Callable[[Node], bool | None],
                  make_config: Callable[[list[Node]], dict], state: StudyState,
-                 slots: Callable[[], int] = lambda: 1, *, fixed: bool = False):
+                 slots: Callable[[], int] = lambda: 1, *, fixed: bool = False,
+                 reserved: Callable[[], bool] = lambda: False):
         super().__init__(metric="test_f1", mode="max")
         self.seeds, self.pending, self.readiness, self.make_config = seeds, list(first), readiness, make_config
-        self.st, self.slots, self.fixed = state, slots, fixed
+        self.st, self.slots, self.fixed, self.reserved = state, slots, fixed, reserved
         self.trials: dict[str, list[Node]] = {}
         self.live: set[str] = set()
         self.outcome: dict[str, str] = {}  # run id -> "" (done) or why it failed
 
     def suggest(self, trial_id: str):
-        slots = self.slots()
-        # without max_concurrent, twice what fits now: an autoscaler sees demand and grows the cluster
-        if len(self.live) >= (slots if self.fixed else 2 * slots):
+        slots, reserved = self.slots(), self.reserved()
+        # without max_concurrent, twice what fits now: an autoscaler sees demand and grows the cluster;
+        # but not while builds or pretraining runs still wait: a pending trial would take the CPUs they free
+        if len(self.live) >= (slots if self.fixed or reserved else 2 * slots):
             return None
         ready, known = [], {}
         for node in list(self.pending):

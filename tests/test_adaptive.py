@@ -299,3 +299,20 @@ def test_the_searcher_packs_runs_and_releases_waves():
     assert all(sorted(s) == list(range(len(s))) and len(s) >= 2 for s in by_group.values())
     assert len(handed) + len(seeds.unreleased()) == len(plan.of_kind("finetune_run"))
     assert all(state.state[c.id] == "done" for n in handed for c in plan.children(n.id))
+
+
+def test_the_searcher_oversubscribes_only_when_nothing_waits_for_cpus():
+    """Without max_concurrent, twice the slots are handed out (an autoscaler's demand), but not while
+    a build or pretraining run still waits: a pending trial would take the CPUs it frees."""
+    from scaling_study.searcher import ReadyFinetunes
+    from scaling_study.studystate import StudyState
+
+    study = spec_from_data(adaptive_spec())
+    plan = expand(study)
+    handed = {}
+    for waiting in (True, False):
+        seeds = adaptive.StudySeeds(study, plan, (), read=lambda run: None)
+        searcher = ReadyFinetunes(seeds, seeds.release(), lambda node: True, lambda pack: {"runs": pack},
+                                  StudyState(plan, {}), lambda: 1, reserved=lambda: waiting)
+        handed[waiting] = sum(searcher.suggest(str(t)) is not None for t in range(4))
+    assert handed == {True: 1, False: 2}
