@@ -359,7 +359,7 @@ class Scheduler:
         if have is None:  # the live cluster: what has finished since the last look first
             self.poll()
             have = self._resources()
-        unfinished = [self.plan.nodes[n].kind for n in self.refs if n not in self.finished]
+        unfinished = self._unfinished()
         if "corpus" in unfinished:
             return 0
         runs = unfinished.count("pretrain") * p.num_workers
@@ -372,7 +372,11 @@ class Scheduler:
 
     def reserving(self) -> bool:
         """Whether a corpus build or pretraining run this driver started has not finished yet."""
-        return any(self.plan.nodes[n].kind in ("corpus", "pretrain") for n in self.refs if n not in self.finished)
+        return bool(self._unfinished())
+
+    def _unfinished(self) -> list[str]:
+        """The kinds of the corpus builds and pretraining runs started here and not finished yet."""
+        return [self.plan.nodes[n].kind for n in self.refs if n not in self.finished]
 
     def _resources(self) -> dict:
         import ray

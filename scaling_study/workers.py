@@ -132,23 +132,13 @@ class _Shared:
 
     def get(self, task_id: str):
         if self._task is None or self._task[0] != task_id:
-            try:
-                self._task = (task_id, self._make(task_id), None)
-            except Exception as exc:
-                self._task = (task_id, None, exc)
-        if self._task[2] is not None:
-            raise self._task[2]
-        return self._task[1]
+            self._task = (task_id, *_attempt(lambda: self._make(task_id)))
+        return _outcome(self._task[1:])
 
     def model(self) -> Path:
-        if self._model is None:
-            try:  # weights and tokenizer only
-                self._model = (local_copy(self.config["model_source"], exclude=(STATE_FILE,)), None)
-            except Exception as exc:
-                self._model = (None, exc)
-        if self._model[1] is not None:
-            raise self._model[1]
-        return self._model[0]
+        if self._model is None:  # weights and tokenizer only
+            self._model = _attempt(lambda: local_copy(self.config["model_source"], exclude=(STATE_FILE,)))
+        return _outcome(self._model)
 
     def _make(self, task_id: str):
         from scaling_study.finetune import FinetuneConfig, prepare
@@ -162,6 +152,20 @@ class _Shared:
         config = FinetuneConfig.from_spec(study.spec.finetune)
         return task, data, model, config, prepare(model, task, data, config,
                                                   **self.config.get("model_options", {}))
+
+
+def _attempt(make) -> tuple:
+    """(make(), None), or (None, the exception it raised): kept, to raise again for every run."""
+    try:
+        return make(), None
+    except Exception as exc:
+        return None, exc
+
+
+def _outcome(made: tuple):
+    if made[1] is not None:
+        raise made[1]
+    return made[0]
 
 
 def _finetune_run(run: dict, shared: _Shared, study: Study, uri: str) -> float:
