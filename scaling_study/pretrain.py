@@ -991,7 +991,25 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env=runtime_env),
     )
-    return dict(trainer.fit().return_value)
+    return dict(_fit_and_release(trainer).return_value)
+
+
+def _fit_and_release(trainer):
+    """`trainer.fit()`, then drop Ray Train's hold on its controller actor. Called in a main thread
+    (a Ray task's, the CLI's), fit() installs a SIGINT handler that keeps the controller's handle:
+    the controller and the actors it owns (dataset manager, placement-group cleaner) then stay alive,
+    polling, until the process ends; in a study's Ray worker, that is the whole study (4 runs of the
+    smoke study kept 8 such processes through its finetuning). The caller's handler comes back."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGINT) if main else None
+    try:
+        return trainer.fit()
+    finally:
+        if main and before is not None:
+            signal.signal(signal.SIGINT, before)
 
 
 def run_pretraining(study: Study, plan: Plan, run_node: Node, corpus_dir: str | Path, out_dir: str | Path, *,

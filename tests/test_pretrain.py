@@ -6,6 +6,8 @@ import copy
 import dataclasses
 import math
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -527,8 +529,13 @@ def test_fsdp_matches_ddp_and_resumes(synthetic, tmp_path, local_ray):
         train_mlm_ray(config, synthetic, out, num_workers=2, logger_factory=functools.partial(JsonlLogger, log.path))
         return log.read()
 
+    handler = signal.getsignal(signal.SIGINT)
     ddp = fit("ddp", tmp_path / "ddp")
     fsdp = fit("fsdp", tmp_path / "fsdp")
+    # fit() in a main thread takes SIGINT with a handler that holds its controller; both runs' controllers
+    # (and the actors they own) would stay alive, polling, for as long as this process does
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert not _alive("TrainController")
     assert [r["step"] for r in fsdp] == list(range(1, 13))
     # same data, masks and initial weights; only the order of the gradient reductions differs
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(ddp, fsdp)) < 1e-4
@@ -540,6 +547,19 @@ def test_fsdp_matches_ddp_and_resumes(synthetic, tmp_path, local_ray):
     assert [r["step"] for r in again] == list(range(1, 13)) + list(range(7, 13))
     resumed = again[12:]
     assert max(abs(a["loss"] - b["loss"]) for a, b in zip(fsdp[6:], resumed)) < 1e-6
+
+
+def _alive(actor_class: str, wait_s: float = 10.0) -> list:
+    """The live actors of a class: Ray ends an actor once its last handle is gone, asynchronously."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        alive = [a for a in ray._private.state.actors().values()
+                 if a["ActorClassName"] == actor_class and a["State"] == "ALIVE"]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.2)
 
 
 def _data_parallel_reference(config: PretrainConfig, corpus_dir: Path, world: int) -> tuple[list, torch.nn.Module]:
