@@ -20,6 +20,12 @@ import tempfile
 
 from scaling_study._env import QUIET_ENV
 
+# What a Ray on one machine has no use for, switched off in the environment its processes inherit
+# (a value the user set wins). Ray Train's preemption watcher polls for nodes being drained (spot
+# instances, an autoscaler scaling down); a local Ray has none, and the watcher is one more actor
+# process per pretraining run (its start and polling: 1-2 CPU-seconds a run on a 2-core laptop).
+LOCAL_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
 
 @contextlib.contextmanager
 def ray_cluster(address: str | None, *, on_start=None):
@@ -39,7 +45,7 @@ def ray_cluster(address: str | None, *, on_start=None):
         ray.init(address=address, runtime_env={"env_vars": dict(QUIET_ENV)}, **common)
     else:
         temp = tempfile.mkdtemp(prefix="ss-", dir="/tmp")  # Ray's unix sockets need a short path
-        with loopback_only():
+        with loopback_only(), environment({k: v for k, v in LOCAL_ENV.items() if k not in os.environ}):
             ray.init(num_cpus=os.cpu_count(), _temp_dir=temp, _node_ip_address="127.0.0.1", **common)
         if on_start is not None:
             node = ray._private.worker._global_node
@@ -108,6 +114,22 @@ def _local_gpus() -> int:
 
 
 @contextlib.contextmanager
+def environment(values: dict[str, str]):
+    """Set `values` in os.environ for the block (processes started in it inherit them), then put
+    back what was there."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextlib.contextmanager
 def loopback_only():
     """Make a local Ray advertise and bind 127.0.0.1, not the machine's interface address.
 
@@ -119,14 +141,10 @@ def loopback_only():
     """
     from ray._private import ray_constants
 
-    key = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
-    saved_env, saved_flag = os.environ.get(key), ray_constants.ENABLE_RAY_CLUSTER
-    os.environ[key], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
     try:
-        yield
+        with environment({ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
+            yield
     finally:
-        ray_constants.ENABLE_RAY_CLUSTER = saved_flag
-        if saved_env is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = saved_env
+        ray_constants.ENABLE_RAY_CLUSTER = saved

@@ -171,7 +171,7 @@ def test_a_study_runs_without_network_listens_on_loopback_and_logs_no_credential
 def test_local_ray_and_mlflow_listen_on_loopback_only(tmp_path):
     """The study's local Ray (GCS, raylet, workers, agents) and MLflow server: every listening
     socket of every process they start is on 127.0.0.1; the node advertises 127.0.0.1; no usage
-    stats file is written."""
+    stats file is written; Ray Train's preemption watcher (raycluster.LOCAL_ENV) is off."""
     import psutil
     import ray
 
@@ -180,6 +180,10 @@ def test_local_ray_and_mlflow_listen_on_loopback_only(tmp_path):
 
     with ray_cluster(None), LocalMlflowServer(tmp_path / "mlflow"):
         assert ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()) == "127.0.0.1"
+        # and what a one-machine Ray needs not run is off in its processes, not in this one's environment
+        watcher = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
+        assert ray.get(ray.remote(lambda: os.environ.get(watcher)).remote()) == "0"
+        assert watcher not in os.environ
         assert [n["NodeManagerAddress"] for n in ray.nodes()] == ["127.0.0.1"]
         session = Path(ray._private.worker._global_node.get_session_dir_path())
         me = psutil.Process()
