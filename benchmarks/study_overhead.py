@@ -13,7 +13,11 @@ finetune runs (the whole `finetune()` call, data loading included, measured insi
 a trial runs several finetune runs of one model, and the first run of each task's includes loading
 what that task's runs share).
 Everything else counts as overhead: starting Ray and the MLflow server, Ray Train worker groups,
-Tune scheduling, MLflow calls, and cores left idle. Since nodes run side by side on the machine's
+Tune scheduling, MLflow calls, and cores left idle. A build of several data volumes is one task
+with a manifest per volume, each counted: on 2 cores and 2 volumes, about the build's use of the
+machine. The phase table splits the wall time where the overhead lies: the start-up before the
+first node, corpus and pretraining (Ray Train's start of each run), finetuning (what packed trials
+cut), and the close. Since nodes run side by side on the machine's
 cores, the ratio can be below 1; the script also prints the cores used and the ratio per core
 (wall x cores / compute), which is 1.0 for a perfectly packed machine. Target on this 2-core
 machine: wall / compute <= 1.15.
@@ -50,15 +54,34 @@ SMALL = {
 }
 
 
-def node_seconds(root: Path) -> dict[str, float]:
-    out = {"corpus": 0.0, "pretrain": 0.0, "finetune": 0.0}
-    for manifest in root.glob("corpus/*/manifest.json"):
-        out["corpus"] += json.loads(manifest.read_text())["build_seconds"]
-    for final in root.glob("pretrain/*/final.json"):
-        out["pretrain"] += json.loads(final.read_text())["train_seconds"]
-    for done in root.glob("finetune/*/DONE.json"):
-        out["finetune"] += json.loads(done.read_text())["seconds"]
+def node_intervals(root: Path) -> dict[str, list[tuple[float, float]]]:
+    """Per kind, each node's (start, end) in wall-clock seconds: it ends when its record is written
+    (the file's mtime) and started its own compute seconds before that (the record is written
+    right after the compute, or after the finetune run's logging: the interval shifts, not grows)."""
+    out: dict[str, list[tuple[float, float]]] = {"corpus": [], "pretrain": [], "finetune": []}
+    records = [("corpus", "corpus/*/manifest.json", "build_seconds"), ("pretrain", "pretrain/*/final.json",
+               "train_seconds"), ("finetune", "finetune/*/DONE.json", "seconds")]
+    for kind, pattern, key in records:
+        for path in root.glob(pattern):
+            end = path.stat().st_mtime
+            out[kind].append((end - json.loads(path.read_text())[key], end))
     return out
+
+
+def phases(spans: dict[str, list[tuple[float, float]]], began: float, ended: float, cores: int) -> list[tuple]:
+    """Where the overhead is: (phase, wall, node compute in it, wall x cores / compute) for the
+    start-up (until the first node computes), corpus and pretraining (until the first finetune
+    run), finetuning (until the last node ends) and the close."""
+    every = [span for kind in spans.values() for span in kind]
+    first, first_ft = min(s for s, _ in every), min((s for s, _ in spans["finetune"]), default=None)
+    last = max(e for _, e in every)
+    bounds = [("start-up", began, first), ("corpus and pretraining", first, first_ft or last),
+              ("finetuning", first_ft or last, last), ("close", last, ended)]
+    rows = []
+    for name, lo, hi in bounds:
+        compute = sum(max(0.0, min(e, hi) - max(s, lo)) for s, e in every)
+        rows.append((name, hi - lo, compute, (hi - lo) * cores / compute if compute else float("inf")))
+    return rows
 
 
 def before_and_after(baseline: Path, spec: str | None) -> int:
@@ -112,16 +135,17 @@ def main() -> int:
             path = Path(tmp) / "overhead.yaml"
             path.write_text(yaml.safe_dump({**SMALL, "storage": {"root": str(Path(tmp) / "studies")}}))
         study = load_spec(path)
-        start = time.perf_counter()
+        start, began = time.perf_counter(), time.time()
         summary = run_study(study, progress=False)
-        wall = time.perf_counter() - start
+        wall, ended = time.perf_counter() - start, time.time()
         if not summary.ok:
             print("study failed:", *(f"{f.node}: {f.reason}" for f in summary.failures), sep="\n  ")
             return 1
         if summary.trained == 0:
             print("nothing was computed (a finished study): remove its storage folder to measure")
             return 1
-        parts = node_seconds(Layout.of(study).root)
+        spans = node_intervals(Layout.of(study).root)
+    parts = {kind: sum(e - s for s, e in kind_spans) for kind, kind_spans in spans.items()}
     compute = sum(parts.values())
     cores = os.cpu_count()
     print(f"study: {study.spec.name}, {summary.trained} nodes computed, {cores} cores; load average at the end "
@@ -130,6 +154,9 @@ def main() -> int:
     print("node compute:       " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()) + f"; total {compute:.1f} s")
     print(f"wall / compute:     {wall / compute:8.3f}   (target <= 1.15)")
     print(f"wall x cores / compute: {wall * cores / compute:6.3f}   (1.0 = every core busy with node compute)")
+    print("by phase (wall, node compute in it, wall x cores / compute):")
+    for name, span, inside, ratio in phases(spans, began, ended, cores):
+        print(f"  {name:24s} {span:7.1f} s {inside:8.1f} s " + (f"{ratio:8.3f}" if inside else "  no node"))
     return 0
 
 
