@@ -6,7 +6,8 @@
     with ray_cluster("ray://head:10001"):  # or $RAY_ADDRESS: connect, and disconnect after
         ...
 
-Inside an initialised Ray (a submitted job, a test's cluster) it does nothing.
+Inside an initialised Ray (a submitted job, a test's cluster) it does nothing. A local Ray binds
+127.0.0.1 only (`loopback_only`) and runs without what one machine has no use for (`LOCAL_ENV`).
 
     cluster_cpus("ray://head:10001")     # the CPUs of a cluster now (`scaling-study plan --address`)
 """
