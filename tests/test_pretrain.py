@@ -488,8 +488,8 @@ def test_ray_train_two_workers_on_a_real_corpus_build(base_spec, tmp_path, local
     spec = copy.deepcopy(base_spec)
     spec["corpus"] = {"name": "sci2k", "paths": [str(tmp_path / "corpus.txt")], "vocab_size": 4000}
     spec.update(model_sizes=["tiny"], data_volumes=[1.0])
-    spec["pretrain"] = {"steps": [150, 300], "batch_size": 32, "seq_len": 64, "lr": 2e-3, "precision": "fp32",
-                        "num_workers": 2, "log_every": 50}
+    spec["pretrain"] = {"steps": [75, 150], "batch_size": 32, "seq_len": 64, "lr": 2e-3, "precision": "fp32",
+                        "num_workers": 2, "log_every": 25}
     study = spec_from_data(spec, str(tmp_path / "study.yaml"))
     plan = expand(study)
     corpus_dir = tmp_path / "corpus"
@@ -501,12 +501,13 @@ def test_ray_train_two_workers_on_a_real_corpus_build(base_spec, tmp_path, local
                             logger_factory=functools.partial(JsonlLogger, log.path))
 
     rows = log.read()
-    assert [r["step"] for r in rows] == [50, 100, 150, 200, 250, 300]  # rank 0 only, every log_every
+    assert [r["step"] for r in rows] == [25, 50, 75, 100, 125, 150]  # rank 0 only, every log_every
     vocab = CorpusBuild.open(corpus_dir).vocab_size
-    assert final["step"] == 300
-    # a random init starts at ln(vocab) = 8.3; the run reaches about 6.75 (6.9: unigram level)
+    assert final["step"] == 150
+    # a random init starts at ln(vocab) = 8.3; the run reaches 6.9 (unigram level; measured 6.90, and
+    # 7.49 at step 25); 300 steps reached 6.75 in three times the test's time
     assert final["loss"] < math.log(vocab) - 1.2 and final["loss"] < rows[0]["loss"] - 0.3
-    assert set(final["checkpoints"]) == {150, 300}
+    assert set(final["checkpoints"]) == {75, 150}
     for folder in final["checkpoints"].values():
         assert AutoModelForMaskedLM.from_pretrained(folder).config.vocab_size == vocab
         assert len(AutoTokenizer.from_pretrained(folder)) == vocab
