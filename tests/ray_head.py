@@ -116,17 +116,13 @@ class RayHead:
         """Let this process's Ray talk to the head while the block runs: the head's auth settings in
         os.environ and Ray's cached config re-read (Ray reads RAY_AUTH_MODE when it is imported); both
         restored afterwards, so that later tests in the process see what they saw before."""
-        saved = {key: os.environ.get(key) for key in self.env}
-        os.environ.update(self.env)
-        _reload_ray_auth()
+        from scaling_study.raycluster import environment
+
         try:
-            yield self
+            with environment(self.env):
+                _reload_ray_auth()
+                yield self
         finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
             _reload_ray_auth()
 
     def start(self) -> RayHead:
