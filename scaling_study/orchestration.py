@@ -109,23 +109,24 @@ class Summary:
 
 @contextlib.contextmanager
 def tracking_uri(given: str | None, layout: Layout, lock: StudyLock | None = None):
-    """The study's MLflow URI and a `ready()` to call before its first request: `given` (the spec's
-    or $MLFLOW_TRACKING_URI, `studies.tracking_uri`, already checked by the caller), or an embedded
-    local server, watched once it answers: restarted on the same store if it dies, the study stopped
+    """A `ready()` that returns the study's MLflow URI once it answers: `given` (the spec's or
+    $MLFLOW_TRACKING_URI, `studies.tracking_uri`, already checked by the caller), or an embedded
+    local server's, watched from then on: restarted on the same store if it dies, the study stopped
     if it cannot be. The server starts in the background, so that a local Ray can start beside it
     (each takes seconds)."""
     if given:
-        yield given, lambda: None
+        yield lambda: given
         return
 
-    def ready() -> None:
-        server.wait_ready()
+    def ready() -> str:
+        uri = server.wait_ready()
         server.watch(on_lost=request_stop)
+        return uri
 
     try:  # an object-store root's db comes down first
         with LocalMlflowServer(pull_tracking(layout), on_start=lock.own if lock else None).start(wait=False) \
                 as server:
-            yield server.uri, ready
+            yield ready
     except Stopped:  # a stopped study's runs are worth finding elsewhere too, if storage still takes them
         with contextlib.suppress(Exception):
             push_tracking(layout)
@@ -154,8 +155,8 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
         check_server(given)
     with StudyLock(layout.root, "run") as lock, stop_on_signals():
         try:
-            with tracking_uri(given, layout, lock) as (uri, ready), watch_storage(layout.root):
-                _drive(study, prepared, state, uri, ready, lock, box, address=address, progress=progress,
+            with tracking_uri(given, layout, lock) as ready, watch_storage(layout.root):
+                _drive(study, prepared, state, ready, lock, box, address=address, progress=progress,
                        extend=extend)
             stopped = None
         except Stopped as stop:
@@ -168,12 +169,11 @@ def run_study(study: Study, *, address: str | None = None, progress: bool = True
                    state.failures, time.monotonic() - started, box["trained"], stopped)
 
 
-def _drive(study: Study, prepared: Prepared, state: StudyState, uri: str, ready: Callable[[], None],
+def _drive(study: Study, prepared: Prepared, state: StudyState, ready: Callable[[], str],
            lock: StudyLock, box: dict, *, address: str | None, progress: bool, extend: bool) -> None:
     """Records first (the study's run, repairs from storage), then every unfinished node, then the close.
-    `ready()` (from `tracking_uri`) returns once the tracking server answers."""
+    `ready()` (from `tracking_uri`) returns the tracking URI once the server answers."""
     plan, layout = prepared.plan, prepared.layout
-    box["uri"] = uri
     seeds = StudySeeds(study, plan, prepared.done, lambda run: read_done(layout.read(plan, run, DONE_FILE)))
     first = seeds.release()  # every unfinished run, or an adaptive rule's next wave
     compute = bool(first) or any(n.kind != "finetune_run" for n in state.unfinished())
@@ -181,7 +181,7 @@ def _drive(study: Study, prepared: Prepared, state: StudyState, uri: str, ready:
         if compute:  # Ray starts while the embedded MLflow server does; neither needs the other yet
             stack.enter_context(ray_cluster(address, on_start=lock.own))
             stack.enter_context(stop_on_signals())  # again: ray.init installs its own SIGTERM handler
-        ready()
+        box["uri"] = uri = ready()
         studies.claim(study, layout, extend=extend)  # the server answers: the study is this spec's now
         tracker = Tracker(uri, study.spec.tracking.experiment or study.spec.name, tags={"study_file": study.file})
         recorder = Recorder(tracker, study, plan, layout)

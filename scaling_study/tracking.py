@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import json
 import os
 import re
@@ -224,6 +225,8 @@ def check_server(uri: str, timeout: float = 5.0) -> None:
             problem = f"HTTP {resp.status}"
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         problem = str(getattr(exc, "reason", exc))
+    except http.client.HTTPException as exc:  # something that is not an HTTP server holds the port
+        problem = f"the reply is not HTTP: {type(exc).__name__}"
     raise TrackingError(f"MLflow tracking server at {redact_uri(uri)} is not reachable ({problem}); "
                         "start it, fix tracking.uri, or leave tracking.uri empty for a local server")
 
@@ -237,7 +240,9 @@ class LocalMlflowServer:
     owner has died (a SIGKILLed driver) is ended by the next start. `on_start(pids, what)` hears of
     each server process started (`lifecycle.StudyLock.own`, so a killed driver's server is reaped).
     `watch()` keeps it running: a server that exits or stops answering is restarted on the same
-    store and port, so the URI every worker holds stays valid.
+    store and port, so the URI every worker holds stays valid. A port it chose itself, that another
+    process took before the server bound it, is chosen again before the first answer (`wait_ready`
+    returns the URI then).
     """
 
     def __init__(self, root: str | Path, *, host: str = "127.0.0.1", port: int | None = None,
@@ -247,6 +252,7 @@ class LocalMlflowServer:
         self.on_start = on_start
         self.process: subprocess.Popen | None = None
         self.restarts = 0
+        self._moves = 0 if port is None else None  # times the chosen port was taken; None: never move
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
 
@@ -323,16 +329,25 @@ class LocalMlflowServer:
         if self.on_start is not None:
             self.on_start([self.process.pid], "MLflow server")
 
-    def wait_ready(self) -> None:
+    def wait_ready(self) -> str:
+        """Return the server's URI once it answers; raise TrackingError if it exits or does not answer."""
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = (self.root / "server.log").read_text(errors="replace").strip().splitlines()[-1:]
+                tail = (self.root / "server.log").read_text(errors="replace").strip().splitlines()[-20:]
+                if self._moves is not None and self._moves < 3 and _port_taken(tail):
+                    # a port is free when chosen and bound seconds later, after MLflow's imports; on a
+                    # busy node (a local Ray starting beside it) another process may take it between
+                    self._moves += 1
+                    self.port = _free_port(self.host)
+                    self._spawn()
+                    continue
                 raise TrackingError(f"local MLflow server exited with code {self.process.returncode}: "
-                                    f"{tail[0] if tail else 'no output'} (log: {self.root / 'server.log'})")
+                                    f"{tail[-1] if tail else 'no output'} (log: {self.root / 'server.log'})")
             try:
                 check_server(self.uri, timeout=2)
-                return
+                self._moves = None  # the URI is out now: restarts keep this port
+                return self.uri
             except TrackingError:
                 time.sleep(0.3)
         self.stop()
@@ -397,6 +412,11 @@ class LocalMlflowServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _port_taken(log_tail: list[str]) -> bool:
+    """Whether a server's last log lines say its port was in use (uvicorn's and gunicorn's words)."""
+    return any("address already in use" in line.lower() or "errno 98" in line.lower() for line in log_tail)
 
 
 def _end_group(process: subprocess.Popen) -> None:

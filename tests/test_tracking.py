@@ -84,3 +84,56 @@ def test_failed_start_reports_log(tmp_path):
     with pytest.raises(TrackingError, match="local MLflow server"):
         busy.start()
     busy.stop()
+
+
+@pytest.fixture
+def not_http():
+    """A listener on 127.0.0.1 that answers every connection with binary bytes, as a gRPC or Ray
+    port would, and closes it."""
+    import socket
+    import threading
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+
+    def serve():
+        while True:
+            try:
+                conn, _ = sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x7f\xff\xff\xff\r\n")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+def test_a_port_that_is_not_http_is_a_clear_error(not_http):
+    with pytest.raises(TrackingError, match="is not reachable .the reply is not HTTP"):
+        check_server(f"http://127.0.0.1:{not_http}")
+
+
+def test_a_chosen_port_taken_before_the_server_binds_it_is_chosen_again(tmp_path, monkeypatch, not_http):
+    """The moment between choosing a free port and the server binding it: another process took it."""
+    free = tracking._free_port
+    offered = iter([not_http])
+    monkeypatch.setattr(tracking, "_free_port", lambda host: next(offered, None) or free(host))
+    server = LocalMlflowServer(tmp_path / "mlflow", startup_timeout=60).start(wait=False)
+    try:
+        assert server.port == not_http
+        uri = server.wait_ready()
+        assert uri == server.uri and server.port != not_http
+        check_server(uri)
+        assert "address already in use" in (tmp_path / "mlflow" / "server.log").read_text().lower()
+    finally:
+        server.stop()
+
+
+def test_a_given_port_that_is_taken_is_an_error(tmp_path, not_http):
+    server = LocalMlflowServer(tmp_path / "mlflow", port=not_http, startup_timeout=60)
+    with pytest.raises(TrackingError, match="exited with code"):
+        server.start()
+    server.stop()
