@@ -44,26 +44,30 @@ dropped. Shards hold the pieces' rows in piece order, `shard_sequences` rows eac
 the same manifests and byte-identical shards on any number of workers or nodes.
 
 Builds are written into hidden sibling folders and renamed into place at the end, the manifest
-last, so a killed build leaves no folder that looks finished (its leftovers are removed by the next
-build on the same host). The build's driver holds at most the tokenizer sample and a few pieces'
+last, so a killed build leaves no folder that looks finished. The next build of the same nodes on
+the same host, from the same inputs and options, takes a dead build's folders over and resumes
+(`corpus_resume`): no scan or training again, packing from the last closed shard on, the same
+bytes as a build never killed; folders it cannot resume are removed. The build's driver holds at most the tokenizer sample and a few pieces'
 rows; each worker one piece.
 """
 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import itertools
 import os
-import re
 import shutil
 import socket
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from scaling_study import corpus_resume, faults
 from scaling_study.artifacts import Manifest, read_manifest
 from scaling_study.corpus_passes import (KEY_SPACE, Reading, boundary_piece, bucket_edge, count_piece, document_key,
                                          map_pieces, pack_piece, sample_piece, scan_piece)
@@ -111,28 +115,6 @@ def check_corpus(study: Study, *, scan_bytes: int = PREFLIGHT_SCAN_BYTES) -> lis
 # ----------------------------------------------------------------------------------- build folders
 
 
-def _partial_dirs(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
-
-
-def _remove_stale_partials(out_dir: Path) -> None:
-    """Remove temp folders of killed builds of this node (same host, process gone)."""
-    host = socket.gethostname()
-    for folder in _partial_dirs(out_dir):
-        match = re.fullmatch(rf"\.{re.escape(out_dir.name)}\.partial-(.+)-(\d+)", folder.name)
-        if not match or match.group(1) != host:
-            continue
-        try:
-            os.kill(int(match.group(2)), 0)
-            alive = int(match.group(2)) != os.getpid()
-        except ProcessLookupError:
-            alive = False
-        except PermissionError:
-            alive = True
-        if not alive:
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def _existing(node: Node, out_dir: Path) -> Manifest | None:
     manifest = read_manifest(out_dir)
     if manifest is not None and manifest.node_id != node.id:
@@ -171,18 +153,16 @@ def build_corpora(study: Study, nodes: list[Node], out_dirs: list[Path | str], *
     todo = [i for i, m in enumerate(manifests) if m is None]
     if not todo:
         return manifests
-    tmps = []
-    for i in todo:
+    tmps = [out_dirs[i].parent / f".{out_dirs[i].name}.partial-{socket.gethostname()}-{os.getpid()}" for i in todo]
+    cache = Path(cache_dir) if cache_dir is not None else out_dirs[0].parent / "cache"
+    build = _Build(study, [nodes[i] for i in todo], tmps, cache, progress=progress, piece_bytes=piece_bytes,
+                   pair_limit=pair_limit, shard_sequences=shard_sequences, min_shards=min_shards)
+    for i, tmp in zip(todo, tmps):  # a killed build of the same nodes is taken over (corpus_resume)
         out_dirs[i].parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_partials(out_dirs[i])
-        tmp = out_dirs[i].parent / f".{out_dirs[i].name}.partial-{socket.gethostname()}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        tmps.append(tmp)
+        if not corpus_resume.adopt(out_dirs[i], tmp, build.fingerprint):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
     try:
-        cache = Path(cache_dir) if cache_dir is not None else out_dirs[0].parent / "cache"
-        build = _Build(study, [nodes[i] for i in todo], tmps, cache, progress=progress, piece_bytes=piece_bytes,
-                       pair_limit=pair_limit, shard_sequences=shard_sequences, min_shards=min_shards)
         for i, tmp, manifest in zip(todo, tmps, build.run()):
             if read_manifest(out_dirs[i]) is not None:  # someone else finished the same node meanwhile
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -190,7 +170,7 @@ def build_corpora(study: Study, nodes: list[Node], out_dirs: list[Path | str], *
                 continue
             replace_dir(tmp, out_dirs[i])
             manifests[i] = manifest
-    except BaseException:
+    except Exception:  # a build that failed by itself would fail again; one that is killed stays, to resume
         for tmp in tmps:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -207,7 +187,7 @@ def _group(node: Node) -> str:
 class _Stage:
     """A pass's progress: a bar on the terminal (`progress`) and the study's gauges."""
 
-    def __init__(self, build: _Build, name: str):
+    def __init__(self, build: _Build, name: str, first: int = 0):
         from tqdm.auto import tqdm
 
         from scaling_study.progress import CorpusProgress
@@ -219,7 +199,8 @@ class _Stage:
         stage = {"boundary": "count"}.get(name.split()[0], name.split()[0])  # "count 3k tokens" -> "count"
         self.gauges = CorpusProgress(build.study.spec.name, [n.id for n in build.nodes], stage,
                                      len(build.pieces), total_bytes)
-        self.done_bytes = 0
+        self.done_bytes = sum(build.piece_sizes[:first])  # a resumed pass's pieces before `first`
+        self.bar.update(first)
 
     def __call__(self, i: int, result) -> None:
         self.done_bytes += self.build.piece_sizes[i]
@@ -254,26 +235,55 @@ class _Build:
             f"{os.path.dirname(self.files[0].path)} ({len(self.files)} files)"
         self.label = ", ".join(v.label for v in self.volumes)
         self.stage_seconds: dict[str, float] = {}
+        self.fingerprint = corpus_resume.fingerprint(
+            [n.id for n in nodes], self.files, {"piece_bytes": piece_bytes, "pair_limit": pair_limit,
+                                                "shard_sequences": shard_sequences, "min_shards": min_shards})
 
-    def _pass(self, name: str, fn, **kwargs) -> Iterator:
-        stage = _Stage(self, name)
+    def _pass(self, name: str, fn, first: int = 0, **kwargs) -> Iterator:
+        """The pass over the pieces from `first` on (a resumed pack), in piece order."""
+        stage = _Stage(self, name, first)
         try:
-            yield from map_pieces(fn, self.pieces, {"reading": self.reading, **kwargs}, label=name,
-                                  on_result=stage)
+            yield from map_pieces(fn, self.pieces[first:], {"reading": self.reading, **kwargs}, label=name,
+                                  on_result=lambda i, result: stage(first + i, result))
         finally:
             stage.close()
 
     def run(self) -> list[Manifest]:
-        start = time.monotonic()
-        self.scan()
-        extents = [self.extent(v) for v in self.volumes]
-        toks, samples = self.tokenizers(extents)
-        limits = [extent if v.tokens is None else self.token_limit(v, tok, extent)
-                  for v, tok, extent in zip(self.volumes, toks, extents)]
-        packed = self.pack(toks, limits)
-        seconds = round(time.monotonic() - start, 3)
-        return [self.manifest(i, tok, sample, result, seconds)
-                for i, (tok, sample, result) in enumerate(zip(toks, samples, packed))]
+        self.started = time.monotonic()
+        states = corpus_resume.load(self.tmps, self.fingerprint, self.shard_sequences)
+        if states is None:
+            self.scan()
+            extents = [self.extent(v) for v in self.volumes]
+            toks, samples = self.tokenizers(extents)
+            limits = [extent if v.tokens is None else self.token_limit(v, tok, extent)
+                      for v, tok, extent in zip(self.volumes, toks, extents)]
+            self.prior_seconds = 0.0
+            states = [self.trained_state(tok, sample, limit) for tok, sample, limit in zip(toks, samples, limits)]
+            for tmp, state, tok in zip(self.tmps, states, toks):
+                state["seconds"] = round(time.monotonic() - self.started, 3)
+                tok.save(str(tmp / corpus_resume.TOKENIZER))
+                corpus_resume.save(tmp, state)
+            faults.point("corpus-checkpoint", 0)
+        else:  # a killed build's folders: what it trained, and its closed shards
+            self.resume(states)
+        packed = self.pack(states)
+        seconds = round(time.monotonic() - self.started + self.prior_seconds, 3)
+        return [self.manifest(i, tok, state["sample"], result, seconds)
+                for i, (tok, state, result) in enumerate(zip(self.toks, states, packed))]
+
+    def trained_state(self, tok, sample: dict, limit: int) -> dict:
+        """What packing needs, saved once the tokenizers are trained (corpus_resume)."""
+        return {"fingerprint": self.fingerprint, "documents": self.documents, "bytes": self.bytes,
+                "sample": sample, "limit": limit, "stage_seconds": self.stage_seconds,
+                "seconds": 0.0, "pack": corpus_resume.packing_from_start()}
+
+    def resume(self, states: list[dict]) -> None:
+        self.documents, self.bytes = states[0]["documents"], states[0]["bytes"]
+        self.prior_seconds = max(s["seconds"] for s in states)
+        # the manifest says so: the killed attempts' seconds, kept in build_seconds too
+        self.stage_seconds = {**states[0]["stage_seconds"], "resumed after": self.prior_seconds}
+        print(f"{self.label}: resuming a killed build at piece {min(s['pack']['piece'] for s in states) + 1} "
+              f"of {len(self.pieces)}", file=sys.stderr, flush=True)
 
     # 1. scan: documents and bytes (and pre-tokens for token counts) per key bucket
     def scan(self) -> None:
@@ -358,16 +368,28 @@ class _Build:
         return int(keys[order][reached]) + 1
 
     # 4. tokenize and pack every volume in one pass, writing shards in piece order
-    def pack(self, toks: list, limits: list[int]) -> list[dict]:
+    def pack(self, states: list[dict]) -> list[dict]:
+        from tokenizers import Tokenizer
+
+        toks = self.toks = [Tokenizer.from_file(str(tmp / corpus_resume.TOKENIZER)) for tmp in self.tmps]
         specials = [{name: tok.token_to_id(name) for name in ("[CLS]", "[SEP]")} for tok in toks]
-        writers = [_ShardWriter(tmp / "shards", self.seq_len, itertools.repeat(self.shard_sequences))
-                   for tmp in self.tmps]
-        totals = [{"documents": 0, "tokens": 0, "sequences": 0, "dropped_tokens": 0} for _ in toks]
-        for per_volume in self._pass("pack", pack_piece, tokenizers=[t.to_str() for t in toks], limits=limits,
-                                     seq_len=self.seq_len, cls_id=[s["[CLS]"] for s in specials],
-                                     sep_id=[s["[SEP]"] for s in specials]):
-            for writer, total, part in zip(writers, totals, per_volume):
-                writer.write(part.rows)
+        saved = [state["pack"] for state in states]
+        writers = [_ShardWriter(tmp / "shards", self.seq_len, itertools.repeat(self.shard_sequences),
+                                corpus_resume.closed_shards(s, self.shard_sequences),
+                                on_close=functools.partial(self._checkpoint, tmp, state))
+                   for tmp, state, s in zip(self.tmps, states, saved)]
+        totals = [dict(s["totals"]) for s in saved]
+        first = min(s["piece"] for s in saved)
+        for piece, per_volume in enumerate(
+                self._pass("pack", pack_piece, first, tokenizers=[t.to_str() for t in toks],
+                           limits=[state["limit"] for state in states], seq_len=self.seq_len,
+                           cls_id=[s["[CLS]"] for s in specials], sep_id=[s["[SEP]"] for s in specials]), first):
+            for writer, total, part, s in zip(writers, totals, per_volume, saved):
+                if piece < s["piece"]:  # in this volume's closed shards and totals already
+                    continue
+                # where this piece's rows start in the volume's stream (the closed shards hold `skip` of them)
+                writer.at(piece, total, writer.rows - (s["skip"] if piece == s["piece"] else 0))
+                writer.write(part.rows[s["skip"]:] if piece == s["piece"] else part.rows)
                 total["documents"] += part.documents
                 total["tokens"] += part.tokens
                 total["sequences"] += len(part.rows)
@@ -383,8 +405,19 @@ class _Build:
             total["shards"] = shards
         return totals
 
+    def _checkpoint(self, tmp: Path, state: dict, writer: _ShardWriter) -> None:
+        """A shard closed: save where packing stands (the piece the next shard starts in, how many
+        of its rows the closed ones hold, and the accounting before that piece)."""
+        piece, before, piece_start = writer.position
+        state["pack"] = {"closed": len(writer.shards), "piece": piece, "skip": writer.closed_rows - piece_start,
+                         "totals": before}
+        state["seconds"] = round(time.monotonic() - self.started + self.prior_seconds, 3)
+        corpus_resume.save(tmp, state)
+        faults.point("corpus-checkpoint", len(writer.shards))
+
     def manifest(self, i: int, tok, sample: dict, packed: dict, seconds: float) -> Manifest:
         tmp, node = self.tmps[i], self.nodes[i]
+        corpus_resume.finish(tmp)
         special = save_tokenizer(tok, tmp / "tokenizer")
         manifest = Manifest(
             node_id=node.id, inputs=node.inputs, seq_len=self.seq_len, vocab_size=tok.get_vocab_size(),
@@ -424,12 +457,14 @@ def _edge_reaching(hist, budget: int) -> int:
 
 
 class _ShardWriter:
-    """Writes rows of exactly seq_len ids as they come, into shards of `sizes` rows each."""
+    """Writes rows of exactly seq_len ids as they come, into shards of `sizes` rows each, after the
+    closed `shards` of a resumed build; `on_close(writer)` after each shard it closes."""
 
-    def __init__(self, folder: Path, seq_len: int, sizes: Iterator[int]):
+    def __init__(self, folder: Path, seq_len: int, sizes: Iterator[int], shards: list[dict] = (),
+                 on_close: Callable[[_ShardWriter], None] | None = None):
         import pyarrow as pa
 
-        self.folder, self.seq_len, self.sizes = folder, seq_len, sizes
+        self.folder, self.seq_len, self.sizes, self.on_close = folder, seq_len, sizes, on_close
         self.target = next(sizes)
         self.schema = pa.schema([("input_ids", pa.list_(pa.int32(), seq_len))])
         self.row_group = max(1, _ROW_GROUP_BYTES // (4 * seq_len))
@@ -437,10 +472,18 @@ class _ShardWriter:
         self.buffered = 0  # rows in the buffer
         self.in_shard = 0  # rows already written to the open shard
         self.writer = None
-        self.shards: list[dict] = []
+        self.shards: list[dict] = [dict(s) for s in shards]
+        self.closed_rows = sum(s["sequences"] for s in self.shards)  # rows in closed shards
+        self.rows = self.closed_rows  # rows given so far (closed, open shard and buffer)
+        self.position: tuple = (0, {}, 0)  # `at`'s
         folder.mkdir(parents=True, exist_ok=True)
 
+    def at(self, piece: int, totals_before: dict, piece_start: int) -> None:
+        """The rows that come next are piece `piece`'s, which starts at row `piece_start`."""
+        self.position = (piece, dict(totals_before), piece_start)
+
     def write(self, rows: np.ndarray) -> None:
+        self.rows += len(rows)
         while len(rows):
             room = min(self.row_group - self.buffered, self.target - self.in_shard - self.buffered)
             self.buffer[self.buffered:self.buffered + min(room, len(rows))] = rows[:room]
@@ -466,8 +509,11 @@ class _ShardWriter:
         self.buffered = 0
         if self.in_shard == self.target:
             self.writer.close()
+            self.closed_rows += self.in_shard
             self.writer, self.in_shard = None, 0
             self.target = next(self.sizes, self.target)
+            if self.on_close is not None:
+                self.on_close(self)
 
     def close(self) -> list[dict]:
         self._flush()

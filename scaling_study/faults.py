@@ -6,6 +6,8 @@
     SCALING_STUDY_FAULT="finetune-log:kill-pid=PATH"    before a finetune run logs its results, kill the
                                                         process group whose pid starts the file PATH (the
                                                         MLflow server's server.pid): tracking lost mid-study
+    SCALING_STUDY_FAULT="corpus-checkpoint=0:kill"      SIGKILL a corpus build once its tokenizers are trained and
+                                                        saved (=N: once a volume's Nth shard is closed and saved)
     SCALING_STUDY_FAULT="upload=trainer_state.pt:kill"  SIGKILL an upload to an object store before this file
                                                         goes up (here a checkpoint's marker, the last one)
     SCALING_STUDY_FAULT="pretrain-step=7:stall=120"     hold this process here 120 s: a test removes its Ray node

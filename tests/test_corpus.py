@@ -510,3 +510,76 @@ def test_a_corpus_on_s3_builds_what_its_local_copy_builds(tmp_path, base_spec, s
     assert (remote.tokenizer_hash, remote.documents, remote.tokens) == (local.tokenizer_hash, local.documents,
                                                                         local.tokens)
     assert (rows(out_remote) == rows(out_local)).all()
+
+
+KILL_AT_A_CLOSED_SHARD = """
+import os, signal, sys
+sys.path.insert(0, {repo!r})
+from scaling_study import corpus
+from scaling_study.grid import expand
+from scaling_study.spec import load_spec
+checkpoint, closed = corpus._Build._checkpoint, []
+def die(self, tmp, state, writer):
+    checkpoint(self, tmp, state, writer)
+    closed.append(tmp)
+    if len(set(closed)) == 2 and min(map(closed.count, set(closed))) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)   # killed right after a shard closed and was saved
+corpus._Build._checkpoint = die
+study = load_spec({spec!r})
+nodes = list(expand(study).of_kind("corpus"))
+corpus.build_corpora(study, nodes, [{root!r} + "/" + n.id for n in nodes], progress=False, **{options!r})
+"""
+
+
+def test_a_killed_build_resumes_from_its_last_closed_shard(tmp_path, base_spec, monkeypatch, capfd):
+    """Killed in the pack pass: the next build of the same nodes packs only the pieces from the
+    one its last closed shard stopped in, skips the scan and the training, and writes the same
+    shards, tokenizers and manifests as a build that was never killed."""
+    import shutil
+
+    study, nodes = make_study(tmp_path, base_spec, ["10%", "100%"])
+    nodes = [nodes["10%"], nodes["100%"]]
+    options = {"piece_bytes": 20_000, "shard_sequences": 50, "min_shards": 1}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(base_spec))
+    killed = tmp_path / "killed"
+    script = KILL_AT_A_CLOSED_SHARD.format(repo=str(REPO), spec=str(tmp_path / "spec.yaml"), root=str(killed),
+                                           options=options)  # once both volumes have closed 2 shards
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    partials = sorted(killed.glob(".*.partial-*"))
+    assert len(partials) == 2 and all((p / "build-state.json").is_file() for p in partials)
+    broken = tmp_path / "broken"  # the same folders with a closed shard lost: nothing to resume
+    for p in partials:
+        shutil.copytree(p, broken / p.name)
+    states = {p.name: json.loads((p / "build-state.json").read_text()) for p in partials}
+    name, state = max(states.items(), key=lambda item: item[1]["pack"]["closed"])
+    (broken / name / "shards" / "shard-00000.parquet").unlink()
+
+    clean = build_corpora(study, nodes, [tmp_path / "clean" / n.id for n in nodes], progress=False, **options)
+    pack_piece, packed = corpus_mod.pack_piece, []
+    monkeypatch.setattr(corpus_mod, "pack_piece", lambda piece, **kw: packed.append(piece) or pack_piece(piece, **kw))
+    scan = corpus_mod._Build.scan
+    monkeypatch.setattr(corpus_mod._Build, "scan", lambda self: pytest.fail("a resumed build scanned again"))
+    resumed = build_corpora(study, nodes, [killed / n.id for n in nodes], progress=False, **options)
+    assert "resuming a killed build at piece" in capfd.readouterr().err
+    assert 0 < len(packed) < clean[0].pieces  # only the pieces from the last closed shard's on
+    assert min(s["pack"]["piece"] for s in states.values()) > 0
+
+    def same(m):
+        return {k: v for k, v in vars(m).items() if k not in ("created", "build_seconds", "stage_seconds")}
+    for n, a, b in zip(nodes, clean, resumed):
+        assert same(a) == same(b)
+        assert read_manifest(killed / n.id).files == read_manifest(tmp_path / "clean" / n.id).files
+        assert (rows(tmp_path / "clean" / n.id) == rows(killed / n.id)).all()
+        listing = sorted(str(p.relative_to(killed / n.id)) for p in (killed / n.id).rglob("*"))
+        assert listing == sorted(str(p.relative_to(tmp_path / "clean" / n.id))
+                                 for p in (tmp_path / "clean" / n.id).rglob("*"))
+        assert (killed / n.id / "tokenizer" / "tokenizer.json").read_bytes() == \
+            (tmp_path / "clean" / n.id / "tokenizer" / "tokenizer.json").read_bytes()
+    assert not list(killed.glob(".*.partial-*"))
+
+    monkeypatch.setattr(corpus_mod._Build, "scan", scan)
+    packed.clear()
+    again = build_corpora(study, nodes, [broken / n.id for n in nodes], progress=False, **options)
+    assert len(packed) == clean[0].pieces and [same(m) for m in again] == [same(m) for m in clean]
+    assert not list(broken.glob(".*.partial-*"))

@@ -167,6 +167,45 @@ def test_killed_checkpoint_write_leaves_the_previous_checkpoint_valid(synthetic,
     assert final["step"] == 10 and abs(final["loss"] - uninterrupted["loss"]) <= 1e-6
 
 
+# ----------------------------------------------------------------------------------- corpus build
+
+
+@pytest.mark.slow
+@needs_mirror("datasets")
+def test_a_killed_corpus_build_is_rerun_by_ray_and_resumes(tmp_path, monkeypatch):
+    """The corpus build's Ray worker is SIGKILLed once its tokenizer is trained and saved; Ray runs
+    the task again on the same node, which takes over the dead attempt's folder (no scan, no
+    training again) and writes the same build as one never killed; the study then finishes."""
+    import dataclasses
+
+    from scaling_study.artifacts import Layout, read_manifest
+    from scaling_study.corpus import build_corpus
+    from scaling_study.grid import expand
+    from scaling_study.orchestration import run_study
+    from scaling_study.spec import load_spec
+
+    study = load_spec(_small_study(tmp_path, "corpus-kill"))
+    plan = expand(study)
+    node = plan.of_kind("corpus")[0]
+    marker = _fault(monkeypatch, tmp_path, "corpus-checkpoint=0:kill")
+    summary = run_study(study, progress=False)
+    assert marker.exists(), "the corpus build was never killed"
+    assert summary.ok, summary.failures
+    built = Layout.of(study).node(plan, node)
+    manifest = read_manifest(built)
+    assert manifest.stage_seconds["resumed after"] > 0  # the second attempt took the first one's folder over
+
+    monkeypatch.delenv(faults.ENV)
+    build_corpus(study, node, tmp_path / "clean" / node.id, progress=False)
+    clean = read_manifest(tmp_path / "clean" / node.id)  # as written: with its file list
+    assert clean.files and manifest.files == clean.files
+    same = {"created", "build_seconds", "stage_seconds"}
+    assert {k: v for k, v in dataclasses.asdict(manifest).items() if k not in same} == \
+        {k: v for k, v in dataclasses.asdict(clean).items() if k not in same}
+    for shard in clean.shards:
+        assert (built / shard["file"]).read_bytes() == (tmp_path / "clean" / node.id / shard["file"]).read_bytes()
+
+
 # ----------------------------------------------------------------------------------- tracking server
 
 
