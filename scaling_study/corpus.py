@@ -383,6 +383,7 @@ class _Build:
         for piece, per_volume in enumerate(
                 self._pass("pack", pack_piece, first, tokenizers=[t.to_str() for t in toks],
                            limits=[state["limit"] for state in states], seq_len=self.seq_len,
+                           starts=[s["piece"] for s in saved],  # a volume further on skips the pieces before
                            cls_id=[s["[CLS]"] for s in specials], sep_id=[s["[SEP]"] for s in specials]), first):
             for writer, total, part, s in zip(writers, totals, per_volume, saved):
                 if piece < s["piece"]:  # in this volume's closed shards and totals already

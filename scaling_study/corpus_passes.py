@@ -171,13 +171,17 @@ class Packed:
 
 
 def pack_piece(piece: Piece, reading: Reading, tokenizers: list[str], limits: list[int], seq_len: int,
-               cls_id: list[int], sep_id: list[int]) -> list[Packed]:
-    """Per volume: the piece's documents with keys below its limit, tokenized and packed in file order."""
+               cls_id: list[int], sep_id: list[int], starts: list[int] | None = None) -> list[Packed]:
+    """Per volume: the piece's documents with keys below its limit, tokenized and packed in file order.
+    A volume whose `starts` is past this piece (a resumed build: its shards hold it already) gets nothing."""
     toks = _tokenizers(tokenizers)
     streams: list[list[np.ndarray]] = [[] for _ in toks]
     counts = [0] * len(toks)
+    wanted = [starts is None or piece.index >= start for start in (starts or [0] * len(toks))]
     for keys, texts, _ in keyed_batches(piece, reading):
         for v, (tok, limit) in enumerate(zip(toks, limits)):
+            if not wanted[v]:
+                continue
             kept = list(itertools.compress(texts, below(keys, limit)))
             if kept:
                 ids = [e.ids for e in tok.encode_batch_fast(kept, add_special_tokens=False)]

@@ -17,8 +17,10 @@ whatever the number of shards: it is rewritten at every close. A killed build's 
 (the next build on the same host finds its process gone); the next build of the same nodes from
 the same inputs and options takes it over and packs only from that piece on, dropping the rows the
 closed shards already hold, so the shards come out byte-identical to an uninterrupted build's. The
-scan, the samples and the training are not redone; what is lost is the packing since the last
-closed shard (at most `shard_sequences` rows per volume). A build killed before its tokenizers
+scan, the samples and the training are not redone; what is lost is the packing since each
+volume's last closed shard (at most `shard_sequences` rows per volume). The pack pass reads the
+input again from the piece the furthest-behind volume needs (a small volume closes shards seldom),
+but each volume tokenizes only from its own piece on (`pack_piece(starts=...)`). A build killed before its tokenizers
 were saved, or while it rebalances its shards at the very end, starts over. Any mismatch (other inputs, options, builder, a shard missing or of
 another length) and the build starts from nothing, as before.
 """

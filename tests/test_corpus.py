@@ -556,14 +556,21 @@ def test_a_killed_build_resumes_from_its_last_closed_shard(tmp_path, base_spec, 
     (broken / name / "shards" / "shard-00000.parquet").unlink()
 
     clean = build_corpora(study, nodes, [tmp_path / "clean" / n.id for n in nodes], progress=False, **options)
-    pack_piece, packed = corpus_mod.pack_piece, []
-    monkeypatch.setattr(corpus_mod, "pack_piece", lambda piece, **kw: packed.append(piece) or pack_piece(piece, **kw))
+    pack_piece, packed, skipped = corpus_mod.pack_piece, [], []
+
+    def spy(piece, **kw):  # which pieces are packed, and whether a volume past a piece skips it
+        out = pack_piece(piece, **kw)
+        packed.append(piece)
+        skipped.extend(len(part.rows) == 0 for part, start in zip(out, kw["starts"]) if piece.index < start)
+        return out
+    monkeypatch.setattr(corpus_mod, "pack_piece", spy)
     scan = corpus_mod._Build.scan
     monkeypatch.setattr(corpus_mod._Build, "scan", lambda self: pytest.fail("a resumed build scanned again"))
     resumed = build_corpora(study, nodes, [killed / n.id for n in nodes], progress=False, **options)
     assert "resuming a killed build at piece" in capfd.readouterr().err
     assert 0 < len(packed) < clean[0].pieces  # only the pieces from the last closed shard's on
     assert min(s["pack"]["piece"] for s in states.values()) > 0
+    assert skipped and all(skipped)  # the 100% volume, further on than the 10% one, is not tokenized again
 
     def same(m):
         return {k: v for k, v in vars(m).items() if k not in ("created", "build_seconds", "stage_seconds")}
