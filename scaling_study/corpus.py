@@ -47,8 +47,8 @@ Builds are written into hidden sibling folders and renamed into place at the end
 last, so a killed build leaves no folder that looks finished. The next build of the same nodes on
 the same host, from the same inputs and options, takes a dead build's folders over and resumes
 (`corpus_resume`): no scan or training again, packing from the last closed shard on, the same
-bytes as a build never killed; folders it cannot resume are removed. The build's driver holds at most the tokenizer sample and a few pieces'
-rows; each worker one piece.
+bytes as a build never killed; folders it cannot resume are removed. The build's driver holds at
+most the tokenizer sample and a few pieces' rows; each worker one piece.
 """
 
 from __future__ import annotations
@@ -260,7 +260,6 @@ class _Build:
             self.prior_seconds = 0.0
             states = [self.trained_state(tok, sample, limit) for tok, sample, limit in zip(toks, samples, limits)]
             for tmp, state, tok in zip(self.tmps, states, toks):
-                state["seconds"] = round(time.monotonic() - self.started, 3)
                 tok.save(str(tmp / corpus_resume.TOKENIZER))
                 corpus_resume.save(tmp, state)
             faults.point("corpus-checkpoint", 0)
@@ -275,7 +274,7 @@ class _Build:
         """What packing needs, saved once the tokenizers are trained (corpus_resume)."""
         return {"fingerprint": self.fingerprint, "documents": self.documents, "bytes": self.bytes,
                 "sample": sample, "limit": limit, "stage_seconds": self.stage_seconds,
-                "seconds": 0.0, "pack": corpus_resume.packing_from_start()}
+                "seconds": round(time.monotonic() - self.started, 3), "pack": corpus_resume.packing_from_start()}
 
     def resume(self, states: list[dict]) -> None:
         self.documents, self.bytes = states[0]["documents"], states[0]["bytes"]
@@ -371,6 +370,7 @@ class _Build:
     def pack(self, states: list[dict]) -> list[dict]:
         from tokenizers import Tokenizer
 
+        # the saved tokenizers, in a fresh build too: a resumed one packs with exactly what this one does
         toks = self.toks = [Tokenizer.from_file(str(tmp / corpus_resume.TOKENIZER)) for tmp in self.tmps]
         specials = [{name: tok.token_to_id(name) for name in ("[CLS]", "[SEP]")} for tok in toks]
         saved = [state["pack"] for state in states]

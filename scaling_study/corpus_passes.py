@@ -177,10 +177,10 @@ def pack_piece(piece: Piece, reading: Reading, tokenizers: list[str], limits: li
     toks = _tokenizers(tokenizers)
     streams: list[list[np.ndarray]] = [[] for _ in toks]
     counts = [0] * len(toks)
-    wanted = [starts is None or piece.index >= start for start in (starts or [0] * len(toks))]
+    starts = starts or [0] * len(toks)
     for keys, texts, _ in keyed_batches(piece, reading):
         for v, (tok, limit) in enumerate(zip(toks, limits)):
-            if not wanted[v]:
+            if piece.index < starts[v]:
                 continue
             kept = list(itertools.compress(texts, below(keys, limit)))
             if kept:

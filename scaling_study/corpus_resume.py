@@ -20,9 +20,10 @@ closed shards already hold, so the shards come out byte-identical to an uninterr
 scan, the samples and the training are not redone; what is lost is the packing since each
 volume's last closed shard (at most `shard_sequences` rows per volume). The pack pass reads the
 input again from the piece the furthest-behind volume needs (a small volume closes shards seldom),
-but each volume tokenizes only from its own piece on (`pack_piece(starts=...)`). A build killed before its tokenizers
-were saved, or while it rebalances its shards at the very end, starts over. Any mismatch (other inputs, options, builder, a shard missing or of
-another length) and the build starts from nothing, as before.
+but each volume tokenizes only from its own piece on (`pack_piece(starts=...)`). A build killed
+before its tokenizers were saved, or while it rebalances its shards at the very end, starts over.
+Any mismatch (other inputs, options, builder, a shard missing or of another length) and the build
+starts from nothing, as before.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import re
 import shutil
 import socket
 from pathlib import Path
+
+from scaling_study.storage import write_atomic
 
 STATE = "build-state.json"
 TOKENIZER = "trained-tokenizer.json"  # beside the state, which is rewritten at every closed shard
@@ -48,7 +51,7 @@ def fingerprint(node_ids: list[str], files: list, options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def partial_dirs(out_dir: Path) -> list[Path]:
+def _partial_dirs(out_dir: Path) -> list[Path]:
     return sorted(out_dir.parent.glob(f".{out_dir.name}.partial-*"))
 
 
@@ -69,7 +72,7 @@ def _dead_here(folder: Path, out_dir: Path) -> bool:
     return False
 
 
-def read_state(folder: Path) -> dict | None:
+def _read_state(folder: Path) -> dict | None:
     try:
         state = json.loads((folder / STATE).read_text())
     except (OSError, ValueError):
@@ -81,10 +84,10 @@ def adopt(out_dir: Path, tmp: Path, key: str) -> bool:
     """Remove the partial folders of dead builds of `out_dir` on this host, except one saved by a
     build with fingerprint `key`, which is renamed to `tmp` (True). Live builds' folders stay."""
     adopted = False
-    for folder in partial_dirs(out_dir):
+    for folder in _partial_dirs(out_dir):
         if folder == tmp or not _dead_here(folder, out_dir):
             continue
-        state = read_state(folder)
+        state = _read_state(folder)
         if not adopted and state is not None and state.get("fingerprint") == key:
             shutil.rmtree(tmp, ignore_errors=True)
             os.replace(folder, tmp)
@@ -122,7 +125,7 @@ def load(tmps: list[Path], key: str, shard_sequences: int) -> list[dict] | None:
     """Every volume's saved state when all of them have one of this build (`key`) whose closed
     shards are all there; the shard files they do not list (the one open when the build died) are
     removed. None when any is missing or does not fit: the caller starts over in emptied folders."""
-    states = [read_state(tmp) for tmp in tmps]
+    states = [_read_state(tmp) for tmp in tmps]
     if not all(s is not None and s.get("fingerprint") == key and (tmp / TOKENIZER).is_file()
                and _shards_intact(tmp, s, shard_sequences)
                for s, tmp in zip(states, tmps)):
@@ -146,6 +149,4 @@ def finish(tmp: Path) -> None:
 
 def save(tmp: Path, state: dict) -> None:
     """Write `state` atomically: a build killed mid-write keeps the previous one."""
-    part = tmp / f".{STATE}.tmp"
-    part.write_text(json.dumps(state))
-    os.replace(part, tmp / STATE)
+    write_atomic(tmp / STATE, json.dumps(state))
