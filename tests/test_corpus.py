@@ -272,7 +272,9 @@ def test_rebuild_is_a_no_op(tmp_path, base_spec):
     assert json.loads((out / "manifest.json").read_text())["node_id"] == nodes["10%"].id
 
 
-def test_a_killed_build_is_ignored_and_rebuilt(tmp_path, base_spec):
+def test_a_killed_build_does_not_count_as_finished_and_is_completed(tmp_path, base_spec):
+    """Killed after its first row group: no manifest, so absent; the next build completes it (by
+    resuming it: tests/test_corpus.py::test_a_killed_build_resumes_from_its_last_closed_shard)."""
     study, nodes = make_study(tmp_path, base_spec, ["100%"])
     node, out = nodes["100%"], tmp_path / "builds" / nodes["100%"].id
     script = f"""
