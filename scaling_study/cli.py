@@ -664,8 +664,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
     check_sqlite_store(db, f"sqlite:///{db}")  # an empty file would be made a store, a damaged one fail later
     with StudyLock(layout.root, "ui") as lock, \
             LocalMlflowServer(folder, port=args.port, on_start=lock.own) as server:
-        print(f"MLflow UI for {args.study}: {_runs_page(server.uri, experiment)}  (Ctrl-C to stop)", flush=True)
-        try:
+        page = _runs_page(server.uri, experiment)
+        try:  # from the line on: a Ctrl-C that comes as soon as it is read still ends here (exit 0)
+            print(f"MLflow UI for {args.study}: {page}  (Ctrl-C to stop)", flush=True)
             while server.process.poll() is None:
                 time.sleep(1)
         except KeyboardInterrupt:
@@ -676,9 +677,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 def _attach_ui(study: str, live: dict) -> int:
     from scaling_study.tracking import LocalMlflowServer
 
-    print(f"MLflow UI for {study}: {live['uri']}  (the server of process {live.get('owner')}, which runs the "
-          "study; it stops with it; Ctrl-C here leaves it running)", flush=True)
-    try:
+    try:  # the line inside: a Ctrl-C as soon as it is read ends here too
+        print(f"MLflow UI for {study}: {live['uri']}  (the server of process {live.get('owner')}, which runs the "
+              "study; it stops with it; Ctrl-C here leaves it running)", flush=True)
         while LocalMlflowServer.live_pid(live):
             time.sleep(1)
     except KeyboardInterrupt:
