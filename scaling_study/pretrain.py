@@ -8,7 +8,8 @@
     log = MemoryLogger()
     final = train_mlm(config, "studies/x/corpus/cb-...", "studies/x/pretrain/pt-...", logger=log)
 
-    # the study's way: a Ray Train TorchTrainer with spec.pretrain.num_workers workers (DDP or FSDP2)
+    # the study's way: a Ray Train TorchTrainer with spec.pretrain.num_workers workers (DDP or FSDP2;
+    # one worker: a Ray task of its own under Train's local mode)
     final = run_pretraining(study, plan, run_node, corpus_dir, out_dir,
                             logger_factory=functools.partial(MlflowLogger, uri, run_id))
 
@@ -19,7 +20,7 @@ What a run writes, under `out_dir`:
         tokenizer.json, tokenizer_config.json, ...   AutoTokenizer.from_pretrained(folder)
         trainer_state.pt                    everything else a resume needs (see `save_checkpoint`)
     resume/step-00000800/         the latest extra resume-only checkpoint (`checkpoint_every`)
-    ray/                          Ray Train's run folder (run_pretraining only)
+    ray/                          Ray Train's run folder (run_pretraining with 2 or more workers)
 
 Each checkpoint is written to a temporary folder and moved into place with `os.replace`, so a
 crash mid-write leaves the previous checkpoints valid; a restart (`resume=True`) continues from
@@ -966,6 +967,7 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
     A restarted worker group (`max_failures`) resumes from the latest checkpoint in `out_dir`.
     Returns rank 0's final metrics (`train_mlm`'s return value). `corpus_dir` and `out_dir` may be
     storage URIs (`scaling_study.storage`): each worker then trains in its node's local mirror.
+    One worker trains in a Ray task of its own (`_one_worker`), not in a worker group.
     """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -975,15 +977,20 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
     out = Store(out_dir)
     if config.num_threads is None:
         config = dataclasses.replace(config, num_threads=cpus_per_worker)
-    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
-    # Ray runs the loop in a thread, and glibc gives a thread its own malloc arena, whose large
+    loop_config = {"config": config, "corpus_dir": Store(corpus_dir).location, "out_dir": out.location,
+                   "logger_factory": logger_factory, "resume": resume}
+    if num_workers == 1:
+        return _one_worker(loop_config, name or out.local.name, cpus=cpus_per_worker, gpus=gpus_per_worker,
+                           max_failures=max_failures)
+    # Ray Train runs the loop in a thread, and glibc gives a thread its own malloc arena, whose large
     # blocks are mmapped and unmapped every step whatever mallopt says: about 80k page faults and
     # 7% of the time per BERT-mini step on CPU. One arena keeps them in the reusable main heap.
+    # (A Ray task runs in its process's main thread, and needs none of this.)
     runtime_env = None if gpus_per_worker else {"env_vars": {"MALLOC_ARENA_MAX": "1"}}
+    resources = {"CPU": cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
     trainer = TorchTrainer(
         _ray_worker,
-        train_loop_config={"config": config, "corpus_dir": Store(corpus_dir).location, "out_dir": out.location,
-                           "logger_factory": logger_factory, "resume": resume},
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=name or out.local.name, storage_path=out.path("ray"),
@@ -992,6 +999,32 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
                              worker_runtime_env=runtime_env),
     )
     return dict(_fit_and_release(trainer).return_value)
+
+
+def _one_worker(loop_config: dict, name: str, *, cpus: int, gpus: float, max_failures: int) -> dict:
+    """A one-worker run: `_ray_worker` in one Ray task holding the worker's CPUs and GPUs, under
+    Ray Train's local mode (`num_workers=0`: the same train function, context and reports).
+
+    A worker group of one buys nothing but its cost: Ray Train's controller, placement group and
+    its cleaner, dataset manager and sync actors, and a process group of one, about 14 CPU-s and 5
+    processes per run on a 2-core machine before the first step. What the group's restart gave,
+    the task's retries give: its process or node lost, or an error raised (`retry_exceptions`, as
+    `FailureConfig` counts any worker failure), Ray runs it again, up to `max_failures` times,
+    wherever its resources are free, and it resumes from the latest checkpoint in storage.
+    """
+    import ray
+
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=max_failures, retry_exceptions=True)(_local_fit)
+    return ray.get(task.remote(loop_config, name))
+
+
+def _local_fit(loop_config: dict, name: str) -> dict:
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(_ray_worker, train_loop_config=loop_config, scaling_config=ScalingConfig(num_workers=0),
+                           run_config=RunConfig(name=name))
+    return dict(trainer.fit().return_value)
 
 
 def _fit_and_release(trainer):

@@ -81,11 +81,13 @@ def test_several_faults_each_strike_once_and_a_stall_returns(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_killed_pretraining_worker_restarts_from_its_last_checkpoint(synthetic, tmp_path, monkeypatch):
-    """SIGKILL of the only Ray Train worker after step 8; resume checkpoints every 5 steps.
+    """SIGKILL of the only pretraining worker after step 8; resume checkpoints every 5 steps.
 
-    Ray Train (V2) restarts the worker group (FailureConfig(max_failures=1)); the restarted
-    train function resumes from our own checkpoint folder (`resume=True`: step 5, with optimizer,
-    RNG and data position), not from a Ray-registered checkpoint (we report none). Tolerance 1e-6
+    A one-worker run is one Ray task under Ray Train's local mode (no worker group, so no `ray/`
+    run folder); Ray runs the task again (max_retries=1, what FailureConfig(max_failures=1) gives
+    a group); the train function resumes from our own checkpoint folder (`resume=True`: step 5,
+    with optimizer, RNG and data position), not from a Ray-registered checkpoint (we report none).
+    The worker-group restart of 2 workers is tests/test_cluster_sim.py's. Tolerance 1e-6
     on every loss from the resume point to the end, as for an in-process resume: fp32 on CPU with
     the same thread count repeats the same operations in the same order, so the curves agree
     exactly in practice; 1e-6 leaves room for nothing but float printing.
@@ -108,6 +110,24 @@ def test_killed_pretraining_worker_restarts_from_its_last_checkpoint(synthetic, 
     want = _losses(straight.history)
     assert max(abs(r["loss"] - want[r["step"]]) for r in rows) <= 1e-6
     assert final["step"] == 16 and abs(final["loss"] - expected["loss"]) <= 1e-6
+    assert not (tmp_path / "killed" / "ray").exists(), "a one-worker run started a Ray Train worker group"
+
+
+def test_an_error_in_a_one_worker_run_is_retried_from_its_checkpoint(synthetic, uninterrupted, tmp_path, monkeypatch):
+    """An error raised in a one-worker run (ENOSPC writing step 10's checkpoint, once) is retried as
+    a worker group's would be (`retry_exceptions`): the second attempt resumes from step 5 and ends
+    at the uninterrupted loss. With no retries left the error itself reaches the caller."""
+    from scaling_study.raycluster import ray_cluster
+
+    config = _config(**CHECKPOINTED)
+    marker = _fault(monkeypatch, tmp_path, "checkpoint-write=10:enospc")
+    with ray_cluster(None):  # its workers inherit the fault from this environment
+        final = train_mlm_ray(config, synthetic, tmp_path / "retried", num_workers=1, max_failures=1)
+    assert marker.exists(), "the fault never struck"
+    assert final["step"] == 10 and abs(final["loss"] - uninterrupted["loss"]) <= 1e-6
+    monkeypatch.delenv(faults.ENV_ONCE)  # from now on it strikes every time
+    with ray_cluster(None), pytest.raises(OSError, match="No space left on"):
+        train_mlm_ray(config, synthetic, tmp_path / "failed", num_workers=1, max_failures=1)
 
 
 # ----------------------------------------------------------------------------------- checkpoint writes
