@@ -13,8 +13,8 @@ eps 1e-6, weight decay 0.01, grad clip 1.0):
       Trainer's defaults otherwise (its default optimizer is printed);
   (b) `scaling_study.pretrain.train_mlm`, standalone (on CPU with `use_cpu_kernels`: the same
       Bernoulli dropout and attention math, with cheaper random numbers and fewer passes);
-  (c) the same inside Ray Train (`train_mlm_ray`, one worker with 2 CPUs, local Ray with
-      num_cpus=2 and a short temp dir);
+  (c) the same through Ray (`train_mlm_ray`, one worker with 2 CPUs: a Ray task under Ray
+      Train's local mode; local Ray with num_cpus=2 and a short temp dir);
   (p) a loop of 2048^3 fp32 matmuls: this machine's peak, for the FLOP/s shares.
 
 How it measures: the four run as separate processes and take turns on the cores. Each is

@@ -8,11 +8,11 @@
 
 Runs the study with `run_study` (local Ray, embedded MLflow server) and prints its wall time over
 the sum of its nodes' own compute times: the corpus builds (`build_seconds` in each manifest), the
-pretraining loops (`train_seconds` of `train_mlm`, measured inside the Ray Train worker) and the
+pretraining loops (`train_seconds` of `train_mlm`, measured in the process that trains) and the
 finetune runs (the whole `finetune()` call, data loading included, measured inside the Tune trial;
 a trial runs several finetune runs of one model, and the first run of each task's includes loading
 what that task's runs share).
-Everything else counts as overhead: starting Ray and the MLflow server, Ray Train worker groups,
+Everything else counts as overhead: starting Ray and the MLflow server, Ray Train runs,
 Tune scheduling, MLflow calls, and cores left idle. A build of several data volumes is one task
 with a manifest per volume, each counted: on 2 cores and 2 volumes, about the build's use of the
 machine. The phase table splits the wall time where the overhead lies: the start-up before the

@@ -8,12 +8,14 @@
     scaling-study run experiments/x.yaml --address ray://head:10001   # an existing Ray cluster
 
 What runs where (`Scheduler`): corpus builds are Ray tasks; each pretraining run is a Ray task that
-drives a Ray Train `TorchTrainer` (it starts as soon as its corpus build is done); finetune runs are
+drives a Ray Train `TorchTrainer` (it starts as soon as its corpus build is done; a one-worker run's
+loop is one more Ray task, under Train's local mode: `pretrain.train_mlm_ray`); finetune runs are
 Ray Tune trials, released by `searcher.ReadyFinetunes` (a Tune search algorithm) as soon as the checkpoint
 they finetune exists, not after all pretraining ends, with the spec's per-job resources and
 concurrency. Work lost with its Ray node is done again in the same invocation
 (`workers.MAX_FAILURES`): Ray reruns a corpus build, Ray Train restarts a pretraining run's workers
-from its last checkpoint (the task that drives it stays on the driver's node), Tune restarts a
+from its last checkpoint (the task that drives it stays on the driver's node; Ray reruns a one-worker
+run's task, which resumes from that checkpoint likewise), Tune restarts a
 finetune trial with the same MLflow runs. The stage bodies are in `scaling_study.workers`, the
 MLflow records in `scaling_study.records`, the node states and live view in `scaling_study.studystate`.
 

@@ -31,9 +31,10 @@ from scaling_study.tracking import redact_uri, tracking_calls
 
 MAX_FAILURES = 2
 """Restarts a node's work gets after its process or Ray node dies: Ray task retries for a corpus
-build, Ray Train worker-group restarts (from the last checkpoint) for a pretraining run, Tune
-retries for a finetune trial. Ray Train also retries a plain error that many times; a trial's
-own error is not retried (`finetune_trial`)."""
+build, Ray Train worker-group restarts (from the last checkpoint) for a pretraining run (Ray task
+retries for a one-worker run, `pretrain._one_worker`), Tune retries for a finetune trial. A
+pretraining run's plain error is retried that many times too; a trial's own error is not
+(`finetune_trial`)."""
 
 @contextlib.contextmanager
 def node_log(location: str | Path):

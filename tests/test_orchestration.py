@@ -2,7 +2,7 @@
 
 A micro study (debug model, one 300-line corpus file, two tasks capped to a few dozen examples)
 keeps each run to a minute or two. The smoke study itself (the README's main job) takes about
-12 minutes on 2 cores alone, too long for the suite: run it by hand with the README command.
+4-5 minutes on 2 cores alone, too long for the suite: run it by hand with the README command.
 """
 
 import contextlib

@@ -2,9 +2,9 @@
 `s3_server`), behind `storage.root: s3://BUCKET/studies` and `tasks.data_dir: s3://BUCKET/tasks`,
 found the way users point at one, through `$AWS_ENDPOINT_URL` (credentials in the environment).
 
-The study's one Ray Train worker is SIGKILLed while it uploads its first checkpoint, before the
-marker (`trainer_state.pt`) goes up (`scaling_study.faults` point `upload`): that checkpoint counts
-as absent, Ray Train restarts the worker, which resumes from what storage holds (nothing yet) and
+The study's one pretraining worker (a Ray task) is SIGKILLed while it uploads its first checkpoint,
+before the marker (`trainer_state.pt`) goes up (`scaling_study.faults` point `upload`): that
+checkpoint counts as absent, Ray runs the task again, which resumes from what storage holds (nothing yet) and
 redoes it, in the same invocation. Then `results`, `report` and `ui` read the study from another
 machine (an empty cache), given its name and `--root s3://...`, or its spec.
 """
