@@ -975,12 +975,13 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
     from scaling_study.storage import Store
 
     out = Store(out_dir)
+    name = name or out.local.name
     if config.num_threads is None:
         config = dataclasses.replace(config, num_threads=cpus_per_worker)
     loop_config = {"config": config, "corpus_dir": Store(corpus_dir).location, "out_dir": out.location,
                    "logger_factory": logger_factory, "resume": resume}
     if num_workers == 1:
-        return _one_worker(loop_config, name or out.local.name, cpus=cpus_per_worker, gpus=gpus_per_worker,
+        return _one_worker(loop_config, name, cpus=cpus_per_worker, gpus=gpus_per_worker,
                            max_failures=max_failures)
     # Ray Train runs the loop in a thread, and glibc gives a thread its own malloc arena, whose large
     # blocks are mmapped and unmapped every step whatever mallopt says: about 80k page faults and
@@ -993,7 +994,7 @@ def train_mlm_ray(config: PretrainConfig, corpus_dir: str | Path, out_dir: str |
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=gpus_per_worker > 0,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=name or out.local.name, storage_path=out.path("ray"),
+        run_config=RunConfig(name=name, storage_path=out.path("ray"),
                              storage_filesystem=out.fs if out.remote else None,
                              failure_config=FailureConfig(max_failures=max_failures),
                              worker_runtime_env=runtime_env),
@@ -1019,6 +1020,8 @@ def _one_worker(loop_config: dict, name: str, *, cpus: int, gpus: float, max_fai
 
 
 def _local_fit(loop_config: dict, name: str) -> dict:
+    """`_one_worker`'s task. Local mode starts no controller and installs no SIGINT handler, so
+    there is nothing for `_fit_and_release` to let go of."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 

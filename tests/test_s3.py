@@ -4,8 +4,8 @@ found the way users point at one, through `$AWS_ENDPOINT_URL` (credentials in th
 
 The study's one pretraining worker (a Ray task) is SIGKILLed while it uploads its first checkpoint,
 before the marker (`trainer_state.pt`) goes up (`scaling_study.faults` point `upload`): that
-checkpoint counts as absent, Ray runs the task again, which resumes from what storage holds (nothing yet) and
-redoes it, in the same invocation. Then `results`, `report` and `ui` read the study from another
+checkpoint counts as absent, Ray runs the task again, which resumes from what storage holds
+(nothing yet) and redoes it, in the same invocation. Then `results`, `report` and `ui` read the study from another
 machine (an empty cache), given its name and `--root s3://...`, or its spec.
 """
 
