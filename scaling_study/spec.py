@@ -355,7 +355,9 @@ class PretrainSpec(PretrainRecipe, _PretrainAxis):
     """MLM pretraining: the steps axis, the recipe of one run, and the resources it runs on."""
 
     num_workers: PosInt = 1
-    """Ray Train workers (one process each; DDP or FSDP across them)."""
+    """Ray Train workers (one process each; DDP or FSDP across them). One worker trains in a Ray
+    task of its own, without a worker group (Train's local mode; Ray retries the task as Train
+    would restart the group)."""
     gpus_per_worker: NonNegFloat = 0
     """GPUs per worker; 0 trains on CPU."""
     cpus_per_worker: PosInt = 1
